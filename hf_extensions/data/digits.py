@@ -1,0 +1,117 @@
+"""scikit-learn's handwritten digits (1,797 images of 8x8 pixels, 10 classes) as ``datasets``.
+
+The digits ship inside scikit-learn, so every test, demo and benchmark of the project can train on
+real images with no download. ``load_digits`` returns a stratified train / validation / test
+``DatasetDict`` whose split depends only on ``seed``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from datasets import Array3D, ClassLabel, Dataset, DatasetDict, Features, Sequence, Value
+from sklearn.datasets import load_digits as _sklearn_digits
+from sklearn.model_selection import train_test_split
+
+LAYOUTS = ("image", "vector")
+NUM_CLASSES = 10
+CLASS_NAMES = [str(i) for i in range(NUM_CLASSES)]
+
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """All digits as ``(images [N, 8, 8] float32 in [0, 1], labels [N] int64)``."""
+    bunch = _sklearn_digits()
+    images = (bunch.images / 16.0).astype(np.float32)
+    return images, bunch.target.astype(np.int64)
+
+
+def resize_images(images: np.ndarray, image_size: int, num_channels: int = 1) -> np.ndarray:
+    """Bilinearly resize ``[N, H, W]`` images to ``[N, C, S, S]`` (channels repeated).
+
+    Used to give ViT-style models patches larger than one pixel (e.g. 8x8 -> 32x32 with 4x4
+    patches) and 3-channel inputs for models pretrained on RGB images.
+    """
+    tensor = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).unsqueeze(1)
+    if tensor.shape[-1] != image_size or tensor.shape[-2] != image_size:
+        tensor = torch.nn.functional.interpolate(
+            tensor, size=(image_size, image_size), mode="bilinear", align_corners=False
+        )
+    return tensor.clamp_(0.0, 1.0).repeat(1, num_channels, 1, 1).numpy()
+
+
+def _validate_fraction(name: str, value: float) -> None:
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"`{name}` must be in (0, 1), got {value!r}.")
+
+
+def load_digits(
+    seed: int = 0,
+    *,
+    layout: str = "image",
+    image_size: int = 8,
+    num_channels: int = 1,
+    validation_size: float = 0.15,
+    test_size: float = 0.2,
+) -> DatasetDict:
+    """Digits as a stratified ``DatasetDict`` with ``train``, ``validation`` and ``test`` splits.
+
+    Args:
+        seed: decides the split (and nothing else); the same seed gives the same rows in each split.
+        layout: ``"image"`` gives a ``pixel_values`` column of float32 ``[num_channels, image_size,
+            image_size]`` in [0, 1]; ``"vector"`` gives a ``features`` column of 64 float32 values.
+        image_size: side of the (bilinearly upscaled) image; ``"image"`` layout only.
+        num_channels: channels the gray image is repeated into; ``"image"`` layout only.
+        validation_size, test_size: fractions of the 1,797 images held out, stratified by class.
+
+    Every row also carries ``labels`` (a ``ClassLabel``) and ``sample_id`` (its index in
+    scikit-learn's array), so label noise and domain shifts stay traceable to the source image.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"`layout` must be one of {LAYOUTS}, got {layout!r}.")
+    _validate_fraction("validation_size", validation_size)
+    _validate_fraction("test_size", test_size)
+    if validation_size + test_size >= 1.0:
+        raise ValueError(
+            f"`validation_size + test_size` must be < 1, got {validation_size} + {test_size}."
+        )
+    if image_size < 1 or num_channels < 1:
+        raise ValueError(
+            f"`image_size` and `num_channels` must be >= 1, got {image_size}, {num_channels}."
+        )
+    if layout == "vector" and (image_size != 8 or num_channels != 1):
+        raise ValueError("`image_size` and `num_channels` apply to layout='image' only.")
+
+    images, labels = digits_arrays()
+    ids = np.arange(len(labels))
+    train_ids, test_ids = train_test_split(
+        ids, test_size=test_size, stratify=labels, random_state=seed
+    )
+    train_ids, val_ids = train_test_split(
+        train_ids,
+        test_size=validation_size / (1.0 - test_size),
+        stratify=labels[train_ids],
+        random_state=seed,
+    )
+    label_feature = ClassLabel(names=CLASS_NAMES)
+    if layout == "image":
+        pixels = resize_images(images, image_size, num_channels)
+        value_feature = Array3D(shape=(num_channels, image_size, image_size), dtype="float32")
+        column = "pixel_values"
+    else:
+        pixels = images.reshape(len(images), -1)
+        value_feature = Sequence(Value("float32"), length=64)
+        column = "features"
+    features = Features(
+        {column: value_feature, "labels": label_feature, "sample_id": Value("int64")}
+    )
+
+    def build(split_ids: np.ndarray) -> Dataset:
+        split_ids = np.sort(split_ids)
+        return Dataset.from_dict(
+            {column: pixels[split_ids], "labels": labels[split_ids], "sample_id": split_ids},
+            features=features,
+        )
+
+    return DatasetDict(
+        {"train": build(train_ids), "validation": build(val_ids), "test": build(test_ids)}
+    )

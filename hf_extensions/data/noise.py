@@ -1,0 +1,96 @@
+"""Label noise for robustness experiments (SAM family, Bayesian methods).
+
+``symmetric``: a sample chosen for corruption gets a label drawn uniformly from the *other*
+classes. ``asymmetric``: it gets ``transition[label]`` (class-dependent flips such as 7 -> 1,
+as in Patrini et al., 2017). In both cases exactly ``round(rate * n)`` samples are corrupted
+(per class for ``asymmetric``), so the realised noise rate is the requested one rather than an
+expectation, and ``clean_labels`` keeps the truth for evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from datasets import Dataset
+
+NOISE_KINDS = ("symmetric", "asymmetric")
+
+# Look-alike digits (2 -> 7, 3 -> 8, 5 <-> 6, 7 -> 1), the usual asymmetric scheme for digits;
+# other classes keep their label.
+DIGITS_ASYMMETRIC = {2: 7, 3: 8, 5: 6, 6: 5, 7: 1}
+
+
+def noisy_labels(
+    labels: np.ndarray,
+    rate: float,
+    *,
+    kind: str = "symmetric",
+    num_classes: int | None = None,
+    transition: Mapping[int, int] | None = None,
+    seed: int = 0,
+) -> np.ndarray:
+    """Return a corrupted copy of ``labels`` (see the module docstring for the two kinds)."""
+    if kind not in NOISE_KINDS:
+        raise ValueError(f"`kind` must be one of {NOISE_KINDS}, got {kind!r}.")
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"`rate` must be in [0, 1], got {rate!r}.")
+    labels = np.asarray(labels, dtype=np.int64)
+    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
+    if num_classes < 2:
+        raise ValueError(f"`num_classes` must be >= 2 for label noise, got {num_classes}.")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]."
+        )
+    rng = np.random.default_rng(seed)
+    noisy = labels.copy()
+    if kind == "symmetric":
+        chosen = rng.choice(len(labels), size=round(rate * len(labels)), replace=False)
+        # An offset in [1, K-1] added modulo K is a uniform draw among the other K-1 classes.
+        offsets = rng.integers(1, num_classes, size=len(chosen))
+        noisy[chosen] = (labels[chosen] + offsets) % num_classes
+        return noisy
+    if transition is None:
+        raise ValueError(
+            "`transition` (a {source_class: target_class} map) is required for kind='asymmetric'."
+        )
+    for source, target in transition.items():
+        if source == target or not (0 <= source < num_classes and 0 <= target < num_classes):
+            raise ValueError(
+                f"`transition` entry {source} -> {target} is not a flip between valid classes."
+            )
+        members = np.flatnonzero(labels == source)
+        chosen = rng.choice(members, size=round(rate * len(members)), replace=False)
+        noisy[chosen] = target
+    return noisy
+
+
+def add_label_noise(
+    dataset: Dataset,
+    rate: float,
+    *,
+    kind: str = "symmetric",
+    num_classes: int | None = None,
+    transition: Mapping[int, int] | None = None,
+    seed: int = 0,
+    label_column: str = "labels",
+) -> Dataset:
+    """Corrupt ``label_column`` of ``dataset``; the truth moves to ``clean_labels``.
+
+    Apply it to the training split only: validation and test keep clean labels.
+    ``num_classes`` defaults to the column's ``ClassLabel`` size when it has one.
+    """
+    if label_column not in dataset.column_names:
+        raise ValueError(f"`label_column` {label_column!r} is not a column of the dataset.")
+    if "clean_labels" in dataset.column_names:
+        raise ValueError("the dataset already has `clean_labels`: label noise was applied twice.")
+    if num_classes is None:
+        num_classes = getattr(dataset.features[label_column], "num_classes", None)
+    clean = np.asarray(dataset[label_column], dtype=np.int64)
+    noisy = noisy_labels(
+        clean, rate, kind=kind, num_classes=num_classes, transition=transition, seed=seed
+    )
+    feature = dataset.features[label_column]
+    dataset = dataset.rename_column(label_column, "clean_labels")
+    return dataset.add_column(label_column, noisy.tolist(), feature=feature)

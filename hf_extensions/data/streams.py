@@ -1,0 +1,102 @@
+"""Class-incremental task streams (continual learning, incremental indexing).
+
+A stream of ``num_tasks`` tasks with ``classes_per_task`` disjoint classes each, cut from one
+``DatasetDict``: task ``t`` keeps, in every split, only the rows of its classes and gains a
+``task_id`` column. Evaluating after task ``t`` on the test splits of tasks ``0..t`` fills the
+accuracy matrix that ``hf_extensions.metrics`` turns into final average accuracy and forgetting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import datasets
+import numpy as np
+from datasets import DatasetDict, concatenate_datasets
+
+
+@dataclass
+class TaskStream:
+    """A list of per-task ``DatasetDict`` plus the classes each task introduces."""
+
+    tasks: list[DatasetDict]
+    task_classes: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __getitem__(self, index: int) -> DatasetDict:
+        return self.tasks[index]
+
+    def __iter__(self) -> Iterator[DatasetDict]:
+        return iter(self.tasks)
+
+    def seen(self, task_index: int, split: str = "test"):
+        """The rows of ``split`` of every task up to and including ``task_index`` (joint data)."""
+        return concatenate_datasets([task[split] for task in self.tasks[: task_index + 1]])
+
+
+def _rows_of_classes(ds, keep: set[int], label_column: str, task_id: int):
+    rows = ds.select(np.flatnonzero(np.isin(np.asarray(ds[label_column]), sorted(keep))))
+    # Flattening a 2-column-wide index is tiny here: keep datasets' progress bars out of the way.
+    already_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        return rows.flatten_indices().add_column("task_id", [task_id] * len(rows))
+    finally:
+        if not already_disabled:
+            datasets.enable_progress_bars()
+
+
+def class_incremental_stream(
+    dataset: DatasetDict,
+    num_tasks: int,
+    classes_per_task: int | None = None,
+    *,
+    class_order: Sequence[int] | None = None,
+    seed: int | None = None,
+    label_column: str = "labels",
+) -> TaskStream:
+    """Cut ``dataset`` into a class-incremental stream.
+
+    Args:
+        num_tasks: number of tasks ``N``.
+        classes_per_task: classes per task ``k``; defaults to ``num_classes // num_tasks``.
+        class_order: explicit order of classes; otherwise ascending, or a permutation drawn from
+            ``seed`` when given (the usual "class order seed" of continual-learning papers).
+    """
+    labels = np.unique(np.concatenate([np.asarray(ds[label_column]) for ds in dataset.values()]))
+    if class_order is None:
+        class_order = labels.tolist()
+        if seed is not None:
+            class_order = np.random.default_rng(seed).permutation(class_order).tolist()
+    class_order = [int(c) for c in class_order]
+    if sorted(class_order) != sorted(set(class_order)) or not set(class_order) <= set(
+        labels.tolist()
+    ):
+        raise ValueError(
+            f"`class_order` must list distinct classes present in the data, got {class_order}."
+        )
+    if num_tasks < 1:
+        raise ValueError(f"`num_tasks` must be >= 1, got {num_tasks}.")
+    if classes_per_task is None:
+        classes_per_task = len(class_order) // num_tasks
+    if classes_per_task < 1 or num_tasks * classes_per_task > len(class_order):
+        raise ValueError(
+            f"{num_tasks} tasks x {classes_per_task} classes need {num_tasks * classes_per_task} "
+            f"classes, but {len(class_order)} are available."
+        )
+    task_classes = [
+        class_order[t * classes_per_task : (t + 1) * classes_per_task] for t in range(num_tasks)
+    ]
+    tasks = [
+        DatasetDict(
+            {
+                split: _rows_of_classes(ds, set(classes), label_column, task_id)
+                for split, ds in dataset.items()
+            }
+        )
+        for task_id, classes in enumerate(task_classes)
+    ]
+    return TaskStream(tasks=tasks, task_classes=task_classes)

@@ -1,0 +1,1 @@
+"""PEFT methods of hf-extensions, registered with PEFT when this package is imported."""

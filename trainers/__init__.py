@@ -1,0 +1,1 @@
+"""``Trainer`` subclasses, one ``<method>_config.py`` + ``<method>_trainer.py`` pair per method."""
