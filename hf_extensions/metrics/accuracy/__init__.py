@@ -1,0 +1,1 @@
+"""Local `evaluate` module folder: load `accuracy.py` with `evaluate.load(<path>)`."""

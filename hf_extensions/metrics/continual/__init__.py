@@ -1,0 +1,1 @@
+"""Local `evaluate` module folder: load `continual.py` with `evaluate.load(<path>)`."""

@@ -1,0 +1,1 @@
+"""Local `evaluate` module folder: load `nll.py` with `evaluate.load(<path>)`."""

@@ -1,0 +1,1 @@
+"""Local `evaluate` module folder: load `retrieval.py` with `evaluate.load(<path>)`."""
