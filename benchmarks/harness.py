@@ -1,0 +1,377 @@
+"""Shared machinery of the benchmarks: timing, side-by-side comparison, reports and discovery.
+
+The convention (see ``benchmarks/README.md``): a benchmark is a module of this package with a
+``main(argv=None) -> BenchmarkReport`` function. It measures a method and its baseline in the
+same process, prints a table, and writes ``benchmarks/results/<name>.json`` (+ an optional PNG).
+Timings are reported as ratios against the baseline measured in the same run, because absolute
+times only mean something together with the machine they were measured on (which the JSON names).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import gc
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = PACKAGE_DIR / "results"
+NOT_BENCHMARKS = frozenset({"harness", "__main__", "__init__"})
+
+MetricValue = float | int | Sequence[float]
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+@dataclass(frozen=True)
+class TimingResult:
+    """Wall-clock samples of one callable, in seconds per call.
+
+    Each sample is the time of ``number`` back-to-back calls divided by ``number``, so calls much
+    shorter than the timer's resolution can still be measured. Summaries are robust ones (median,
+    inter-quartile range, minimum): a stray slow sample (a context switch) moves them little.
+    """
+
+    samples: tuple[float, ...]
+    number: int = 1
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.samples))
+
+    @property
+    def q1(self) -> float:
+        return float(np.percentile(self.samples, 25))
+
+    @property
+    def q3(self) -> float:
+        return float(np.percentile(self.samples, 75))
+
+    @property
+    def iqr(self) -> float:
+        return self.q3 - self.q1
+
+    @property
+    def min(self) -> float:
+        return float(np.min(self.samples))
+
+    def metrics(self, unit: str = "ms", prefix: str = "") -> dict[str, float]:
+        """``{prefix}median_{unit}``, ``..iqr..``, ``..min..`` for a report's metrics table."""
+        scale = {"s": 1.0, "ms": 1e3, "us": 1e6}[unit]
+        return {
+            f"{prefix}median_{unit}": self.median * scale,
+            f"{prefix}iqr_{unit}": self.iqr * scale,
+            f"{prefix}min_{unit}": self.min * scale,
+        }
+
+
+def _synchronize() -> None:
+    """Wait for queued CUDA work, so the timer measures the work and not only its launch."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def _sample(fn: Callable[[], Any], number: int, setup: Callable[[], Any] | None) -> float:
+    """Seconds per call of ``number`` calls of ``fn`` (``setup`` runs first, untimed).
+
+    The garbage collector is paused while timing (as ``timeit`` does), so a collection triggered
+    by one candidate's garbage is not charged to another.
+    """
+    if setup is not None:
+        setup()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        _synchronize()
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        _synchronize()
+        elapsed = time.perf_counter() - start
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return elapsed / number
+
+
+def _check_counts(warmup: int, repeats: int, number: int) -> None:
+    if warmup < 0 or repeats < 1 or number < 1:
+        raise ValueError(
+            f"need warmup >= 0, repeats >= 1, number >= 1; got {warmup}, {repeats}, {number}."
+        )
+
+
+def time_callable(
+    fn: Callable[[], Any],
+    *,
+    warmup: int = 3,
+    repeats: int = 20,
+    number: int = 1,
+    setup: Callable[[], Any] | None = None,
+) -> TimingResult:
+    """Time ``fn()``: ``warmup`` untimed samples, then ``repeats`` samples of ``number`` calls."""
+    _check_counts(warmup, repeats, number)
+    for _ in range(warmup):
+        _sample(fn, number, setup)
+    return TimingResult(tuple(_sample(fn, number, setup) for _ in range(repeats)), number)
+
+
+def compare(
+    baseline: Callable[[], Any],
+    candidates: Mapping[str, Callable[[], Any]],
+    *,
+    warmup: int = 3,
+    repeats: int = 20,
+    number: int = 1,
+    setup: Callable[[], Any] | None = None,
+) -> dict[str, Any]:
+    """Time a baseline and candidates interleaved, and their ratios to the baseline.
+
+    Samples are taken round-robin (one sample of each callable per round, the order rotated every
+    round), so slow drift of the machine (frequency scaling, other load) reaches every callable
+    alike instead of biasing whichever was timed last.
+
+    Returns:
+        ``{"baseline": TimingResult, "candidates": {name: TimingResult},
+        "ratios": {name: candidate median / baseline median}}``.
+    """
+    _check_counts(warmup, repeats, number)
+    if not candidates:
+        raise ValueError("`candidates` must name at least one callable to compare.")
+    fns: dict[str | None, Callable[[], Any]] = {None: baseline, **candidates}
+    keys = list(fns)
+    samples: dict[str | None, list[float]] = {key: [] for key in keys}
+    for round_index in range(warmup + repeats):
+        shift = round_index % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            seconds = _sample(fns[key], number, setup)
+            if round_index >= warmup:
+                samples[key].append(seconds)
+    base = TimingResult(tuple(samples[None]), number)
+    timed = {name: TimingResult(tuple(samples[name]), number) for name in candidates}
+    return {
+        "baseline": base,
+        "candidates": timed,
+        "ratios": {name: result.median / base.median for name, result in timed.items()},
+    }
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def _cpu_model() -> str | None:
+    """The CPU's marketing name on Linux (``platform.processor()`` is often empty there)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def machine_info() -> dict[str, Any]:
+    """What absolute times depend on: platform, CPU, Python, torch, threads, CUDA device."""
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_model": _cpu_model(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1) of per-seed values; std is 0 for one value."""
+    array = np.asarray(values, dtype=np.float64)
+    if array.size == 0:
+        raise ValueError("`values` is empty.")
+    std = float(array.std(ddof=1)) if array.size > 1 else 0.0
+    return float(array.mean()), std
+
+
+def _format_value(value: MetricValue | None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, (list, tuple, np.ndarray)):
+        mean, std = mean_std(value)
+        return f"{mean:.4g} ± {std:.2g} (n={len(value)})"
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    return f"{value:.4g}"
+
+
+def _to_json(value: Any) -> Any:
+    """``json.dump`` fallback for numpy scalars and arrays."""
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable: {value!r}")
+
+
+@dataclass
+class BenchmarkReport:
+    """What one benchmark run measured.
+
+    Attributes:
+        name: the benchmark's name; files are written as ``<name>.json`` / ``<name>.png``.
+        metrics: ``{method: {metric: value}}``; a value is a number, or a list of per-seed numbers
+            (printed as mean ± std).
+        ratios: ``{name: value}``, e.g. ``{"trainer/plain": 1.7}``: candidate over baseline, both
+            measured in this run.
+        config: the settings the run used (optional, written when given).
+        notes: free text on how to read the numbers (optional, written when given).
+        machine: filled by :func:`machine_info` when the report is created.
+    """
+
+    name: str
+    metrics: dict[str, dict[str, MetricValue]]
+    ratios: dict[str, float] = field(default_factory=dict)
+    config: dict[str, Any] | None = None
+    notes: str | None = None
+    machine: dict[str, Any] = field(default_factory=machine_info)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document: ``machine``, ``metrics``, ``ratios`` (+ ``config``, ``notes``)."""
+        document: dict[str, Any] = {
+            "machine": self.machine,
+            "metrics": self.metrics,
+            "ratios": self.ratios,
+        }
+        if self.config is not None:
+            document["config"] = self.config
+        if self.notes is not None:
+            document["notes"] = self.notes
+        return document
+
+    def write(self, results_dir: str | Path = RESULTS_DIR) -> Path:
+        """Write ``<results_dir>/<name>.json`` and return its path."""
+        path = Path(results_dir) / f"{self.name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(
+            json.dumps(self.to_dict(), indent=2, default=_to_json, ensure_ascii=False) + "\n",
+            encoding="utf-8",
+        )
+        return path
+
+    def format_table(self) -> str:
+        """Metrics as a plain aligned text table (one row per method), then the ratios."""
+        columns: list[str] = []
+        for row in self.metrics.values():
+            columns.extend(metric for metric in row if metric not in columns)
+        header = ["method", *columns]
+        rows = [
+            [method, *(_format_value(values.get(metric)) for metric in columns)]
+            for method, values in self.metrics.items()
+        ]
+        widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
+        lines = [f"== {self.name} =="]
+        for line in [header, *rows]:
+            lines.append("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+            if line is header:
+                lines.append("  ".join("-" * width for width in widths))
+        lines.extend(f"ratio {name}: {value:.3f}" for name, value in self.ratios.items())
+        return "\n".join(lines)
+
+    def print_table(self) -> None:
+        """Print :meth:`format_table`."""
+        print(self.format_table())
+
+
+def get_pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (plots are only saved)."""
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ImportError(
+            "benchmark plots need matplotlib: pip install 'hf-extensions[plot]'"
+        ) from error
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_plot(fig, name: str, results_dir: str | Path = RESULTS_DIR) -> Path:
+    """Save a matplotlib figure as ``<results_dir>/<name>.png``, close it, return the path."""
+    path = Path(results_dir) / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    get_pyplot().close(fig)
+    return path
+
+
+def make_parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with the options every benchmark shares (``--results-dir``)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--results-dir", type=Path, default=RESULTS_DIR, help="where JSON and PNG files go"
+    )
+    return parser
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def discover_benchmarks(package_dir: str | Path = PACKAGE_DIR) -> list[str]:
+    """Names of the modules in ``package_dir`` that define a top-level ``main`` function.
+
+    The source is parsed, not imported, so listing benchmarks costs no heavy imports.
+    """
+    names = []
+    for path in sorted(Path(package_dir).glob("*.py")):
+        if path.stem in NOT_BENCHMARKS or path.stem.startswith("_"):
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        if any(isinstance(node, ast.FunctionDef) and node.name == "main" for node in tree.body):
+            names.append(path.stem)
+    return names
+
+
+# ----------------------------------------------------------------------------- Trainer steps
+
+
+def trainer_step_fn(trainer, num_training_steps: int) -> Callable[[dict[str, Any]], Any]:
+    """One optimizer step of a ``transformers.Trainer`` on a batch, outside ``trainer.train()``.
+
+    Prepares the trainer the way ``Trainer._prepare_for_training`` does (optimizer created, then
+    wrapped by ``accelerator.prepare``, then the scheduler), and returns ``step(inputs)`` running
+    the work of one synchronised step of the training loop: ``training_step`` (forward, loss,
+    backward), ``optimizer.step()``, ``lr_scheduler.step()``, ``model.zero_grad()``. It returns the
+    detached loss. Gradient clipping runs when ``args.max_grad_norm > 0``; callbacks, logging,
+    the data loader and the loop's per-step gradient-norm report are left out.
+
+    This is how every Trainer-subclass benchmark times its ``training_step`` against the stock one.
+    """
+    trainer.create_optimizer()
+    model, trainer.optimizer = trainer.accelerator.prepare(trainer.model, trainer.optimizer)
+    trainer.create_scheduler(num_training_steps=num_training_steps)
+    trainer.model_wrapped = model
+    # Set by the training loop before each step; training_step divides the loss by it.
+    trainer.current_gradient_accumulation_steps = 1
+    max_grad_norm = trainer.args.max_grad_norm
+
+    def step(inputs: dict[str, Any]):
+        loss = trainer.training_step(model, inputs)
+        if max_grad_norm is not None and max_grad_norm > 0:
+            trainer.accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        model.zero_grad()
+        return loss
+
+    return step
