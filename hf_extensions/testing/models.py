@@ -1,0 +1,328 @@
+"""Tiny, seeded models built from configs: no Hub download, fast on a CPU.
+
+Tests, the demo and CI smoke runs need *real* ``transformers`` / ``diffusers`` classes (so that a
+method is exercised through the same code paths a user hits: ``Trainer``, ``get_peft_model``,
+``save_pretrained``, ``push_to_hub``) but cannot download checkpoints. Every builder here
+instantiates the genuine model class from a small config with a fixed seed, so that the same
+``seed`` always gives bit-identical weights. The global torch RNG of the caller is left untouched
+(weights are drawn inside :func:`torch.random.fork_rng`).
+
+Text models default to ``vocab_size=BYTE_VOCAB_SIZE`` so that the offline
+:func:`byte_level_clip_tokenizer` (which can tokenize any text) matches them out of the box.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    CLIPConfig,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    ViTConfig,
+    ViTForImageClassification,
+)
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+
+__all__ = [
+    "BOS_TOKEN",
+    "BYTE_VOCAB_SIZE",
+    "EOS_TOKEN",
+    "byte_level_clip_tokenizer",
+    "count_parameters",
+    "tiny_bert_classifier",
+    "tiny_clip",
+    "tiny_gpt2",
+    "tiny_stable_diffusion_pipeline",
+    "tiny_vit_classifier",
+]
+
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+#: 256 byte characters + the same 256 with the ``</w>`` end-of-word suffix + BOS + EOS.
+BYTE_VOCAB_SIZE = 2 * 256 + 2
+_BOS_ID = BYTE_VOCAB_SIZE - 2
+_EOS_ID = BYTE_VOCAB_SIZE - 1
+
+AttnImplementation = Literal["eager", "sdpa"]
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Draw initial weights from ``seed`` without changing the caller's global RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    """Number of parameters of ``module`` (used to document and test the tiny sizes)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def _check_heads(hidden_size: int, num_heads: int) -> None:
+    if hidden_size % num_heads != 0:
+        raise ValueError(
+            f"hidden_size={hidden_size} must be divisible by num_attention_heads={num_heads}."
+        )
+
+
+def tiny_vit_classifier(
+    num_labels: int = 10,
+    image_size: int = 8,
+    patch_size: int = 2,
+    num_channels: int = 1,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_attention_heads: int = 4,
+    intermediate_size: int = 64,
+    attn_implementation: AttnImplementation = "eager",
+    seed: int = 0,
+) -> ViTForImageClassification:
+    """A ``ViTForImageClassification`` sized for scikit-learn's 8x8 one-channel digits.
+
+    Defaults: 16 patches of 2x2 + CLS, 2 layers of width 32, 10 labels; about 18k parameters,
+    built in a few milliseconds. Dropout is 0 so that eager and SDPA attention give the same
+    logits in training mode too.
+    """
+    _check_heads(hidden_size, num_attention_heads)
+    config = ViTConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        num_channels=num_channels,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_attention_heads,
+        intermediate_size=intermediate_size,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=num_labels,
+        attn_implementation=attn_implementation,
+    )
+    with _seeded(seed):
+        return ViTForImageClassification(config).eval()
+
+
+def tiny_bert_classifier(
+    num_labels: int = 2,
+    vocab_size: int = BYTE_VOCAB_SIZE,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_attention_heads: int = 4,
+    intermediate_size: int = 64,
+    max_position_embeddings: int = 128,
+    attn_implementation: AttnImplementation = "eager",
+    seed: int = 0,
+) -> BertForSequenceClassification:
+    """A ``BertForSequenceClassification`` with 2 layers of width 32 (about 39k parameters).
+
+    ``vocab_size`` defaults to the byte-level tokenizer's size; ``pad_token_id`` is 0 as in BERT.
+    """
+    _check_heads(hidden_size, num_attention_heads)
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_attention_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        num_labels=num_labels,
+        attn_implementation=attn_implementation,
+    )
+    with _seeded(seed):
+        return BertForSequenceClassification(config).eval()
+
+
+def tiny_gpt2(
+    vocab_size: int = BYTE_VOCAB_SIZE,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_attention_heads: int = 4,
+    n_positions: int = 128,
+    attn_implementation: AttnImplementation = "eager",
+    seed: int = 0,
+) -> GPT2LMHeadModel:
+    """A ``GPT2LMHeadModel`` with 2 layers of width 32 (about 46k parameters, tied LM head).
+
+    With the default vocabulary it pairs with :func:`byte_level_clip_tokenizer`
+    (``<|startoftext|>`` / ``<|endoftext|>`` are its BOS / EOS ids).
+    """
+    _check_heads(hidden_size, num_attention_heads)
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_embd=hidden_size,
+        n_layer=num_layers,
+        n_head=num_attention_heads,
+        n_positions=n_positions,
+        bos_token_id=min(_BOS_ID, vocab_size - 1),
+        eos_token_id=min(_EOS_ID, vocab_size - 1),
+        attn_implementation=attn_implementation,
+    )
+    with _seeded(seed):
+        return GPT2LMHeadModel(config).eval()
+
+
+def byte_level_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
+    """A ``CLIPTokenizer`` that needs no vocabulary file: every byte is a token.
+
+    The vocabulary is GPT-2/CLIP's 256 byte-level characters (``bytes_to_unicode``), the same
+    256 with CLIP's ``</w>`` end-of-word suffix, then ``<|startoftext|>`` (id 512) and
+    ``<|endoftext|>`` (id 513, also padding); there are no merges. So any text is tokenized
+    deterministically, byte by byte, after CLIP's normalisation (NFC, lower case, runs of
+    whitespace collapsed) and pre-tokenisation (words, single digits and punctuation runs are
+    separate words). Decoding gives the pre-tokens joined by single spaces:
+    ``"Hello,  World!"`` -> ``"hello , world !"``. It saves and loads with
+    ``save_pretrained`` / ``CLIPTokenizer.from_pretrained`` (a ``tokenizer.json``).
+    """
+    characters = list(bytes_to_unicode().values())
+    tokens = [*characters, *(c + "</w>" for c in characters), BOS_TOKEN, EOS_TOKEN]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+
+
+def _tiny_clip_text_config(hidden_size: int, num_layers: int, max_length: int) -> CLIPTextConfig:
+    """Text tower matching :func:`byte_level_clip_tokenizer` (vocabulary, BOS/EOS/pad ids)."""
+    return CLIPTextConfig(
+        vocab_size=BYTE_VOCAB_SIZE,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        max_position_embeddings=max_length,
+        projection_dim=hidden_size,
+        bos_token_id=_BOS_ID,
+        eos_token_id=_EOS_ID,
+        pad_token_id=_EOS_ID,
+    )
+
+
+def tiny_clip(
+    image_size: int = 16,
+    patch_size: int = 4,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    projection_dim: int = 16,
+    max_length: int = 77,
+    seed: int = 0,
+) -> tuple[CLIPModel, CLIPTokenizer]:
+    """A ``CLIPModel`` with tiny text and vision towers, and its byte-level tokenizer.
+
+    Defaults: both towers 2 layers of width 32, 16x16 RGB images in 4x4 patches, a 16-d shared
+    embedding space; about 56k parameters. Returns ``(model, tokenizer)``.
+    """
+    _check_heads(hidden_size, 4)
+    text_config = _tiny_clip_text_config(hidden_size, num_layers, max_length)
+    vision_config = CLIPVisionConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        num_channels=3,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        projection_dim=projection_dim,
+    )
+    config = CLIPConfig(
+        text_config=text_config.to_dict(),
+        vision_config=vision_config.to_dict(),
+        projection_dim=projection_dim,
+    )
+    with _seeded(seed):
+        model = CLIPModel(config).eval()
+    return model, byte_level_clip_tokenizer(model_max_length=max_length)
+
+
+def tiny_stable_diffusion_pipeline(
+    image_size: int = 16,
+    block_out_channels: tuple[int, int] = (8, 16),
+    text_hidden_size: int = 32,
+    seed: int = 0,
+) -> StableDiffusionPipeline:
+    """A complete ``StableDiffusionPipeline`` from configs (about 147k parameters in all:
+    UNet 67k, VAE 44k, text encoder 36k).
+
+    Components: a 2-level ``UNet2DConditionModel`` (``block_out_channels=(8, 16)``, one
+    cross-attention level, GroupNorm with 8 groups so that 8 channels divide), a 2-level
+    ``AutoencoderKL`` with 4 latent channels (images are ``image_size`` pixels square, latents
+    ``image_size // 2``), a 2-layer ``CLIPTextModel`` of width ``text_hidden_size`` with the
+    byte-level tokenizer, Stable Diffusion's ``DDIMScheduler`` settings, and no safety checker.
+    Two 16x16 inference steps take a few hundredths of a second; ``save_pretrained`` /
+    ``StableDiffusionPipeline.from_pretrained`` round-trip it exactly.
+    """
+    # diffusers is imported here, not at module level: it pulls in torch._dynamo and peft
+    # (several seconds), which every process that only wants a tiny BERT would otherwise pay.
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+
+    groups = 8
+    if any(channels % groups for channels in block_out_channels):
+        raise ValueError(
+            f"block_out_channels={block_out_channels} must all be divisible by the "
+            f"{groups} GroupNorm groups."
+        )
+    # The VAE halves the resolution once per extra level, and the UNet does the same again.
+    vae_scale_factor = 2 ** (len(block_out_channels) - 1)
+    if image_size % (vae_scale_factor**2) != 0:
+        raise ValueError(f"image_size={image_size} must be divisible by {vae_scale_factor**2}.")
+    with _seeded(seed):
+        unet = UNet2DConditionModel(
+            sample_size=image_size // vae_scale_factor,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=block_out_channels,
+            layers_per_block=1,
+            norm_num_groups=groups,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=text_hidden_size,
+            attention_head_dim=4,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=block_out_channels,
+            down_block_types=("DownEncoderBlock2D",) * len(block_out_channels),
+            up_block_types=("UpDecoderBlock2D",) * len(block_out_channels),
+            latent_channels=4,
+            norm_num_groups=groups,
+            layers_per_block=1,
+            sample_size=image_size,
+        )
+        text_encoder = CLIPTextModel(_tiny_clip_text_config(text_hidden_size, 2, 77))
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=byte_level_clip_tokenizer(model_max_length=77),
+        unet=unet.eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

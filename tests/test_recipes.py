@@ -1,0 +1,118 @@
+"""The recipe convention: YAML + CLI parsing, the example recipe, the demo table, and data parallelism."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TrainingArguments
+
+from hf_extensions.cli import RecipeArgumentParser, use_cpu_for_multiprocess_launch
+from hf_extensions.testing import tiny_vit_classifier
+from hf_extensions.testing.distributed import launch
+from recipes.demo import REGISTRY, format_table
+from recipes.example.train import ScriptArguments, main
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS_YAML = ROOT / "recipes" / "example" / "digits.yaml"
+
+
+def _parser():
+    return RecipeArgumentParser((ScriptArguments, TrainingArguments))
+
+
+def test_yaml_gives_defaults_and_command_line_overrides(tmp_path):
+    script, training = _parser().parse(
+        ["--config", str(DIGITS_YAML), "--learning_rate", "0.5", "--output_dir", str(tmp_path)]
+    )
+    assert training.learning_rate == 0.5  # command line wins
+    assert training.num_train_epochs == 15  # from the YAML
+    assert script.hidden_size == 32 and script.model_name_or_path is None
+    assert training.output_dir == str(tmp_path)
+
+
+def test_unknown_yaml_keys_and_flags_are_refused(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: 0.1\nlearnig_rate: 0.2\n")
+    with pytest.raises(SystemExit):
+        _parser().parse(["--config", str(bad)])
+    with pytest.raises(SystemExit):
+        _parser().parse(["--no_such_flag", "1"])
+
+
+def test_script_arguments_validate_themselves():
+    with pytest.raises(ValueError, match="label_noise"):
+        ScriptArguments(label_noise=1.5)
+
+
+def test_help_lists_the_fields(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _parser().parse(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--config" in out and "--model_name_or_path" in out and "--learning_rate" in out
+
+
+def test_multiprocess_launch_without_gpu_selects_cpu(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not use_cpu_for_multiprocess_launch()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert use_cpu_for_multiprocess_launch() == (not torch.cuda.is_available())
+
+
+def test_example_recipe_learns_digits_and_saves_a_card(tmp_path):
+    _, metrics = main(
+        ["--config", str(DIGITS_YAML), "--output_dir", str(tmp_path), "--num_train_epochs", "4",
+         "--eval_strategy", "no"]
+    )  # fmt: skip
+    # 10 classes: chance is 0.1; 4 epochs of the tiny ViT get far above it.
+    assert metrics["test_accuracy"] > 0.6
+    assert (tmp_path / "model.safetensors").exists()
+    card = (tmp_path / "README.md").read_text()
+    assert "test_accuracy" in card
+
+
+def test_demo_table_lists_every_metric():
+    assert "example" in REGISTRY
+    table = format_table(
+        [("a", "desc", {"acc": 0.5, "nll": 1.25}, 3.0), ("b", "desc", "boom", 1.0)]
+    )
+    lines = table.splitlines()
+    assert lines[0].split() == ["method", "metric", "value", "time", "(s)"]
+    assert any("acc" in line and "0.5" in line for line in lines)
+    assert any("FAILED" in line and "boom" in line for line in lines)
+
+
+@pytest.mark.distributed
+def test_two_processes_match_one_process_at_the_same_global_batch(tmp_path):
+    """DDP over 2 CPU processes (gloo) ends with the same parameters as 1 process, batch 2 x 16 = 32.
+
+    Plain SGD: the all-reduce sums gradients in another order than one process does, a float
+    rounding difference (~1e-8) that SGD keeps at that size. Adam would turn it into steps of
+    size ``lr`` wherever the true gradient is ~0 (e.g. attention key biases, to which softmax is
+    invariant), which says nothing about data parallelism.
+    """
+    common = ["--config", str(DIGITS_YAML), "--max_steps", "6", "--max_train_samples", "256",
+              "--eval_strategy", "no", "--optim", "sgd", "--learning_rate", "0.5",
+              "--warmup_steps", "0"]  # fmt: skip
+    script = ROOT / "tests" / "scripts" / "example_recipe_ranks.py"
+    two = launch(
+        script, [*common, "--per_device_train_batch_size", "16", "--output_dir", str(tmp_path / "two")],
+        num_processes=2, cwd=ROOT,
+    )  # fmt: skip
+    one = launch(
+        script, [*common, "--per_device_train_batch_size", "32", "--output_dir", str(tmp_path / "one")],
+        num_processes=1, cwd=ROOT,
+    )  # fmt: skip
+    # A real process group, not two processes each training alone:
+    assert [r.values["num_processes"] for r in two] == [2, 2]
+    assert [r.values["process_index"] for r in two] == [0, 1]
+    assert two[0].values["global_step"] == one[0].values["global_step"] == 6
+    initial = dict(tiny_vit_classifier().named_parameters())
+    reference = one[0].tensors
+    assert set(reference) == set(initial)
+    moved = max((reference[n] - initial[n].detach()).abs().max().item() for n in reference)
+    assert moved > 1e-3  # training changed the weights, so equality below is not vacuous
+    for name, value in reference.items():
+        assert torch.equal(two[0].tensors[name], two[1].tensors[name]), name
+        torch.testing.assert_close(two[0].tensors[name], value, rtol=1e-5, atol=1e-6, msg=name)
