@@ -116,3 +116,21 @@ def test_two_processes_match_one_process_at_the_same_global_batch(tmp_path):
     for name, value in reference.items():
         assert torch.equal(two[0].tensors[name], two[1].tensors[name]), name
         torch.testing.assert_close(two[0].tensors[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_example_recipe_fine_tunes_a_saved_checkpoint_with_its_processor(tmp_path):
+    """The real-run path (a checkpoint + image processor) works offline on a local folder."""
+    from transformers import ViTImageProcessor
+
+    checkpoint = tmp_path / "checkpoint"
+    tiny_vit_classifier(num_labels=3).save_pretrained(checkpoint)  # a 3-way head to be replaced
+    ViTImageProcessor(image_mean=[0.5], image_std=[0.25]).save_pretrained(checkpoint)
+    trainer, _ = main(
+        ["--config", str(DIGITS_YAML), "--model_name_or_path", str(checkpoint),
+         "--output_dir", str(tmp_path / "out"), "--max_steps", "3", "--eval_strategy", "no"]
+    )  # fmt: skip
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    assert model.config.num_labels == 10 and model.classifier.out_features == 10
+    batch = next(iter(trainer.get_train_dataloader()))
+    # Normalised with the processor's statistics: digits in [0, 1] map into [-2, 2].
+    assert batch["pixel_values"].min() < -1.5 and batch["pixel_values"].max() > 1.5
