@@ -39,7 +39,7 @@ class TaskStream:
 
 def _rows_of_classes(ds, keep: set[int], label_column: str, task_id: int):
     rows = ds.select(np.flatnonzero(np.isin(np.asarray(ds[label_column]), sorted(keep))))
-    # Flattening a 2-column-wide index is tiny here: keep datasets' progress bars out of the way.
+    # Selecting a few hundred rows needs no progress bar: silence datasets' bars, then restore.
     already_disabled = datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()
     try:

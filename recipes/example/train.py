@@ -33,7 +33,7 @@ from transformers import (
 
 from hf_extensions.cli import RecipeArgumentParser
 from hf_extensions.data import CLASS_NAMES, add_label_noise, load_digits
-from hf_extensions.hub import build_model_card
+from hf_extensions.hub import build_model_card, save_model_card
 from hf_extensions.metrics import compute_classification_metrics
 from hf_extensions.testing import tiny_vit_classifier
 
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> tuple[Trainer, dict[str, float]]:
             base_model=script_args.model_name_or_path,
             datasets=["scikit-learn digits"],
         )
-        card.save(Path(training_args.output_dir) / "README.md")
+        save_model_card(card, training_args.output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub()
     return trainer, metrics
