@@ -33,23 +33,15 @@ from benchmarks.harness import (
     trainer_step_fn,
 )
 from hf_extensions.data import load_digits
+from hf_extensions.testing import MLPClassifier, tiny_mlp_classifier
 
 NAME = "trainer_overhead"
 BATCH_SIZE = 64
 
 
-class DigitsMLP(nn.Module):
-    """64 -> hidden -> 10 classifier returning ``{"loss", "logits"}`` as Trainer expects."""
-
-    def __init__(self, hidden: int = 256, num_classes: int = 10):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
-
-    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
-        logits = self.net(features)
-        if labels is None:
-            return {"logits": logits}
-        return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+def digits_mlp(seed: int = 0) -> MLPClassifier:
+    """64 -> 256 -> 10 classifier returning ``{"loss", "logits"}`` as Trainer expects."""
+    return tiny_mlp_classifier(hidden_sizes=(256,), seed=seed)
 
 
 def digits_batches(seed: int, count: int) -> list[dict[str, torch.Tensor]]:
@@ -96,8 +88,7 @@ def plain_step_fn(model: nn.Module, optimizer: torch.optim.Optimizer):
 
 def sgd_losses(seed: int, steps: int, lr: float, output_dir: str) -> tuple[float, float]:
     """Loss on the last of ``steps`` SGD steps, plain loop vs Trainer, from the same init."""
-    torch.manual_seed(seed)
-    plain_model = DigitsMLP()
+    plain_model = digits_mlp(seed)
     trainer_model = copy.deepcopy(plain_model)
     batches = digits_batches(seed, steps)
     plain = plain_step_fn(plain_model, torch.optim.SGD(plain_model.parameters(), lr=lr))
@@ -172,7 +163,7 @@ def _run(args) -> BenchmarkReport:
     """The body of :func:`main` once options are parsed and threads set."""
     with tempfile.TemporaryDirectory() as output_dir:
         torch.manual_seed(0)
-        plain_model = DigitsMLP()
+        plain_model = digits_mlp()
         trainer_model = copy.deepcopy(plain_model)
         (batch,) = digits_batches(seed=0, count=1)
         trainer = make_trainer(trainer_model, output_dir, max_grad_norm=0.0)

@@ -1,1 +1,21 @@
-"""``Trainer`` subclasses, one ``<method>_config.py`` + ``<method>_trainer.py`` pair per method."""
+"""``Trainer`` subclasses, one ``<method>_config.py`` + ``<method>_trainer.py`` pair per method.
+
+Each trainer takes its config (a ``TrainingArguments`` subclass) as ``args`` and keeps the
+stock ``Trainer``'s optimizer, scheduler, clipping, logging, checkpointing and ``push_to_hub``.
+"""
+
+from trainers.agnostic_sam_config import AgnosticSAMConfig
+from trainers.agnostic_sam_trainer import AgnosticSAMTrainer
+from trainers.perturbation_config import PerturbationConfig
+from trainers.perturbation_trainer import PerturbationTrainer
+from trainers.sam_config import SAMConfig
+from trainers.sam_trainer import SAMTrainer
+
+__all__ = [
+    "AgnosticSAMConfig",
+    "AgnosticSAMTrainer",
+    "PerturbationConfig",
+    "PerturbationTrainer",
+    "SAMConfig",
+    "SAMTrainer",
+]

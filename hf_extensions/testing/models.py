@@ -41,11 +41,13 @@ __all__ = [
     "BOS_TOKEN",
     "BYTE_VOCAB_SIZE",
     "EOS_TOKEN",
+    "MLPClassifier",
     "byte_level_clip_tokenizer",
     "count_parameters",
     "tiny_bert_classifier",
     "tiny_clip",
     "tiny_gpt2",
+    "tiny_mlp_classifier",
     "tiny_stable_diffusion_pipeline",
     "tiny_vit_classifier",
 ]
@@ -78,6 +80,54 @@ def _check_heads(hidden_size: int, num_heads: int) -> None:
         raise ValueError(
             f"hidden_size={hidden_size} must be divisible by num_attention_heads={num_heads}."
         )
+
+
+class MLPClassifier(torch.nn.Module):
+    """A small feed-forward classifier that speaks the ``Trainer`` protocol.
+
+    ``forward(features, labels=None)`` returns ``{"loss", "logits"}`` (the loss only with
+    labels, a per-batch mean cross-entropy). Optional BatchNorm after each hidden layer lets tests
+    exercise running statistics. For scikit-learn's digits in the ``"vector"`` layout (64 inputs).
+    """
+
+    def __init__(
+        self,
+        in_features: int = 64,
+        hidden_sizes: tuple[int, ...] = (32,),
+        num_labels: int = 10,
+        batchnorm: bool = False,
+    ):
+        super().__init__()
+        layers: list[torch.nn.Module] = []
+        width = in_features
+        for hidden in hidden_sizes:
+            layers.append(torch.nn.Linear(width, hidden))
+            if batchnorm:
+                layers.append(torch.nn.BatchNorm1d(hidden))
+            layers.append(torch.nn.ReLU())
+            width = hidden
+        layers.append(torch.nn.Linear(width, num_labels))
+        self.net = torch.nn.Sequential(*layers)
+
+    def forward(
+        self, features: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        logits = self.net(features)
+        if labels is None:
+            return {"logits": logits}
+        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+def tiny_mlp_classifier(
+    in_features: int = 64,
+    hidden_sizes: tuple[int, ...] = (32,),
+    num_labels: int = 10,
+    batchnorm: bool = False,
+    seed: int = 0,
+) -> MLPClassifier:
+    """A seeded :class:`MLPClassifier` (64 -> 32 -> 10 by default, about 2.4k parameters)."""
+    with _seeded(seed):
+        return MLPClassifier(in_features, tuple(hidden_sizes), num_labels, batchnorm).eval()
 
 
 def tiny_vit_classifier(

@@ -1,0 +1,230 @@
+"""The one weight-perturbation mechanism of the SAM family (SAM, ASAM, Agnostic-SAM, FHBI, PGA).
+
+Every method of the family takes gradients at perturbed weights: it computes an ascent (or
+descent) direction from one or more *local* gradients, moves the weights by ``e``, takes the
+gradient that the optimizer will use at ``θ + e``, and puts the weights back. Written once here,
+with the details that the popular PyTorch SAM gets wrong under mixed precision, data parallelism
+and gradient accumulation:
+
+- :func:`local_gradients` leaves ``p.grad`` exactly as it found it (the gradient accumulated over
+  earlier micro-batches is stashed and put back), runs its forward *and* backward under
+  ``accelerator.no_sync`` (no all-reduce: the direction is the process's own, as in Foret et al.'s
+  data-parallel SAM), and with a GradScaler divides by ``scaler.get_scale()`` instead of calling
+  ``unscale_`` (which may be called once per optimizer step only).
+- :func:`ascent_direction` is ``ρ · T² g / ‖T g‖`` (SAM: ``T = I``, Foret et al. 2021, Eq. 2;
+  ASAM: ``T = |θ| + η``, Kwon et al. 2021, Eq. 7), computed over all tensors at once or tensor by
+  tensor. A zero gradient gives a zero perturbation, not NaN; a non-finite gradient (fp16
+  overflow) gives no perturbation, and the GradScaler then skips the step as it would anyway.
+- :func:`perturbed_weights` adds ``e`` in place, keeps an exact copy of the weights and restores
+  them by ``copy_`` (``p -= e`` rounds differently on each process and lets replicas drift), and
+  by default keeps BatchNorm running statistics from being updated by passes at ``θ + e``.
+
+The perturbation lives only inside the context manager: it is never optimizer state, so
+checkpoints do not grow and a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+PERTURBATION_NORMS = ("global", "per_tensor")
+
+#: Added to a gradient norm before dividing by it, so that a zero gradient gives a zero step.
+NORM_EPS = 1e-12
+
+Tensors = list[torch.Tensor | None]
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters a perturbation moves: those that require gradients, in module order."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def local_gradients(
+    loss_fn: Callable[[], torch.Tensor],
+    parameters: Sequence[nn.Parameter],
+    *,
+    model: nn.Module | None = None,
+    accelerator=None,
+    scaler=None,
+) -> tuple[torch.Tensor, Tensors]:
+    """Gradient of ``loss_fn()`` on this process only, without touching accumulated gradients.
+
+    Args:
+        loss_fn: computes the loss (forward pass) when called.
+        parameters: the tensors to differentiate against (see :func:`trainable_parameters`).
+        model: the (possibly DDP-wrapped) model, for ``accelerator.no_sync(model)``.
+        accelerator: an ``accelerate.Accelerator``; ``None`` for plain PyTorch.
+        scaler: a ``torch.amp.GradScaler`` whose scale the backward pass applies (fp16). The
+            returned gradients are divided by ``scaler.get_scale()``: true gradients.
+
+    Returns:
+        ``(loss.detach(), grads)`` with ``grads[i] is None`` where a parameter got no gradient.
+        Every ``p.grad`` is the same object with the same values as before the call.
+    """
+    stashed = [p.grad for p in parameters]
+    for p in parameters:
+        p.grad = None
+    sync = (
+        accelerator.no_sync(model)
+        if accelerator is not None and model is not None
+        else contextlib.nullcontext()
+    )
+    try:
+        with sync:
+            loss = loss_fn()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        grads: Tensors = [p.grad for p in parameters]
+    finally:
+        for p, grad in zip(parameters, stashed):
+            p.grad = grad
+    if scaler is not None:
+        inverse_scale = 1.0 / scaler.get_scale()
+        grads = [None if g is None else g * inverse_scale for g in grads]
+    return loss.detach(), grads
+
+
+def _all_finite(tensors: Tensors) -> bool:
+    finite = [torch.isfinite(t).all() for t in tensors if t is not None]
+    return bool(torch.stack(finite).all()) if finite else True
+
+
+def ascent_direction(
+    grads: Tensors,
+    parameters: Sequence[nn.Parameter],
+    *,
+    rho: float,
+    adaptive: bool = False,
+    adaptive_eta: float = 0.01,
+    norm: str = "global",
+) -> Tensors:
+    """``e = ρ · T² g / ‖T g‖``: the worst-case perturbation of radius ``ρ`` to first order.
+
+    SAM (Foret et al., "Sharpness-Aware Minimization for Efficiently Improving Generalization",
+    ICLR 2021, Eq. 2) is ``T = I``. ASAM (Kwon et al., "ASAM: Adaptive Sharpness-Aware
+    Minimization for Scale-Invariant Learning of Deep Neural Networks", ICML 2021, Eq. 7 with the
+    normalisation operator ``T_θ = |θ| + η`` of their Sec. 4) is ``adaptive=True``.
+    ``norm="global"`` takes ``‖·‖`` over all tensors together (the papers); ``"per_tensor"`` gives
+    every tensor its own radius ``ρ``. A negative ``rho`` gives the descent direction.
+
+    Returns one tensor per parameter (``None`` where ``grads`` has ``None``); all zeros when the
+    gradient is zero (no NaN) or not finite (an fp16 overflow: the step will be skipped anyway).
+    """
+    if norm not in PERTURBATION_NORMS:
+        raise ValueError(f"`norm` must be one of {PERTURBATION_NORMS}, got {norm!r}.")
+    if not _all_finite(grads):
+        return [None if g is None else torch.zeros_like(g) for g in grads]
+    scaled: Tensors = []  # T g
+    weights: Tensors = []  # T
+    for g, p in zip(grads, parameters):
+        if g is None:
+            scaled.append(None)
+            weights.append(None)
+            continue
+        g = g.detach().float()
+        t = p.detach().float().abs() + adaptive_eta if adaptive else None
+        weights.append(t)
+        scaled.append(g * t if adaptive else g)
+    if norm == "global":
+        present = [s for s in scaled if s is not None]
+        total = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(s) for s in present])
+        )
+        norms = [total] * len(scaled) if present else []
+    else:
+        norms = [None if s is None else torch.linalg.vector_norm(s) for s in scaled]
+    direction: Tensors = []
+    for s, t, n, p in zip(scaled, weights, norms, parameters):
+        if s is None:
+            direction.append(None)
+            continue
+        e = s * (rho / (n + NORM_EPS))
+        if t is not None:
+            e = e * t
+        direction.append(e.to(p.dtype))
+    return direction
+
+
+def combine_directions(*terms: tuple[float, Tensors]) -> Tensors:
+    """``Σ coefficient · direction``, element by element (``None`` where every term has ``None``)."""
+    length = len(terms[0][1])
+    if any(len(direction) != length for _, direction in terms):
+        raise ValueError("All directions must have one entry per parameter.")
+    combined: Tensors = []
+    for i in range(length):
+        parts = [c * d[i] for c, d in terms if d[i] is not None]
+        combined.append(torch.stack(parts).sum(0) if parts else None)
+    return combined
+
+
+def direction_norm(direction: Tensors) -> torch.Tensor:
+    """Global Euclidean norm of a direction, a 0-d tensor (for logging; no device sync)."""
+    norms = [torch.linalg.vector_norm(d.float()) for d in direction if d is not None]
+    if not norms:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+@contextlib.contextmanager
+def frozen_batchnorm_statistics(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Restore every BatchNorm's running statistics (and batch counter) on exit, by copy.
+
+    Forward passes at perturbed weights must not move the running statistics that inference
+    uses; restoring by copy is exact for any ``momentum`` (including the cumulative ``None``).
+    """
+    if not enabled:
+        yield
+        return
+    saved = []
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            buffers = (module.running_mean, module.running_var, module.num_batches_tracked)
+            saved.append((buffers, [b.clone() if b is not None else None for b in buffers]))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffers, copies in saved:
+                for buffer, copy in zip(buffers, copies):
+                    if buffer is not None:
+                        buffer.copy_(copy)
+
+
+@contextlib.contextmanager
+def perturbed_weights(
+    parameters: Sequence[nn.Parameter],
+    direction: Tensors,
+    *,
+    model: nn.Module | None = None,
+    freeze_batchnorm_stats: bool = True,
+) -> Iterator[None]:
+    """Weights at ``θ + e`` inside the block, exactly ``θ`` again after it (restored by copy).
+
+    With ``model`` given and ``freeze_batchnorm_stats``, BatchNorm running statistics updated by
+    forward passes inside the block are restored on exit too.
+    """
+    if len(direction) != len(parameters):
+        raise ValueError(
+            f"The direction has {len(direction)} entries for {len(parameters)} parameters."
+        )
+    moved = [(p, e) for p, e in zip(parameters, direction) if e is not None]
+    saved = [p.detach().clone() for p, _ in moved]
+    batchnorm = (
+        frozen_batchnorm_statistics(model, freeze_batchnorm_stats)
+        if model is not None
+        else contextlib.nullcontext()
+    )
+    with torch.no_grad():
+        for p, e in moved:
+            p.add_(e)
+    try:
+        with batchnorm:
+            yield
+    finally:
+        with torch.no_grad():
+            for (p, _), original in zip(moved, saved):
+                p.copy_(original)

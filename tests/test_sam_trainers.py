@@ -1,0 +1,353 @@
+"""SAM / ASAM / Agnostic-SAM trainers: equivalences with the plain step and with hand-computed steps.
+
+Two models cover Trainer's two loss normalisations: the MLP returns a per-batch mean loss (Trainer
+divides it by the accumulation steps), the tiny ViT accepts loss kwargs and normalises by
+``num_items_in_batch`` itself.
+"""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import Trainer, TrainingArguments
+
+from hf_extensions.data import load_digits
+from hf_extensions.hub import check_model_card_method
+from hf_extensions.perturbation import trainable_parameters
+from hf_extensions.testing import fake_hub, tiny_mlp_classifier, tiny_vit_classifier
+from trainers import AgnosticSAMConfig, AgnosticSAMTrainer, SAMConfig, SAMTrainer
+
+DEFAULTS = dict(
+    report_to=[],
+    use_cpu=True,
+    save_strategy="no",
+    logging_strategy="no",
+    disable_tqdm=True,
+    seed=0,
+    optim="sgd",
+    learning_rate=0.5,
+    lr_scheduler_type="constant",
+    weight_decay=0.0,
+    max_grad_norm=0.0,
+)
+
+
+def _data(kind: str, rows: int):
+    if kind == "mlp":
+        split = load_digits(seed=0, layout="vector")["train"]
+        return split.select(range(rows)).select_columns(["features", "labels"])
+    split = load_digits(seed=0)["train"]
+    return split.select(range(rows)).select_columns(["pixel_values", "labels"])
+
+
+def _model(kind: str):
+    model = tiny_mlp_classifier() if kind == "mlp" else tiny_vit_classifier()
+    return model.train()
+
+
+def _train(trainer_cls, config_cls, kind, output_dir, rows=32, **overrides):
+    args = config_cls(output_dir=str(output_dir), **{**DEFAULTS, **overrides})
+    trainer = trainer_cls(model=_model(kind), args=args, train_dataset=_data(kind, rows))
+    trainer.train()
+    return trainer
+
+
+def _params(trainer):
+    return [p.detach().clone() for p in trainable_parameters(trainer.model)]
+
+
+def _assert_equal(a, b):
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _max_diff(a, b):
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+
+METHODS = {
+    "sam": (SAMTrainer, SAMConfig, {"rho": 0.05}),
+    "asam": (SAMTrainer, SAMConfig, {"rho": 0.5, "adaptive": True}),
+    "agnostic_sam": (AgnosticSAMTrainer, AgnosticSAMConfig, {"rho_train": 0.05, "rho_val": 0.05}),
+}
+ZERO = {"sam": {"rho": 0.0}, "agnostic_sam": {"rho_train": 0.0, "rho_val": 0.0}}
+
+
+@pytest.mark.parametrize("kind", ["mlp", "vit"])
+@pytest.mark.parametrize("method", ["sam", "agnostic_sam"])
+def test_zero_radius_is_exactly_the_plain_trainer_step(tmp_path, method, kind):
+    """AdamW, a linear schedule, clipping and shuffling: ρ = 0 changes nothing, bit for bit."""
+    real = dict(optim="adamw_torch", learning_rate=1e-2, lr_scheduler_type="linear")
+    real.update(max_grad_norm=1.0, weight_decay=0.01, per_device_train_batch_size=8, max_steps=3)
+    plain = _train(Trainer, TrainingArguments, kind, tmp_path / "plain", **real)
+    trainer_cls, config_cls, _ = METHODS[method]
+    zero = _train(trainer_cls, config_cls, kind, tmp_path / "zero", **real, **ZERO[method])
+    _assert_equal(_params(zero), _params(plain))
+    assert _max_diff(_params(zero), [p.detach() for p in trainable_parameters(_model(kind))]) > 1e-3
+
+
+def _hand_sam_step(model, features, labels, rho, lr, adaptive=False, eta=0.01):
+    params = trainable_parameters(model)
+    grads = torch.autograd.grad(model(features, labels)["loss"], params)
+    t = [p.detach().abs() + eta if adaptive else torch.ones_like(p) for p in params]
+    norm = torch.sqrt(sum(((ti * g) ** 2).sum() for ti, g in zip(t, grads)))
+    with torch.no_grad():
+        moved = [p + rho * ti**2 * g / norm for p, ti, g in zip(params, t, grads)]
+    model_at = _with_params(model, moved)
+    grads_at = torch.autograd.grad(
+        model_at(features, labels)["loss"], trainable_parameters(model_at)
+    )
+    return [p.detach() - lr * g for p, g in zip(params, grads_at)]
+
+
+def _with_params(model, values):
+    import copy
+
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, v in zip(trainable_parameters(clone), values):
+            p.copy_(v)
+    return clone
+
+
+def _full_batch(rows=32):
+    columns = _data("mlp", rows).with_format("torch")[:]
+    return columns["features"].float(), columns["labels"].long()
+
+
+@pytest.mark.parametrize("method", ["sam", "asam"])
+def test_sam_step_matches_a_hand_computed_step(tmp_path, method):
+    trainer_cls, config_cls, knobs = METHODS[method]
+    trainer = _train(
+        trainer_cls,
+        config_cls,
+        "mlp",
+        tmp_path,
+        per_device_train_batch_size=32,
+        max_steps=1,
+        train_sampling_strategy="sequential",
+        **knobs,
+    )
+    features, labels = _full_batch()
+    expected = _hand_sam_step(
+        _model("mlp"), features, labels, knobs["rho"], 0.5, adaptive=method == "asam"
+    )
+    assert _max_diff(_params(trainer), expected) < 1e-6
+    assert (
+        _max_diff(_params(trainer), [p.detach() for p in trainable_parameters(_model("mlp"))])
+        > 1e-2
+    )
+
+
+def _unit(grads):
+    norm = torch.sqrt(sum((g**2).sum() for g in grads))
+    return [g / norm for g in grads]
+
+
+def _grads(model, params, features, labels):
+    return torch.autograd.grad(model(features, labels)["loss"], trainable_parameters(model))
+
+
+@pytest.mark.parametrize(
+    ("chain", "final", "val_fraction"),
+    [(False, "full", 0.5), (True, "train", 0.25), (False, "sum", 0.5)],
+)
+def test_agnostic_sam_step_matches_a_hand_computed_step(tmp_path, chain, final, val_fraction):
+    rho_tr, rho_val, lr = 0.05, 0.03, 0.5
+    trainer = _train(
+        AgnosticSAMTrainer,
+        AgnosticSAMConfig,
+        "mlp",
+        tmp_path,
+        per_device_train_batch_size=32,
+        max_steps=1,
+        train_sampling_strategy="sequential",
+        rho_train=rho_tr,
+        rho_val=rho_val,
+        chain=chain,
+        final_grad_on=final,
+        val_fraction=val_fraction,
+    )
+    model = _model("mlp")
+    params = [p.detach() for p in trainable_parameters(model)]
+    features, labels = _full_batch()
+    cut = 32 - round(32 * val_fraction)
+    tr, val = (features[:cut], labels[:cut]), (features[cut:], labels[cut:])
+    e_tr = [rho_tr * u for u in _unit(_grads(model, params, *tr))]
+    at_val = _with_params(model, [p + e for p, e in zip(params, e_tr)]) if chain else model
+    e_val = [rho_val * u for u in _unit(_grads(at_val, params, *val))]
+    at = _with_params(model, [p + a - b for p, a, b in zip(params, e_tr, e_val)])
+    if final == "full":
+        g = _grads(at, params, features, labels)
+    elif final == "train":
+        g = _grads(at, params, *tr)
+    else:
+        g = [a + b for a, b in zip(_grads(at, params, *tr), _grads(at, params, *val))]
+    expected = [p - lr * gi for p, gi in zip(params, g)]
+    assert _max_diff(_params(trainer), expected) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["mlp", "vit"])
+@pytest.mark.parametrize("method", ["sam", "agnostic_sam"])
+def test_gradient_accumulation_equals_one_batch_at_the_same_sharpness_batch(tmp_path, method, kind):
+    """2 micro-batches of 8 == one batch of 16 perturbed in chunks of 8 (m-sharpness, m = 8)."""
+    trainer_cls, config_cls, knobs = METHODS[method]
+    common = dict(max_steps=3, **knobs)
+    accumulated = _train(
+        trainer_cls, config_cls, kind, tmp_path / "ga", 48,
+        per_device_train_batch_size=8, gradient_accumulation_steps=2, **common,
+    )  # fmt: skip
+    one_batch = _train(
+        trainer_cls, config_cls, kind, tmp_path / "one", 48,
+        per_device_train_batch_size=16, sharpness_batch_size=8, **common,
+    )  # fmt: skip
+    assert _max_diff(_params(accumulated), _params(one_batch)) < 1e-6
+    plain = _train(
+        Trainer, TrainingArguments, kind, tmp_path / "plain", 48,
+        per_device_train_batch_size=16, max_steps=3,
+    )  # fmt: skip
+    assert _max_diff(_params(one_batch), _params(plain)) > 1e-4
+    # Reported losses agree too (the loss at perturbed weights, averaged like Trainer's).
+    assert accumulated.state.log_history[-1]["train_loss"] == pytest.approx(
+        one_batch.state.log_history[-1]["train_loss"], rel=1e-5
+    )
+
+
+def test_resume_from_checkpoint_is_exact_and_checkpoints_do_not_grow(tmp_path):
+    knobs = dict(
+        METHODS["agnostic_sam"][2],
+        optim="adamw_torch",
+        learning_rate=1e-2,
+        per_device_train_batch_size=8,
+        max_steps=6,
+        save_strategy="steps",
+        save_steps=3,
+    )
+    full = _train(AgnosticSAMTrainer, AgnosticSAMConfig, "mlp", tmp_path / "full", 48, **knobs)
+    args = AgnosticSAMConfig(output_dir=str(tmp_path / "resumed"), **{**DEFAULTS, **knobs})
+    resumed = AgnosticSAMTrainer(model=_model("mlp"), args=args, train_dataset=_data("mlp", 48))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    _assert_equal(_params(resumed), _params(full))
+    # The perturbation is not optimizer state: the checkpoint holds what a plain run's holds.
+    plain_knobs = {k: v for k, v in knobs.items() if k not in METHODS["agnostic_sam"][2]}
+    _train(Trainer, TrainingArguments, "mlp", tmp_path / "plain", 48, **plain_knobs)
+    sam_state = torch.load(tmp_path / "full/checkpoint-3/optimizer.pt", weights_only=True)
+    plain_state = torch.load(tmp_path / "plain/checkpoint-3/optimizer.pt", weights_only=True)
+    assert sam_state["state"].keys() == plain_state["state"].keys()
+    for key, state in sam_state["state"].items():
+        assert {k: v.shape for k, v in state.items()} == {
+            k: v.shape for k, v in plain_state["state"][key].items()
+        }
+    weights = load_file(tmp_path / "full/checkpoint-3/model.safetensors")
+    assert set(weights) == set(_model("mlp").state_dict())
+
+
+def _with_scaler(trainer, init_scale):
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    return trainer
+
+
+@pytest.mark.parametrize("method", ["sam", "agnostic_sam"])
+def test_gradscaler_step_equals_the_fp32_step(tmp_path, method):
+    """The fp16 loss-scaling path on CPU (fp32 compute): scaled gradients, same SAM step."""
+    trainer_cls, config_cls, knobs = METHODS[method]
+    overrides = dict(per_device_train_batch_size=16, max_steps=3, **knobs)
+    reference = _train(trainer_cls, config_cls, "mlp", tmp_path / "fp32", **overrides)
+    args = config_cls(output_dir=str(tmp_path / "scaled"), **{**DEFAULTS, **overrides})
+    scaled = trainer_cls(model=_model("mlp"), args=args, train_dataset=_data("mlp", 32))
+    _with_scaler(scaled, 2.0**10).train()
+    assert scaled.accelerator.scaler.get_scale() == 2.0**10  # no overflow, no skipped step
+    assert _max_diff(_params(scaled), _params(reference)) < 1e-6
+
+
+def test_overflowing_scaled_gradients_skip_the_step_without_nan(tmp_path):
+    args = SAMConfig(output_dir=str(tmp_path), **{**DEFAULTS, "max_steps": 1, "rho": 0.05})
+    trainer = SAMTrainer(model=_model("mlp"), args=args, train_dataset=_data("mlp", 32))
+    before = _params(trainer)
+    _with_scaler(trainer, 2.0**127).train()  # loss * scale overflows float32
+    assert trainer.accelerator.optimizer_step_was_skipped
+    assert trainer.accelerator.scaler.get_scale() == 2.0**126
+    _assert_equal(_params(trainer), before)
+
+
+def test_bf16_autocast_runs_close_to_fp32(tmp_path):
+    knobs = dict(per_device_train_batch_size=16, max_steps=3, **METHODS["agnostic_sam"][2])
+    fp32 = _train(AgnosticSAMTrainer, AgnosticSAMConfig, "vit", tmp_path / "fp32", **knobs)
+    bf16 = _train(
+        AgnosticSAMTrainer, AgnosticSAMConfig, "vit", tmp_path / "bf16", bf16=True, **knobs
+    )
+    initial = [p.detach() for p in trainable_parameters(_model("vit"))]
+    moved = _max_diff(_params(fp32), initial)
+    # bf16 keeps 8 bits of mantissa: the step differs by a fraction of its size, not more.
+    assert _max_diff(_params(bf16), _params(fp32)) < 0.25 * moved
+    assert all(torch.isfinite(p).all() for p in _params(bf16))
+
+
+def test_batchnorm_statistics_come_from_the_unperturbed_pass_only(tmp_path):
+    def run(trainer_cls, config_cls, name, **extra):
+        args = config_cls(output_dir=str(tmp_path / name), **{**DEFAULTS, "max_steps": 1, **extra})
+        model = tiny_mlp_classifier(batchnorm=True).train()
+        trainer = trainer_cls(model=model, args=args, train_dataset=_data("mlp", 32))
+        trainer.train()
+        return [b.clone() for b in model.buffers()]
+
+    plain = run(Trainer, TrainingArguments, "plain")
+    frozen = run(SAMTrainer, SAMConfig, "frozen", rho=0.5)
+    moving = run(SAMTrainer, SAMConfig, "moving", rho=0.5, freeze_batchnorm_stats=False)
+    _assert_equal(frozen, plain)
+    assert not torch.equal(moving[0], plain[0])
+
+
+def test_logs_the_perturbation_norm_and_the_split_losses(tmp_path):
+    logging = dict(max_steps=4, logging_strategy="steps", logging_steps=2)
+    sam = _train(SAMTrainer, SAMConfig, "mlp", tmp_path / "sam", rho=0.07, **logging)
+    logs = [h for h in sam.state.log_history if "loss" in h]
+    assert len(logs) == 2
+    for entry in logs:
+        assert entry["perturbation_norm"] == pytest.approx(0.07, rel=1e-4)
+        assert entry["loss_at_weights"] < entry["loss"]  # the ascent step raised the loss
+    agnostic = _train(AgnosticSAMTrainer, AgnosticSAMConfig, "mlp", tmp_path / "asam", **logging)
+    for entry in (h for h in agnostic.state.log_history if "loss" in h):
+        assert {"perturbation_norm", "train_split_loss", "val_split_loss"} <= set(entry)
+        assert 0 < entry["perturbation_norm"] <= 0.05 + 0.05 + 1e-6
+
+
+@pytest.mark.parametrize(
+    ("config_cls", "field", "value"),
+    [
+        (SAMConfig, "rho", -0.1),
+        (SAMConfig, "perturb_norm", "l2"),
+        (SAMConfig, "adaptive_eta", -1.0),
+        (SAMConfig, "sharpness_batch_size", 0),
+        (AgnosticSAMConfig, "rho_train", -0.05),
+        (AgnosticSAMConfig, "rho_val", -0.05),
+        (AgnosticSAMConfig, "val_fraction", 0.0),
+        (AgnosticSAMConfig, "val_fraction", 1.0),
+        (AgnosticSAMConfig, "final_grad_on", "validation"),
+    ],
+)
+def test_bad_configs_raise_a_value_error_naming_the_field(tmp_path, config_cls, field, value):
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        config_cls(output_dir=str(tmp_path), report_to=[], **{field: value})
+
+
+def test_trainers_refuse_other_configs_and_unsplittable_batches(tmp_path):
+    with pytest.raises(TypeError, match="SAMConfig"):
+        SAMTrainer(
+            model=_model("mlp"), args=AgnosticSAMConfig(output_dir=str(tmp_path), report_to=[])
+        )
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        _train(AgnosticSAMTrainer, AgnosticSAMConfig, "mlp", tmp_path, 4, max_steps=1,
+               per_device_train_batch_size=4, sharpness_batch_size=1)  # fmt: skip
+
+
+def test_push_to_hub_carries_an_agnostic_sam_model_card(tmp_path):
+    trainer = _train(
+        AgnosticSAMTrainer, AgnosticSAMConfig, "vit", tmp_path / "out", max_steps=1,
+        hub_model_id="agnostic-run", rho_val=0.02,
+    )  # fmt: skip
+    with fake_hub(tmp_path / "hub") as hub:
+        trainer.push_to_hub()
+    repo = hub.repo_path("fake-user/agnostic-run")
+    metadata = check_model_card_method(repo / "README.md", "agnostic-sam")
+    assert metadata["hyperparameters"]["rho_val"] == 0.02
+    assert metadata["hyperparameters"]["final_grad_on"] == "full"
+    assert "arxiv:2406.07107" in (repo / "README.md").read_text()

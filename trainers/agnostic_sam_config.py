@@ -1,0 +1,73 @@
+"""Configuration of :class:`trainers.AgnosticSAMTrainer`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from trainers.perturbation_config import PerturbationConfig, check_choice, check_range
+
+FINAL_GRADIENT_SPLITS = ("full", "train", "sum")
+
+
+@dataclass
+class AgnosticSAMConfig(PerturbationConfig):
+    """``TrainingArguments`` for Agnostic-SAM.
+
+    Nguyen, Tran, Truong, Do, Phung, Le, "Agnostic Sharpness-Aware Minimization", arXiv
+    2406.07107. Each mini-batch is split into a training part ``B_tr`` and a validation part
+    ``B_val`` (the last ``val_fraction`` of its rows); the weights move *up* the training loss and
+    *down* the validation loss, ``e = rho_train g_tr/||g_tr|| - rho_val g_val/||g_val||``, and
+    the optimizer gets the gradient at ``theta + e``. The paper's exact variant cannot be recovered
+    offline (the official repository holds a README only), so every choice is a field here.
+
+    ``rho_val=0`` with ``val_fraction`` small is close to SAM; ``rho_train = rho_val = 0`` is
+    exactly the Trainer's plain step (with ``final_grad_on="full"``).
+    """
+
+    rho_train: float = field(
+        default=0.05, metadata={"help": "Radius of the ascent on the training split (sharpness)."}
+    )
+    rho_val: float = field(
+        default=0.05,
+        metadata={"help": "Radius of the descent on the validation split (the MAML-like step)."},
+    )
+    val_fraction: float = field(
+        default=0.5,
+        metadata={
+            "help": "Fraction of each (sharpness) batch used as the validation split, in (0, 1)."
+        },
+    )
+    chain: bool = field(
+        default=False,
+        metadata={
+            "help": "Take the validation gradient at theta + e_train (chained, as in OT-MDR) "
+            "instead of at theta."
+        },
+    )
+    final_grad_on: str = field(
+        default="full",
+        metadata={
+            "help": "Loss whose gradient at theta + e reaches the optimizer: 'full' (the whole "
+            "batch), 'train' (the training split) or 'sum' (training-split mean + "
+            "validation-split mean).",
+            "choices": FINAL_GRADIENT_SPLITS,
+        },
+    )
+
+    method_fields: ClassVar[tuple[str, ...]] = (
+        "rho_train",
+        "rho_val",
+        "val_fraction",
+        "chain",
+        "final_grad_on",
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_range("rho_train", self.rho_train, low=0.0)
+        check_range("rho_val", self.rho_val, low=0.0)
+        check_range(
+            "val_fraction", self.val_fraction, low=0.0, high=1.0, low_open=True, high_open=True
+        )
+        check_choice("final_grad_on", self.final_grad_on, FINAL_GRADIENT_SPLITS)
