@@ -23,6 +23,14 @@ REGISTRY: dict[str, tuple[str, str]] = {
         "recipes.example.train",
         "stock Trainer, tiny ViT on digits (the recipe convention)",
     ),
+    "agnostic_sam": (
+        "recipes.agnostic_sam.train",
+        "Agnostic-SAM, tiny ViT on digits with 40% label noise",
+    ),
+    "s2n": (
+        "recipes.s2n.sample",
+        "S2N scheduler: tiny SD swap vs DDIM (rho 0/1), save/reload, biased-denoiser W1",
+    ),
 }
 
 
