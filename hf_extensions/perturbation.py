@@ -44,6 +44,17 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def _present(tensors: Tensors) -> list[int]:
+    return [i for i, t in enumerate(tensors) if t is not None]
+
+
+def _scatter(values: list[torch.Tensor], index: list[int], length: int) -> Tensors:
+    out: Tensors = [None] * length
+    for i, value in zip(index, values):
+        out[i] = value
+    return out
+
+
 def local_gradients(
     loss_fn: Callable[[], torch.Tensor],
     parameters: Sequence[nn.Parameter],
@@ -83,14 +94,10 @@ def local_gradients(
         for p, grad in zip(parameters, stashed):
             p.grad = grad
     if scaler is not None:
-        inverse_scale = 1.0 / scaler.get_scale()
-        grads = [None if g is None else g * inverse_scale for g in grads]
+        index = _present(grads)
+        unscaled = torch._foreach_mul([grads[i] for i in index], 1.0 / scaler.get_scale())
+        grads = _scatter(unscaled, index, len(grads))
     return loss.detach(), grads
-
-
-def _all_finite(tensors: Tensors) -> bool:
-    finite = [torch.isfinite(t).all() for t in tensors if t is not None]
-    return bool(torch.stack(finite).all()) if finite else True
 
 
 def ascent_direction(
@@ -113,40 +120,32 @@ def ascent_direction(
 
     Returns one tensor per parameter (``None`` where ``grads`` has ``None``); all zeros when the
     gradient is zero (no NaN) or not finite (an fp16 overflow: the step will be skipped anyway).
+    Vectorised over tensors (``torch._foreach_*``): its cost does not grow with their number.
     """
     if norm not in PERTURBATION_NORMS:
         raise ValueError(f"`norm` must be one of {PERTURBATION_NORMS}, got {norm!r}.")
-    if not _all_finite(grads):
-        return [None if g is None else torch.zeros_like(g) for g in grads]
-    scaled: Tensors = []  # T g
-    weights: Tensors = []  # T
-    for g, p in zip(grads, parameters):
-        if g is None:
-            scaled.append(None)
-            weights.append(None)
-            continue
-        g = g.detach().float()
-        t = p.detach().float().abs() + adaptive_eta if adaptive else None
-        weights.append(t)
-        scaled.append(g * t if adaptive else g)
-    if norm == "global":
-        present = [s for s in scaled if s is not None]
-        total = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(s) for s in present])
+    index = _present(grads)
+    if not index:
+        return [None] * len(grads)
+    g = [grads[i].detach() for i in index]
+    if adaptive:
+        weights = torch._foreach_add(
+            torch._foreach_abs([parameters[i].detach() for i in index]), adaptive_eta
         )
-        norms = [total] * len(scaled) if present else []
+        scaled = torch._foreach_mul(g, weights)  # T g
     else:
-        norms = [None if s is None else torch.linalg.vector_norm(s) for s in scaled]
-    direction: Tensors = []
-    for s, t, n, p in zip(scaled, weights, norms, parameters):
-        if s is None:
-            direction.append(None)
-            continue
-        e = s * (rho / (n + NORM_EPS))
-        if t is not None:
-            e = e * t
-        direction.append(e.to(p.dtype))
-    return direction
+        scaled = g
+    norms = torch.stack(torch._foreach_norm(scaled)).float()
+    if not bool(torch.isfinite(norms).all()):
+        return _scatter([torch.zeros_like(t) for t in g], index, len(grads))
+    if norm == "global":
+        factors = [rho / (torch.linalg.vector_norm(norms) + NORM_EPS)] * len(scaled)
+    else:
+        factors = list((rho / (norms + NORM_EPS)).unbind())
+    direction = torch._foreach_mul(scaled, [f.to(t.dtype) for f, t in zip(factors, scaled)])
+    if adaptive:
+        torch._foreach_mul_(direction, weights)  # T (T g) = T² g
+    return _scatter(direction, index, len(grads))
 
 
 def combine_directions(*terms: tuple[float, Tensors]) -> Tensors:
@@ -154,11 +153,26 @@ def combine_directions(*terms: tuple[float, Tensors]) -> Tensors:
     length = len(terms[0][1])
     if any(len(direction) != length for _, direction in terms):
         raise ValueError("All directions must have one entry per parameter.")
-    combined: Tensors = []
-    for i in range(length):
-        parts = [c * d[i] for c, d in terms if d[i] is not None]
-        combined.append(torch.stack(parts).sum(0) if parts else None)
-    return combined
+    index = [i for i in range(length) if any(d[i] is not None for _, d in terms)]
+    if not index:
+        return [None] * length
+    first = terms[0][1]
+    template = [next(d[i] for _, d in terms if d[i] is not None) for i in index]
+    total = torch._foreach_mul(
+        [
+            first[i] if first[i] is not None else torch.zeros_like(t)
+            for i, t in zip(index, template)
+        ],
+        terms[0][0],
+    )
+    for coefficient, direction in terms[1:]:
+        if all(direction[i] is not None for i in index):
+            torch._foreach_add_(total, [direction[i] for i in index], alpha=coefficient)
+        else:
+            for position, i in enumerate(index):
+                if direction[i] is not None:
+                    total[position].add_(direction[i], alpha=coefficient)
+    return _scatter(total, index, length)
 
 
 def direction_norm(direction: Tensors) -> torch.Tensor:
@@ -212,19 +226,18 @@ def perturbed_weights(
             f"The direction has {len(direction)} entries for {len(parameters)} parameters."
         )
     moved = [(p, e) for p, e in zip(parameters, direction) if e is not None]
-    saved = [p.detach().clone() for p, _ in moved]
+    targets = [p.data for p, _ in moved]
+    saved = [t.clone() for t in targets]
     batchnorm = (
         frozen_batchnorm_statistics(model, freeze_batchnorm_stats)
         if model is not None
         else contextlib.nullcontext()
     )
-    with torch.no_grad():
-        for p, e in moved:
-            p.add_(e)
+    if targets:
+        torch._foreach_add_(targets, [e for _, e in moved])
     try:
         with batchnorm:
             yield
     finally:
-        with torch.no_grad():
-            for (p, _), original in zip(moved, saved):
-                p.copy_(original)
+        if targets:
+            torch._foreach_copy_(targets, saved)

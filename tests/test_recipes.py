@@ -10,7 +10,8 @@ from hf_extensions.cli import RecipeArgumentParser, use_cpu_for_multiprocess_lau
 from hf_extensions.testing import tiny_vit_classifier
 from hf_extensions.testing.distributed import launch
 from recipes.demo import REGISTRY, format_table
-from recipes.example.train import ScriptArguments, main
+from recipes.example.train import main
+from recipes.image_classification import ImageClassificationArguments as ScriptArguments
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_YAML = ROOT / "recipes" / "example" / "digits.yaml"
@@ -95,7 +96,8 @@ def test_two_processes_match_one_process_at_the_same_global_batch(tmp_path):
     common = ["--config", str(DIGITS_YAML), "--max_steps", "6", "--max_train_samples", "256",
               "--eval_strategy", "no", "--optim", "sgd", "--learning_rate", "0.5",
               "--warmup_steps", "0"]  # fmt: skip
-    script = ROOT / "tests" / "scripts" / "example_recipe_ranks.py"
+    script = ROOT / "tests" / "scripts" / "recipe_ranks.py"
+    common = ["recipes.example.train", *common]
     two = launch(
         script, [*common, "--per_device_train_batch_size", "16", "--output_dir", str(tmp_path / "two")],
         num_processes=2, cwd=ROOT,

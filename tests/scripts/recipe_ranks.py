@@ -1,12 +1,16 @@
-"""Run the example recipe and report, from every rank, the final parameters (for the DDP test)."""
+"""Run a recipe and report, from every rank, the final parameters (for the DDP tests).
 
+python tests/scripts/recipe_ranks.py recipes.example.train --config ... [recipe flags]
+"""
+
+import importlib
 import sys
 
 from hf_extensions.testing.distributed import report
-from recipes.example.train import main
 
 if __name__ == "__main__":
-    trainer, metrics = main(sys.argv[1:])
+    recipe = importlib.import_module(sys.argv[1])
+    trainer, metrics = recipe.main(sys.argv[2:])
     model = trainer.accelerator.unwrap_model(trainer.model)
     report(
         {
@@ -14,6 +18,9 @@ if __name__ == "__main__":
             "process_index": trainer.accelerator.process_index,
             "global_step": trainer.state.global_step,
             "test_accuracy": metrics["test_accuracy"],
+            "train_loss": next(
+                h["train_loss"] for h in trainer.state.log_history if "train_loss" in h
+            ),
         },
         {name: p for name, p in model.named_parameters()},
     )

@@ -1,0 +1,172 @@
+"""Data and model for the image-classification recipes (example, Agnostic-SAM, ...).
+
+One place builds what every image-classification recipe trains on:
+
+- the embedded default: scikit-learn's digits (offline), optionally with symmetric label noise on
+  the training split, and a tiny ViT built from a config;
+- a real run: a Hub (or local) image dataset through ``datasets.load_dataset`` (e.g.
+  ``uoft-cs/cifar100`` with ``image_column: img``, ``label_column: fine_label``; or
+  ``imagefolder`` with ``data_dir``) and a Hub checkpoint whose image processor prepares the
+  pixels and whose head is replaced by one of the dataset's classes.
+
+Splits are always ``train`` / ``validation`` / ``test``; a dataset without a validation split
+gets one carved, stratified by class, out of its training split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from datasets import ClassLabel, DatasetDict, load_dataset
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+from hf_extensions.data import CLASS_NAMES, add_label_noise, load_digits
+from hf_extensions.testing import tiny_vit_classifier
+
+
+@dataclass
+class ImageClassificationArguments:
+    """What to train on and which model to start from."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id or local path of an image classifier to fine-tune (e.g. "
+            "google/vit-base-patch16-224-in21k). Empty: a tiny ViT built from a config (offline)."
+        },
+    )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dataset for datasets.load_dataset (Hub id, or a builder such as 'imagefolder'). "
+            "Empty: scikit-learn's digits (offline)."
+        },
+    )
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "Configuration name of the dataset."}
+    )
+    data_dir: str | None = field(
+        default=None, metadata={"help": "data_dir for load_dataset (e.g. an imagefolder)."}
+    )
+    image_column: str = field(default="image", metadata={"help": "Column holding the images."})
+    label_column: str = field(default="label", metadata={"help": "Column holding the labels."})
+    validation_size: float = field(
+        default=0.1,
+        metadata={"help": "Fraction of train carved out as validation when there is none."},
+    )
+    image_size: int = field(default=8, metadata={"help": "Digits: side they are resized to."})
+    num_channels: int = field(
+        default=1, metadata={"help": "Digits: channels the gray image is repeated into."}
+    )
+    patch_size: int = field(
+        default=2, metadata={"help": "Patch size of the tiny ViT (no checkpoint)."}
+    )
+    hidden_size: int = field(
+        default=32, metadata={"help": "Width of the tiny ViT (no checkpoint)."}
+    )
+    num_layers: int = field(default=2, metadata={"help": "Depth of the tiny ViT (no checkpoint)."})
+    split_seed: int = field(
+        default=0, metadata={"help": "Seed of the train/validation/test split."}
+    )
+    label_noise: float = field(
+        default=0.0, metadata={"help": "Rate of symmetric label noise on the training split."}
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Keep only the first N training examples (quick runs)."}
+    )
+
+    def __post_init__(self):
+        if not 0.0 <= self.label_noise < 1.0:
+            raise ValueError(f"`label_noise` must be in [0, 1), got {self.label_noise}.")
+        if not 0.0 < self.validation_size < 1.0:
+            raise ValueError(f"`validation_size` must be in (0, 1), got {self.validation_size}.")
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise ValueError(f"`max_train_samples` must be >= 1, got {self.max_train_samples}.")
+        if self.dataset_name is not None and self.model_name_or_path is None:
+            raise ValueError(
+                "`dataset_name` needs `model_name_or_path`: its image processor prepares the images."
+            )
+
+
+def class_names(data: DatasetDict) -> list[str]:
+    """Names of the classes of the ``labels`` column."""
+    feature = data["train"].features["labels"]
+    return list(feature.names) if isinstance(feature, ClassLabel) else list(CLASS_NAMES)
+
+
+def build_model(args: ImageClassificationArguments, names: list[str]):
+    """A Hub checkpoint with a new head for ``names``, or a tiny ViT for the digits."""
+    if args.model_name_or_path is None:
+        return tiny_vit_classifier(
+            num_labels=len(names),
+            image_size=args.image_size,
+            patch_size=args.patch_size,
+            num_channels=args.num_channels,
+            hidden_size=args.hidden_size,
+            num_layers=args.num_layers,
+        )
+    return AutoModelForImageClassification.from_pretrained(
+        args.model_name_or_path,
+        num_labels=len(names),
+        id2label=dict(enumerate(names)),
+        label2id={name: i for i, name in enumerate(names)},
+        ignore_mismatched_sizes=True,
+    )
+
+
+def _load_hub_dataset(args: ImageClassificationArguments) -> DatasetDict:
+    raw = load_dataset(args.dataset_name, args.dataset_config_name, data_dir=args.data_dir)
+    raw = raw.rename_columns({args.image_column: "image", args.label_column: "labels"})
+    if "test" not in raw:
+        raise ValueError(f"{args.dataset_name!r} has no 'test' split (splits: {list(raw)}).")
+    if "validation" not in raw:
+        carved = raw["train"].train_test_split(
+            test_size=args.validation_size,
+            seed=args.split_seed,
+            stratify_by_column="labels"
+            if isinstance(raw["train"].features["labels"], ClassLabel)
+            else None,
+        )
+        raw["train"], raw["validation"] = carved["train"], carved["test"]
+    return DatasetDict({split: raw[split] for split in ("train", "validation", "test")})
+
+
+def build_datasets(args: ImageClassificationArguments, seed: int) -> DatasetDict:
+    """Train / validation / test with ``pixel_values`` and ``labels``; noisy train labels if asked.
+
+    Label noise is drawn with ``seed`` (the training seed), the split with ``split_seed``.
+    """
+    if args.dataset_name is None:
+        data = load_digits(
+            args.split_seed, image_size=args.image_size, num_channels=args.num_channels
+        )
+    else:
+        data = _load_hub_dataset(args)
+    train = data["train"]
+    if args.max_train_samples is not None:
+        train = train.select(range(min(args.max_train_samples, len(train))))
+    if args.label_noise > 0:
+        train = add_label_noise(train, args.label_noise, seed=seed)
+    data["train"] = train
+    if args.model_name_or_path is None:
+        return data
+    processor = AutoImageProcessor.from_pretrained(args.model_name_or_path)
+    if (
+        args.dataset_name is None
+    ):  # digits are arrays in [0, 1]: normalise as the checkpoint expects
+        mean = np.asarray(processor.image_mean, dtype=np.float32)[:, None, None]
+        std = np.asarray(processor.image_std, dtype=np.float32)[:, None, None]
+
+        def normalize(batch):
+            pixels = np.asarray(batch["pixel_values"], dtype=np.float32)
+            return {**batch, "pixel_values": (pixels - mean) / std}
+
+        return data.with_transform(normalize)
+
+    def preprocess(batch):
+        images = [image.convert("RGB") for image in batch["image"]]
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixels, "labels": batch["labels"]}
+
+    return data.with_transform(preprocess)

@@ -1,0 +1,98 @@
+"""The Agnostic-SAM recipe: data-parallel equivalence, model card, and the image-dataset path."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from hf_extensions.hub import check_model_card_method
+from hf_extensions.testing import tiny_vit_classifier
+from hf_extensions.testing.distributed import launch
+from recipes.agnostic_sam.train import main
+
+ROOT = Path(__file__).resolve().parents[1]
+NOISY_YAML = ROOT / "recipes" / "agnostic_sam" / "digits_noisy.yaml"
+SCRIPT = ROOT / "tests" / "scripts" / "recipe_ranks.py"
+
+
+def _flags(tmp_path, name, batch, *extra):
+    return ["recipes.agnostic_sam.train", "--config", str(NOISY_YAML), "--max_steps", "6",
+            "--max_train_samples", "256", "--eval_strategy", "no", "--optim", "sgd",
+            "--learning_rate", "0.5", "--warmup_steps", "0", "--weight_decay", "0",
+            "--per_device_train_batch_size", str(batch), "--output_dir", str(tmp_path / name),
+            *extra]  # fmt: skip
+
+
+def test_two_processes_match_one_process_perturbing_per_process_batch(tmp_path):
+    """2 processes x 16 == 1 process x 32 cut into sharpness batches of 16 (each process perturbs
+    by its own gradient); and != 1 process perturbing by the whole 32 (no all-reduce in pass 1)."""
+    two = launch(SCRIPT, _flags(tmp_path, "two", 16), num_processes=2, cwd=ROOT)
+    one = launch(
+        SCRIPT,
+        _flags(tmp_path, "one", 32, "--sharpness_batch_size", "16"),
+        num_processes=1,
+        cwd=ROOT,
+    )
+    whole = launch(SCRIPT, _flags(tmp_path, "whole", 32), num_processes=1, cwd=ROOT)
+    assert [r.values["num_processes"] for r in two] == [2, 2]
+    assert two[0].values["global_step"] == one[0].values["global_step"] == 6
+    initial = dict(tiny_vit_classifier().named_parameters())
+    reference = one[0].tensors
+    moved = max((reference[n] - initial[n].detach()).abs().max().item() for n in reference)
+    assert moved > 1e-3
+    for name, value in reference.items():
+        assert torch.equal(two[0].tensors[name], two[1].tensors[name]), name
+        torch.testing.assert_close(two[0].tensors[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    differs = max((whole[0].tensors[n] - reference[n]).abs().max().item() for n in reference)
+    assert differs > 1e-4
+
+
+def test_recipe_trains_on_noisy_digits_and_writes_its_card(tmp_path):
+    trainer, metrics = main(
+        ["--config", str(NOISY_YAML), "--output_dir", str(tmp_path), "--num_train_epochs", "4",
+         "--eval_strategy", "no", "--logging_steps", "10"]
+    )  # fmt: skip
+    assert metrics["test_accuracy"] > 0.2  # clean test labels; chance is 0.1
+    noisy = trainer.train_dataset
+    assert np.mean(np.asarray(noisy["labels"]) != np.asarray(noisy["clean_labels"])) > 0.35
+    metadata = check_model_card_method(tmp_path / "README.md", "agnostic-sam")
+    assert metadata["hyperparameters"]["rho_train"] == 0.05
+    assert metadata["metrics"]["test_accuracy"] == metrics["test_accuracy"]
+    logged = [h for h in trainer.state.log_history if "val_split_loss" in h]
+    assert logged and all(h["perturbation_norm"] > 0 for h in logged)
+
+
+def _image_folder(root: Path) -> None:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for split, rows in (("train", range(0, 60)), ("test", range(60, 90))):
+        for row in rows:
+            label = int(digits.target[row])
+            if label > 2:
+                continue
+            folder = root / split / f"digit_{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = (digits.images[row] * (255 / 16)).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{row}.png")
+
+
+def test_recipe_reads_an_image_dataset_through_the_checkpoint_processor(tmp_path):
+    """The real-run path (load_dataset + a checkpoint's processor), offline on an imagefolder."""
+    from transformers import ViTImageProcessor
+
+    _image_folder(tmp_path / "images")
+    checkpoint = tmp_path / "checkpoint"
+    tiny_vit_classifier(num_labels=7, num_channels=3).save_pretrained(checkpoint)
+    ViTImageProcessor(size={"height": 8, "width": 8}).save_pretrained(checkpoint)
+    trainer, metrics = main(
+        ["--config", str(NOISY_YAML), "--model_name_or_path", str(checkpoint),
+         "--dataset_name", "imagefolder", "--data_dir", str(tmp_path / "images"),
+         "--label_noise", "0", "--output_dir", str(tmp_path / "out"), "--max_steps", "2",
+         "--eval_strategy", "no"]
+    )  # fmt: skip
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    assert model.config.num_labels == 3
+    assert sorted(model.config.id2label.values()) == ["digit_0", "digit_1", "digit_2"]
+    assert trainer.state.global_step == 2 and 0.0 <= metrics["test_accuracy"] <= 1.0
