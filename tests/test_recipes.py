@@ -7,11 +7,11 @@ import torch
 from transformers import TrainingArguments
 
 from hf_extensions.cli import RecipeArgumentParser, use_cpu_for_multiprocess_launch
+from hf_extensions.image_classification import ImageClassificationArguments as ScriptArguments
 from hf_extensions.testing import tiny_vit_classifier
 from hf_extensions.testing.distributed import launch
 from recipes.demo import REGISTRY, format_table
 from recipes.example.train import main
-from recipes.image_classification import ImageClassificationArguments as ScriptArguments
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_YAML = ROOT / "recipes" / "example" / "digits.yaml"
@@ -136,3 +136,27 @@ def test_example_recipe_fine_tunes_a_saved_checkpoint_with_its_processor(tmp_pat
     batch = next(iter(trainer.get_train_dataloader()))
     # Normalised with the processor's statistics: digits in [0, 1] map into [-2, 2].
     assert batch["pixel_values"].min() < -1.5 and batch["pixel_values"].max() > 1.5
+
+
+RECIPE_SCRIPTS = sorted(
+    path.relative_to(ROOT).as_posix()
+    for path in (ROOT / "recipes").glob("*/*.py")
+    if 'if __name__ == "__main__":' in path.read_text()
+)
+
+
+@pytest.mark.parametrize("script", RECIPE_SCRIPTS)
+def test_recipe_scripts_run_as_documented_without_pythonpath(script):
+    """``accelerate launch recipes/<method>/train.py`` runs the file as a script: its directory,
+    not the repository root, is on ``sys.path``, so a recipe may import installed packages only."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, script, "--help"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--config" in done.stdout

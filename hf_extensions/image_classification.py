@@ -1,4 +1,4 @@
-"""Data and model for the image-classification recipes (example, Agnostic-SAM, ...).
+"""Data and model of the image-classification recipes (example, Agnostic-SAM, ...).
 
 One place builds what every image-classification recipe trains on:
 
