@@ -202,11 +202,12 @@ def plot(per_seed: dict[str, dict[str, list[float]]], ratios: dict[str, float], 
     left.set_title("digits, 40% symmetric label noise")
     left.set_ylim(0, 1)
     names = list(ratios)
-    right.bar(range(len(names)), [ratios[n] for n in names], color="C7")
-    right.axhline(2.0, color="black", lw=0.8, ls="--", label="two plain steps")
-    right.set_xticks(range(len(names)), [n.replace("_step", "\nstep") for n in names], fontsize=6)
-    right.set_ylabel("step time / plain step")
-    right.legend()
+    right.barh(range(len(names)), [ratios[n] for n in names], color="C7")
+    right.axvline(2.0, color="black", lw=0.8, ls="--", label="two plain steps")
+    right.set_yticks(range(len(names)), names, fontsize=7)
+    right.invert_yaxis()
+    right.set_xlabel("step time / plain AdamW step")
+    right.legend(loc="lower right")
     return save_plot(fig, NAME, results_dir)
 
 
