@@ -6,6 +6,8 @@ stock ``Trainer``'s optimizer, scheduler, clipping, logging, checkpointing and `
 
 from trainers.agnostic_sam_config import AgnosticSAMConfig
 from trainers.agnostic_sam_trainer import AgnosticSAMTrainer
+from trainers.method_config import MethodConfig
+from trainers.method_trainer import MethodTrainer
 from trainers.perturbation_config import PerturbationConfig
 from trainers.perturbation_trainer import PerturbationTrainer
 from trainers.sam_config import SAMConfig
@@ -14,6 +16,8 @@ from trainers.sam_trainer import SAMTrainer
 __all__ = [
     "AgnosticSAMConfig",
     "AgnosticSAMTrainer",
+    "MethodConfig",
+    "MethodTrainer",
     "PerturbationConfig",
     "PerturbationTrainer",
     "SAMConfig",

@@ -5,40 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from transformers import TrainingArguments
-
 from hf_extensions.perturbation import PERTURBATION_NORMS
+from trainers.method_config import MethodConfig, check_choice, check_range
 
-
-def check_choice(name: str, value: Any, allowed: tuple) -> None:
-    """Refuse ``value`` for field ``name`` unless it is one of ``allowed``."""
-    if value not in allowed:
-        raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}.")
-
-
-def check_range(
-    name: str,
-    value: float,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> None:
-    """Refuse a number outside ``[low, high]`` (``(`` / ``)`` with the ``*_open`` flags)."""
-    below = low is not None and (value <= low if low_open else value < low)
-    above = high is not None and (value >= high if high_open else value > high)
-    if below or above:
-        left = "(" if low_open else "["
-        right = ")" if high_open or high is None else "]"
-        interval = (
-            f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
-        )
-        raise ValueError(f"`{name}` must be in {interval}, got {value!r}.")
+__all__ = ["PerturbationConfig", "check_choice", "check_range"]
 
 
 @dataclass
-class PerturbationConfig(TrainingArguments):
+class PerturbationConfig(MethodConfig):
     """``TrainingArguments`` plus the knobs every weight-perturbation (SAM-family) method shares.
 
     The Trainer's own optimizer (``optim``), learning-rate schedule, gradient clipping
@@ -81,8 +55,14 @@ class PerturbationConfig(TrainingArguments):
         },
     )
 
-    #: Names of the fields that define the method (recorded in model cards); subclasses extend it.
-    method_fields: ClassVar[tuple[str, ...]] = ()
+    #: The SAM-family knobs every subclass records in its model card after its own fields.
+    shared_fields: ClassVar[tuple[str, ...]] = (
+        "adaptive",
+        "adaptive_eta",
+        "perturb_norm",
+        "freeze_batchnorm_stats",
+        "sharpness_batch_size",
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -92,16 +72,5 @@ class PerturbationConfig(TrainingArguments):
             check_range("sharpness_batch_size", self.sharpness_batch_size, low=1)
 
     def method_hyperparameters(self) -> dict[str, Any]:
-        """The method's settings plus the optimisation settings that matter to reproduce a run."""
-        shared = ("adaptive", "adaptive_eta", "perturb_norm", "freeze_batchnorm_stats")
-        names = (*self.method_fields, *shared, "sharpness_batch_size")
-        values = {name: getattr(self, name) for name in names}
-        values.update(
-            optim=str(getattr(self.optim, "value", self.optim)),
-            learning_rate=self.learning_rate,
-            num_train_epochs=self.num_train_epochs,
-            per_device_train_batch_size=self.per_device_train_batch_size,
-            gradient_accumulation_steps=self.gradient_accumulation_steps,
-            seed=self.seed,
-        )
-        return values
+        values = super().method_hyperparameters()
+        return {**{name: getattr(self, name) for name in self.shared_fields}, **values}

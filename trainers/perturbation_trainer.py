@@ -3,22 +3,19 @@
 A subclass implements :meth:`PerturbationTrainer.perturbed_step` with the helpers of this class
 (which wrap :mod:`hf_extensions.perturbation`); everything else (optimizer, scheduler, gradient
 clipping, accumulation, mixed precision, logging, checkpointing, ``push_to_hub``) is the stock
-``Trainer``'s. Only ``training_step`` is overridden, plus ``log`` (to add the method's metrics)
-and ``create_model_card`` (an hf-extensions card).
+``Trainer``'s. Only ``training_step`` is overridden (logging of the method's metrics and the model card
+come from :class:`trainers.method_trainer.MethodTrainer`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections import defaultdict
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer
 
-from hf_extensions.hub import build_model_card, save_model_card
 from hf_extensions.perturbation import (
     Tensors,
     ascent_direction,
@@ -26,6 +23,7 @@ from hf_extensions.perturbation import (
     perturbed_weights,
     trainable_parameters,
 )
+from trainers.method_trainer import MethodTrainer
 from trainers.perturbation_config import PerturbationConfig
 
 
@@ -48,10 +46,10 @@ def slice_rows(inputs: Mapping[str, Any], start: int, stop: int) -> dict[str, An
     }
 
 
-class PerturbationTrainer(Trainer):
+class PerturbationTrainer(MethodTrainer):
     """``Trainer`` whose gradient is taken at perturbed weights (see the module docstring).
 
-    Subclasses set :attr:`method`, :attr:`paper`, :attr:`arxiv_id` (for the model card) and
+    Subclasses set :attr:`method`, :attr:`paper`, :attr:`arxiv_id` (see :class:`MethodTrainer`) and
     implement :meth:`perturbed_step`. Each micro-batch is cut into chunks of
     ``args.sharpness_batch_size`` rows (one chunk by default); ``perturbed_step`` runs on each.
 
@@ -59,10 +57,6 @@ class PerturbationTrainer(Trainer):
     refused (their engines own the backward pass and shard the parameters that the perturbation
     moves).
     """
-
-    method: ClassVar[str] = ""
-    paper: ClassVar[str | None] = None
-    arxiv_id: ClassVar[str | None] = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -76,7 +70,6 @@ class PerturbationTrainer(Trainer):
                 f"{type(self).__name__} supports one device and DDP (accelerate launch "
                 "--multi_gpu); DeepSpeed and FSDP are not supported."
             )
-        self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._loss_scaled = False
         self._chunk_weight = 1.0
 
@@ -183,46 +176,3 @@ class PerturbationTrainer(Trainer):
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of the final loss, weighted for the chunk and accumulation like Trainer's."""
         self.accelerator.backward(loss * self._chunk_weight)
-
-    # -- logging and model card -------------------------------------------------------------
-
-    def record(self, **values: torch.Tensor | float) -> None:
-        """Add values to the averages logged at the next logging step."""
-        for name, value in values.items():
-            self._metrics[name].append(torch.as_tensor(value, dtype=torch.float32).detach().cpu())
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the averages of :meth:`record`'s values (over steps and processes) to training logs."""
-        if "loss" in logs and self._metrics:
-            for name, values in self._metrics.items():
-                mean = torch.stack(values).mean().to(self.accelerator.device)
-                logs[name] = round(float(self.accelerator.reduce(mean, reduction="mean")), 6)
-            self._metrics.clear()
-        super().log(logs, start_time)
-
-    def create_model_card(self, model_name: str | None = None, tags=None, dataset=None, **kwargs):
-        """Write ``README.md`` in ``output_dir``: the method, its settings, the last eval metrics."""
-        if not self.is_world_process_zero():
-            return
-        metrics: dict[str, float] = {}
-        for entry in self.state.log_history:
-            metrics.update(
-                {k: float(v) for k, v in entry.items() if k.startswith(("eval_", "test_"))}
-            )
-        base = getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
-        if isinstance(tags, str):
-            tags = [tags]
-        if isinstance(dataset, str):
-            dataset = [dataset]
-        card = build_model_card(
-            method=self.method,
-            paper=self.paper,
-            arxiv_id=self.arxiv_id,
-            hyperparameters=self.args.method_hyperparameters(),
-            metrics=metrics,
-            base_model=base,
-            tags=list(tags or []),
-            datasets=list(dataset or []),
-            model_name=model_name,
-        )
-        save_model_card(card, self.args.output_dir)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from trainers.perturbation_config import PerturbationConfig, check_range
+from trainers.method_config import check_range
+from trainers.perturbation_config import PerturbationConfig
 
 
 @dataclass

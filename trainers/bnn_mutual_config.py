@@ -1,0 +1,233 @@
+"""Configuration of :class:`trainers.BayesianMutualLearningTrainer`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from transformers import TrainingArguments
+
+from hf_extensions.bayesian import GAUSSIAN_DIVERGENCES
+from trainers.perturbation_config import check_choice, check_range
+
+PARAMETER_DIVERGENCES = GAUSSIAN_DIVERGENCES
+FEATURE_DIVERGENCES = ("cosine", "jensen_shannon", "kl")
+PARAMETER_BOUNDS = ("saturating", "log")
+FEATURE_BOUNDS = ("none", "saturating", "log")
+PARAMETER_NORMALIZATIONS = ("dataset_size", "num_parameters")
+
+
+@dataclass
+class BayesianMutualLearningConfig(TrainingArguments):
+    """``TrainingArguments`` for diversity-enhanced deep mutual learning of Bayesian networks.
+
+    Pham, Nguyen, Le, Phung, Carneiro, Do, "Model and Feature Diversity for Bayesian Neural
+    Networks in Mutual Learning", NeurIPS 2023 (arXiv 2407.02721). The loss of peer ``k``
+    (peer ``j``'s terms detached, averaged over the ``K - 1`` other peers) is::
+
+        L_k = CE(f_{w_k}(x), y) + kl_weight * KL(q_k || p) / N
+            + mutual_weight * T^2 * KL(softmax(z_j / T) || softmax(z_k / T))
+            - parameter_diversity_weight * D_par(q_k, q_j)
+            - feature_diversity_weight * D_feat(F_k(x), F_j(x))
+
+    and the trainer minimises ``sum_k L_k`` (all peers in one step, one optimizer).
+
+    Baselines are settings of this config: **DML** (Zhang et al. 2018, with BNN peers) =
+    both diversity weights 0; **independent BNNs** = ``mutual_weight=0`` too (each peer then
+    trains exactly as alone; tested).
+
+    Which defaults are whose:
+
+    - the paper's (or the standard method it builds on): ``kl_weight=1`` (the ELBO),
+      ``mutual_weight=1`` and ``mutual_temperature=1`` (DML), ``parameter_divergence=
+      "wasserstein"`` (the paper's optimal-transport distance; it also studies ``"kl"``),
+      fused multi-stage features for ``D_feat``, ``mc_samples=20``;
+    - ours (the paper's exact forms and weights could not be read offline): the bounds, the
+      normalisation and scale of ``D_par``, the ``"cosine"`` form of ``D_feat``, the fusion (see
+      :func:`hf_extensions.bayesian.fuse_features`) and the two diversity weights.
+
+    Maximising an unbounded distance diverges, so ``D_par`` is bounded per weight: with
+    ``x_i = d_i / parameter_diversity_scale^2`` (``d_i`` the divergence between the peers'
+    Gaussians of weight ``i``), ``D_par = sum_i phi(x_i) / Z`` with ``phi(x) = x / (1 + x)``
+    (``"saturating"``, bounded by 1 per weight) or ``log(1 + x)`` (``"log"``) and ``Z`` = the
+    training-set size ``N`` (``"dataset_size"``: the same footing as the ELBO's ``KL / N``, a
+    repulsive term of the variational objective) or the number of Gaussian weights
+    (``"num_parameters"``: a per-weight mean).
+
+    Example::
+
+        peers = [convert_to_bayesian(tiny_vit_classifier(seed=k)) for k in range(2)]
+        model = PeerEnsemble(peers)
+        args = BayesianMutualLearningConfig(output_dir="out", feature_layers=["vit.layers.0"])
+        BayesianMutualLearningTrainer(model=model, args=args, train_dataset=train).train()
+    """
+
+    kl_weight: float = field(
+        default=1.0,
+        metadata={"help": "beta of the ELBO's KL(q || prior) / N term (1: the ELBO; paper)."},
+    )
+    kl_dataset_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "N of KL / N: the number of training examples. Default: len(train_dataset) "
+            "(over all processes)."
+        },
+    )
+    mutual_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "lambda_ml of the mutual-learning KL(p_j || p_k) (DML: 1). 0 with both "
+            "diversity weights 0: independent BNNs."
+        },
+    )
+    mutual_temperature: float = field(
+        default=1.0,
+        metadata={"help": "Temperature T of the mutual-learning softmax; the KL is scaled by T^2."},
+    )
+    parameter_diversity_weight: float = field(
+        default=1.0,
+        metadata={"help": "lambda_par of the parameter-diversity term (ours; 0: DML)."},
+    )
+    parameter_divergence: str = field(
+        default="wasserstein",
+        metadata={
+            "help": "Divergence between the peers' diagonal Gaussian posteriors, per weight: "
+            "'wasserstein' ((mu_k - mu_j)^2 + (sigma_k - sigma_j)^2, the paper's OT distance) or "
+            "'kl' (KL(q_k || q_j)).",
+            "choices": PARAMETER_DIVERGENCES,
+        },
+    )
+    parameter_diversity_bound: str = field(
+        default="saturating",
+        metadata={
+            "help": "Bound applied per weight: 'saturating' x / (1 + x) or 'log' log(1 + x) (ours).",
+            "choices": PARAMETER_BOUNDS,
+        },
+    )
+    parameter_diversity_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "Scale s in x = d / s^2 at which the bound bends (ours; 1 = the default "
+            "prior std, so saturation starts where the prior stops being informative)."
+        },
+    )
+    parameter_diversity_normalization: str = field(
+        default="dataset_size",
+        metadata={
+            "help": "Divide the summed per-weight terms by the training-set size "
+            "('dataset_size', like the ELBO's KL / N; ours) or the number of Gaussian weights "
+            "('num_parameters').",
+            "choices": PARAMETER_NORMALIZATIONS,
+        },
+    )
+    feature_diversity_weight: float = field(
+        default=0.1,
+        metadata={"help": "lambda_feat of the feature-diversity term (ours; 0: DML)."},
+    )
+    feature_divergence: str = field(
+        default="cosine",
+        metadata={
+            "help": "Divergence between the peers' fused features: 'cosine' (1 - cos, in [0, 2]; "
+            "ours), 'jensen_shannon' (of softmax(F / tau), in [0, log 2]) or 'kl' "
+            "(KL(softmax(F_j / tau) || softmax(F_k / tau)), needs a bound).",
+            "choices": FEATURE_DIVERGENCES,
+        },
+    )
+    feature_diversity_bound: str = field(
+        default="none",
+        metadata={
+            "help": "Bound on the feature divergence: 'none' (only for the bounded 'cosine' and "
+            "'jensen_shannon'), 'saturating' x / (1 + x) or 'log' log(1 + x).",
+            "choices": FEATURE_BOUNDS,
+        },
+    )
+    feature_temperature: float = field(
+        default=1.0,
+        metadata={"help": "tau of softmax(F / tau) for the 'jensen_shannon' and 'kl' forms."},
+    )
+    feature_layers: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Submodules of each peer whose outputs are fused for the feature term "
+            "(suffix ':input' for a module's input). Default: the blocks of the peer's longest "
+            "ModuleList and the classifier's input."
+        },
+    )
+    mc_samples: int = field(
+        default=20,
+        metadata={"help": "Posterior draws per peer averaged at evaluation (paper: 20)."},
+    )
+
+    #: Names of the fields that define the method (recorded in model cards).
+    method_fields: ClassVar[tuple[str, ...]] = (
+        "kl_weight",
+        "kl_dataset_size",
+        "mutual_weight",
+        "mutual_temperature",
+        "parameter_diversity_weight",
+        "parameter_divergence",
+        "parameter_diversity_bound",
+        "parameter_diversity_scale",
+        "parameter_diversity_normalization",
+        "feature_diversity_weight",
+        "feature_divergence",
+        "feature_diversity_bound",
+        "feature_temperature",
+        "feature_layers",
+        "mc_samples",
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_range("kl_weight", self.kl_weight, low=0.0)
+        if self.kl_dataset_size is not None:
+            check_range("kl_dataset_size", self.kl_dataset_size, low=1)
+        check_range("mutual_weight", self.mutual_weight, low=0.0)
+        check_range("mutual_temperature", self.mutual_temperature, low=0.0, low_open=True)
+        check_range("parameter_diversity_weight", self.parameter_diversity_weight, low=0.0)
+        check_choice("parameter_divergence", self.parameter_divergence, PARAMETER_DIVERGENCES)
+        check_choice("parameter_diversity_bound", self.parameter_diversity_bound, PARAMETER_BOUNDS)
+        check_range(
+            "parameter_diversity_scale", self.parameter_diversity_scale, low=0.0, low_open=True
+        )
+        check_choice(
+            "parameter_diversity_normalization",
+            self.parameter_diversity_normalization,
+            PARAMETER_NORMALIZATIONS,
+        )
+        check_range("feature_diversity_weight", self.feature_diversity_weight, low=0.0)
+        check_choice("feature_divergence", self.feature_divergence, FEATURE_DIVERGENCES)
+        check_choice("feature_diversity_bound", self.feature_diversity_bound, FEATURE_BOUNDS)
+        if self.feature_divergence == "kl" and self.feature_diversity_bound == "none":
+            raise ValueError(
+                "`feature_diversity_bound` must be 'saturating' or 'log' with "
+                "feature_divergence='kl' (maximising an unbounded KL diverges), got 'none'."
+            )
+        check_range("feature_temperature", self.feature_temperature, low=0.0, low_open=True)
+        if self.feature_layers is not None and (
+            isinstance(self.feature_layers, str)
+            or not self.feature_layers
+            or not all(isinstance(name, str) and name for name in self.feature_layers)
+        ):
+            raise ValueError(
+                "`feature_layers` must be a non-empty list of module names or None, got "
+                f"{self.feature_layers!r}."
+            )
+        if self.feature_layers is not None:
+            self.feature_layers = list(self.feature_layers)
+        if isinstance(self.mc_samples, bool) or not isinstance(self.mc_samples, int):
+            raise ValueError(f"`mc_samples` must be an integer >= 1, got {self.mc_samples!r}.")
+        check_range("mc_samples", self.mc_samples, low=1)
+
+    def method_hyperparameters(self) -> dict[str, Any]:
+        """The method's settings plus the optimisation settings that matter to reproduce a run."""
+        values = {name: getattr(self, name) for name in self.method_fields}
+        values.update(
+            optim=str(getattr(self.optim, "value", self.optim)),
+            learning_rate=self.learning_rate,
+            num_train_epochs=self.num_train_epochs,
+            per_device_train_batch_size=self.per_device_train_batch_size,
+            gradient_accumulation_steps=self.gradient_accumulation_steps,
+            seed=self.seed,
+        )
+        return values

@@ -1,0 +1,69 @@
+"""Base of every hf-extensions ``Trainer``: the method's logged metrics and its model card."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import ClassVar
+
+import torch
+from transformers import Trainer
+
+from hf_extensions.hub import build_model_card, save_model_card
+
+
+class MethodTrainer(Trainer):
+    """A ``Trainer`` that logs a method's own metrics and writes an hf-extensions model card.
+
+    Subclasses set :attr:`method` (the card's lower-case method id), :attr:`paper` and
+    :attr:`arxiv_id`, take a :class:`trainers.method_config.MethodConfig` as ``args``, and call
+    :meth:`record` during training; the values are averaged over the steps since the last log
+    (and over processes) and added to the training logs.
+    """
+
+    method: ClassVar[str] = ""
+    paper: ClassVar[str | None] = None
+    arxiv_id: ClassVar[str | None] = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
+
+    def record(self, **values: torch.Tensor | float) -> None:
+        """Add values to the averages logged at the next logging step."""
+        for name, value in values.items():
+            self._metrics[name].append(torch.as_tensor(value, dtype=torch.float32).detach().cpu())
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the averages of :meth:`record`'s values (over steps and processes) to training logs."""
+        if "loss" in logs and self._metrics:
+            for name, values in self._metrics.items():
+                mean = torch.stack(values).mean().to(self.accelerator.device)
+                logs[name] = round(float(self.accelerator.reduce(mean, reduction="mean")), 6)
+            self._metrics.clear()
+        super().log(logs, start_time)
+
+    def create_model_card(self, model_name: str | None = None, tags=None, dataset=None, **kwargs):
+        """Write ``README.md`` in ``output_dir``: the method, its settings, the last eval metrics.
+
+        ``push_to_hub`` calls this before uploading, so the pushed card is this one.
+        """
+        if not self.is_world_process_zero():
+            return
+        metrics: dict[str, float] = {}
+        for entry in self.state.log_history:
+            metrics.update(
+                {k: float(v) for k, v in entry.items() if k.startswith(("eval_", "test_"))}
+            )
+        base = getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
+        card = build_model_card(
+            method=self.method,
+            paper=self.paper,
+            arxiv_id=self.arxiv_id,
+            hyperparameters=self.args.method_hyperparameters(),
+            metrics=metrics,
+            base_model=base,
+            tags=[tags] if isinstance(tags, str) else list(tags or []),
+            datasets=[dataset] if isinstance(dataset, str) else list(dataset or []),
+            model_name=model_name,
+        )
+        save_model_card(card, self.args.output_dir)
