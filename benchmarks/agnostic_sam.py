@@ -38,6 +38,7 @@ from benchmarks.harness import (
     get_pyplot,
     make_parser,
     mean_std,
+    quiet_training_arguments,
     save_plot,
     trainer_step_fn,
 )
@@ -81,13 +82,8 @@ def _accuracy(model, split) -> float:
 
 def build_trainer(method: str, model, train, settings: Settings, seed: int, output_dir: str):
     """The Trainer of ``method`` with the shared optimisation settings."""
-    common: dict[str, Any] = dict(
-        output_dir=output_dir,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        logging_strategy="no",
-        disable_tqdm=True,
+    common = quiet_training_arguments(
+        output_dir,
         seed=seed,
         optim=settings.optim,
         learning_rate=settings.learning_rate,
@@ -96,7 +92,6 @@ def build_trainer(method: str, model, train, settings: Settings, seed: int, outp
         per_device_train_batch_size=settings.batch_size,
         lr_scheduler_type="cosine",
         max_grad_norm=0.0,
-        dataloader_pin_memory=False,
     )
     if method == "adamw":
         return Trainer(model=model, args=TrainingArguments(**common), train_dataset=train)

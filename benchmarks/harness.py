@@ -375,3 +375,19 @@ def trainer_step_fn(trainer, num_training_steps: int) -> Callable[[dict[str, Any
         return loss
 
     return step
+
+
+def quiet_training_arguments(output_dir: str, **overrides: Any) -> dict[str, Any]:
+    """``TrainingArguments`` keywords for a benchmark run: CPU, seed 0, no saving, logging,
+    progress bar or reporting. ``overrides`` replace or add keys."""
+    return {
+        "output_dir": output_dir,
+        "report_to": [],
+        "use_cpu": True,
+        "save_strategy": "no",
+        "logging_strategy": "no",
+        "disable_tqdm": True,
+        "dataloader_pin_memory": False,
+        "seed": 0,
+        **overrides,
+    }

@@ -29,6 +29,7 @@ from benchmarks.harness import (
     compare,
     get_pyplot,
     make_parser,
+    quiet_training_arguments,
     save_plot,
     trainer_step_fn,
 )
@@ -58,17 +59,8 @@ def digits_batches(seed: int, count: int) -> list[dict[str, torch.Tensor]]:
 
 def make_trainer(model: nn.Module, output_dir: str, **overrides: Any) -> Trainer:
     """A stock Trainer on the CPU that logs, saves and reports nothing."""
-    args = TrainingArguments(
-        output_dir=output_dir,
-        report_to=[],
-        use_cpu=True,
-        per_device_train_batch_size=BATCH_SIZE,
-        save_strategy="no",
-        logging_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-        **overrides,
-    )
+    overrides.setdefault("per_device_train_batch_size", BATCH_SIZE)
+    args = TrainingArguments(**quiet_training_arguments(output_dir, **overrides))
     return Trainer(model=model, args=args)
 
 
