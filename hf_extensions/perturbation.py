@@ -14,7 +14,7 @@ and gradient accumulation:
 - :func:`ascent_direction` is ``ρ · T² g / ‖T g‖`` (SAM: ``T = I``, Foret et al. 2021, Eq. 2;
   ASAM: ``T = |θ| + η``, Kwon et al. 2021, Eq. 7), computed over all tensors at once or tensor by
   tensor. A zero gradient gives a zero perturbation, not NaN; a non-finite gradient (fp16
-  overflow) gives no perturbation, and the GradScaler then skips the step as it would anyway.
+  overflow) gives no perturbation (the trainer then makes the GradScaler skip the step).
 - :func:`perturbed_weights` adds ``e`` in place, keeps an exact copy of the weights and restores
   them by ``copy_`` (``p -= e`` rounds differently on each process and lets replicas drift), and
   by default keeps BatchNorm running statistics from being updated by passes at ``θ + e``.
@@ -119,7 +119,11 @@ def ascent_direction(
     every tensor its own radius ``ρ``. A negative ``rho`` gives the descent direction.
 
     Returns one tensor per parameter (``None`` where ``grads`` has ``None``); all zeros when the
-    gradient is zero (no NaN) or not finite (an fp16 overflow: the step will be skipped anyway).
+    gradient is zero (no NaN) or not finite (an fp16 overflow: callers with a GradScaler must make
+    the scaler skip the step, see ``PerturbationTrainer``).
+
+    Departure from Kwon et al.'s code: ``T`` applies to every parameter; their code normalises
+    only the tensors named ``weight`` (biases get ``T = 1``).
     Vectorised over tensors (``torch._foreach_*``): its cost does not grow with their number.
     """
     if norm not in PERTURBATION_NORMS:
@@ -135,17 +139,53 @@ def ascent_direction(
         scaled = torch._foreach_mul(g, weights)  # T g
     else:
         scaled = g
-    norms = torch.stack(torch._foreach_norm(scaled)).float()
-    if not bool(torch.isfinite(norms).all()):
+    # Norms in float32 (an fp16 norm overflows at 65504) and on one device (a model split over
+    # devices with device_map has gradients on several).
+    home = scaled[0].device
+    norms = torch.stack([n.to(home) for n in torch._foreach_norm(scaled, 2, dtype=torch.float32)])
+    if not gradients_finite(norms):
         return _scatter([torch.zeros_like(t) for t in g], index, len(grads))
     if norm == "global":
         factors = [rho / (torch.linalg.vector_norm(norms) + NORM_EPS)] * len(scaled)
     else:
         factors = list((rho / (norms + NORM_EPS)).unbind())
-    direction = torch._foreach_mul(scaled, [f.to(t.dtype) for f, t in zip(factors, scaled)])
+    direction = torch._foreach_mul(
+        scaled, [f.to(device=t.device, dtype=t.dtype) for f, t in zip(factors, scaled)]
+    )
     if adaptive:
         torch._foreach_mul_(direction, weights)  # T (T g) = T² g
     return _scatter(direction, index, len(grads))
+
+
+def gradients_finite(tensors: Tensors | torch.Tensor) -> bool:
+    """Whether every value is finite (one device sync); ``None`` entries are ignored."""
+    if isinstance(tensors, torch.Tensor):
+        return bool(torch.isfinite(tensors).all())
+    present = [t for t in tensors if t is not None]
+    if not present:
+        return True
+    home = present[0].device
+    norms = torch._foreach_norm(present, 2, dtype=torch.float32)
+    return bool(torch.isfinite(torch.stack([n.to(home) for n in norms])).all())
+
+
+class RandomState:
+    """The random state of the CPU and of every CUDA device, to replay the same draws.
+
+    The SAM family runs several passes on one batch. Restoring the state captured before the
+    first pass, before the pass whose gradient the optimizer gets, gives that pass the random
+    draws (dropout masks) a plain step would have drawn: ``rho = 0`` is then exactly the plain
+    step even with dropout, and every pass of a step sees the same masks.
+    """
+
+    def __init__(self):
+        self.cpu = torch.random.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+    def restore(self) -> None:
+        torch.random.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
 
 
 def combine_directions(*terms: tuple[float, Tensors]) -> Tensors:

@@ -96,3 +96,18 @@ def test_recipe_reads_an_image_dataset_through_the_checkpoint_processor(tmp_path
     assert model.config.num_labels == 3
     assert sorted(model.config.id2label.values()) == ["digit_0", "digit_1", "digit_2"]
     assert trainer.state.global_step == 2 and 0.0 <= metrics["test_accuracy"] <= 1.0
+
+
+def test_paper_scale_setting_parses_into_valid_configs(tmp_path):
+    """The CIFAR-100 ViT-B/16 YAML (not run here: Hub and GPUs) is valid for the recipe's parser."""
+    from hf_extensions.cli import RecipeArgumentParser
+    from hf_extensions.image_classification import ImageClassificationArguments
+    from trainers import AgnosticSAMConfig
+
+    parser = RecipeArgumentParser((ImageClassificationArguments, AgnosticSAMConfig))
+    script_args, config = parser.parse(
+        ["--config", str(ROOT / "recipes/agnostic_sam/cifar100_vit.yaml"),
+         "--output_dir", str(tmp_path), "--use_cpu", "true"]  # bf16 needs a GPU or use_cpu
+    )  # fmt: skip
+    assert script_args.dataset_name == "uoft-cs/cifar100"
+    assert config.rho_train == 0.05 and config.warmup_steps == 0.05

@@ -329,14 +329,93 @@ def test_bad_configs_raise_a_value_error_naming_the_field(tmp_path, config_cls, 
         config_cls(output_dir=str(tmp_path), report_to=[], **{field: value})
 
 
-def test_trainers_refuse_other_configs_and_unsplittable_batches(tmp_path):
+def test_trainers_refuse_other_configs_and_lomo(tmp_path):
     with pytest.raises(TypeError, match="SAMConfig"):
         SAMTrainer(
             model=_model("mlp"), args=AgnosticSAMConfig(output_dir=str(tmp_path), report_to=[])
         )
-    with pytest.raises(ValueError, match="at least 2 rows"):
-        _train(AgnosticSAMTrainer, AgnosticSAMConfig, "mlp", tmp_path, 4, max_steps=1,
-               per_device_train_batch_size=4, sharpness_batch_size=1)  # fmt: skip
+    with pytest.raises(ValueError, match="LOMO"):
+        SAMTrainer(
+            model=_model("mlp"),
+            args=SAMConfig(output_dir=str(tmp_path), report_to=[], optim="lomo"),
+        )
+
+
+def test_agnostic_sam_handles_one_row_leftovers(tmp_path):
+    """33 rows in batches of 16 leave a 1-row batch (a SAM step on it); a 1-row sharpness chunk
+    joins the chunk before it."""
+    trainer = _train(AgnosticSAMTrainer, AgnosticSAMConfig, "mlp", tmp_path / "a", 33,
+                     num_train_epochs=1, per_device_train_batch_size=16)  # fmt: skip
+    assert trainer.state.global_step == 3
+    chunked = _train(AgnosticSAMTrainer, AgnosticSAMConfig, "mlp", tmp_path / "b", 33,
+                     max_steps=1, per_device_train_batch_size=33, sharpness_batch_size=16)  # fmt: skip
+    assert all(torch.isfinite(p).all() for p in _params(chunked))
+
+
+def _with_dropout(model, p=0.2):
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+    return model
+
+
+@pytest.mark.parametrize("method", ["sam", "agnostic_sam"])
+def test_zero_radius_is_the_plain_step_with_dropout_and_label_smoothing(tmp_path, method):
+    """Every pass replays the step's random draws, and ``compute_loss`` may pop ``labels``."""
+    knobs = dict(per_device_train_batch_size=8, max_steps=2, label_smoothing_factor=0.1)
+    trainer_cls, config_cls, _ = METHODS[method]
+    results = []
+    for name, cls, cfg, extra in (("plain", Trainer, TrainingArguments, {}),
+                                  ("zero", trainer_cls, config_cls, ZERO[method])):  # fmt: skip
+        args = cfg(output_dir=str(tmp_path / name), **{**DEFAULTS, **knobs, **extra})
+        model = _with_dropout(_model("vit"))
+        cls(model=model, args=args, train_dataset=_data("vit", 32)).train()
+        results.append([p.detach().clone() for p in trainable_parameters(model)])
+    _assert_equal(results[1], results[0])
+
+
+def test_loss_kwargs_models_give_the_same_step_as_mean_loss_models(tmp_path):
+    """The ViT normalises its loss by Trainer's ``num_items_in_batch``; with loss kwargs turned off
+    it returns a per-batch mean. Both must give the same Agnostic-SAM step for every final split
+    (the split losses are rescaled to means over their own items)."""
+    knobs = dict(per_device_train_batch_size=16, max_steps=2, gradient_accumulation_steps=2,
+                 **METHODS["agnostic_sam"][2], val_fraction=0.25)  # fmt: skip
+    for final in ("train", "sum"):
+        runs = []
+        for accepts in (True, False):
+            args = AgnosticSAMConfig(output_dir=str(tmp_path / f"{final}{accepts}"),
+                                     final_grad_on=final, **{**DEFAULTS, **knobs})  # fmt: skip
+            trainer = AgnosticSAMTrainer(
+                model=_model("vit"), args=args, train_dataset=_data("vit", 64)
+            )
+            trainer.model_accepts_loss_kwargs = accepts
+            trainer.train()
+            runs.append(_params(trainer))
+        assert _max_diff(runs[0], runs[1]) < 1e-6, final
+
+
+def test_an_overflowing_local_pass_makes_the_scaler_skip_the_step(tmp_path, monkeypatch):
+    """fp16: the validation half overflows, the final pass does not; the step must be skipped and
+    the scale lowered (not taken with half a perturbation)."""
+    args = AgnosticSAMConfig(output_dir=str(tmp_path), **{**DEFAULTS, "max_steps": 1})
+    trainer = AgnosticSAMTrainer(model=_model("mlp"), args=args, train_dataset=_data("mlp", 32))
+    before = _params(trainer)
+    original = AgnosticSAMTrainer.local_gradients
+    calls = []
+
+    def overflow_second_pass(self, model, inputs):
+        loss, grads = original(self, model, inputs)
+        calls.append(len(calls))
+        if len(calls) == 2:
+            grads = [None if g is None else torch.full_like(g, float("inf")) for g in grads]
+        return loss, grads
+
+    monkeypatch.setattr(AgnosticSAMTrainer, "local_gradients", overflow_second_pass)
+    _with_scaler(trainer, 2.0**10).train()
+    assert calls == [0, 1]
+    assert trainer.accelerator.optimizer_step_was_skipped
+    assert trainer.accelerator.scaler.get_scale() == 2.0**9
+    _assert_equal(_params(trainer), before)
 
 
 def test_push_to_hub_carries_an_agnostic_sam_model_card(tmp_path):

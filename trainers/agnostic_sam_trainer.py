@@ -47,15 +47,17 @@ class AgnosticSAMTrainer(PerturbationTrainer):
                 f"AgnosticSAMTrainer needs an AgnosticSAMConfig, got {type(self.args).__name__}."
             )
 
-    def split(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """``(B_tr, B_val)``: the last ``round(val_fraction * rows)`` rows (at least 1) are B_val."""
+    min_chunk_rows = 2
+
+    def split(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """``(B_tr, B_val)``: the last ``round(val_fraction * rows)`` rows (at least 1) are B_val.
+
+        A batch of one row (the last, short batch of an epoch) cannot be split: ``B_val`` is
+        ``None`` and the step is a SAM step of radius ``rho_train`` on that row.
+        """
         rows = batch_rows(inputs)
         if rows < 2:
-            raise ValueError(
-                "Agnostic-SAM splits every batch into a training and a validation part: it needs "
-                f"at least 2 rows per (sharpness) batch, got {rows}. Raise the batch size or "
-                "sharpness_batch_size."
-            )
+            return inputs, None
         val_rows = min(max(round(self.args.val_fraction * rows), 1), rows - 1)
         return slice_rows(inputs, 0, rows - val_rows), slice_rows(inputs, rows - val_rows, rows)
 
@@ -65,16 +67,18 @@ class AgnosticSAMTrainer(PerturbationTrainer):
         args = self.args
         train, val = self.split(inputs)
         train_loss, train_grads = self.local_gradients(model, train)
-        train_direction = self.direction(model, train_grads, args.rho_train)
-        if args.chain:
-            with self.perturbed(model, train_direction):
+        direction = self.direction(model, train_grads, args.rho_train)
+        if val is not None:
+            if args.chain:
+                with self.perturbed(model, direction):
+                    val_loss, val_grads = self.local_gradients(model, val)
+            else:
                 val_loss, val_grads = self.local_gradients(model, val)
-        else:
-            val_loss, val_grads = self.local_gradients(model, val)
-        val_direction = self.direction(model, val_grads, args.rho_val)
-        direction = combine_directions((1.0, train_direction), (-1.0, val_direction))
+            val_direction = self.direction(model, val_grads, args.rho_val)
+            direction = combine_directions((1.0, direction), (-1.0, val_direction))
+            self.record(val_split_loss=val_loss)
         with self.perturbed(model, direction):
-            if args.final_grad_on == "full":
+            if args.final_grad_on == "full" or val is None:
                 loss = self.loss(model, inputs, num_items_in_batch)
             elif args.final_grad_on == "train":
                 loss = self.loss(model, train, num_items_in_batch) * self.subset_scale(
@@ -85,9 +89,5 @@ class AgnosticSAMTrainer(PerturbationTrainer):
                     inputs, train
                 ) + self.loss(model, val, num_items_in_batch) * self.subset_scale(inputs, val)
             self.backward(loss)
-        self.record(
-            perturbation_norm=direction_norm(direction),
-            train_split_loss=train_loss,
-            val_split_loss=val_loss,
-        )
+        self.record(perturbation_norm=direction_norm(direction), train_split_loss=train_loss)
         return loss.detach()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from typing import ClassVar
 
@@ -31,21 +32,32 @@ class MethodTrainer(Trainer):
     def record(self, **values: torch.Tensor | float) -> None:
         """Add values to the averages logged at the next logging step."""
         for name, value in values.items():
-            self._metrics[name].append(torch.as_tensor(value, dtype=torch.float32).detach().cpu())
+            self._metrics[name].append(torch.as_tensor(value, dtype=torch.float32).detach())
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the averages of :meth:`record`'s values (over steps and processes) to training logs."""
         if "loss" in logs and self._metrics:
             for name, values in self._metrics.items():
-                mean = torch.stack(values).mean().to(self.accelerator.device)
+                device = self.accelerator.device
+                mean = torch.stack([v.to(device) for v in values]).mean()
                 logs[name] = round(float(self.accelerator.reduce(mean, reduction="mean")), 6)
             self._metrics.clear()
         super().log(logs, start_time)
 
-    def create_model_card(self, model_name: str | None = None, tags=None, dataset=None, **kwargs):
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        tags=None,
+        dataset=None,
+        finetuned_from: str | None = None,
+        license: str | None = None,
+        **kwargs,
+    ):
         """Write ``README.md`` in ``output_dir``: the method, its settings, the last eval metrics.
 
-        ``push_to_hub`` calls this before uploading, so the pushed card is this one.
+        ``push_to_hub`` calls this before uploading, so the pushed card is this one. The base
+        model is ``finetuned_from``, else the model's ``name_or_path`` unless that is a local
+        folder (which is no Hub id and would leak a local path into a public card).
         """
         if not self.is_world_process_zero():
             return
@@ -54,7 +66,9 @@ class MethodTrainer(Trainer):
             metrics.update(
                 {k: float(v) for k, v in entry.items() if k.startswith(("eval_", "test_"))}
             )
-        base = getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
+        base = finetuned_from or getattr(getattr(self.model, "config", None), "_name_or_path", None)
+        if not base or os.path.isdir(base):
+            base = None
         card = build_model_card(
             method=self.method,
             paper=self.paper,
@@ -65,5 +79,6 @@ class MethodTrainer(Trainer):
             tags=[tags] if isinstance(tags, str) else list(tags or []),
             datasets=[dataset] if isinstance(dataset, str) else list(dataset or []),
             model_name=model_name,
+            license=license,
         )
         save_model_card(card, self.args.output_dir)

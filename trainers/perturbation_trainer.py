@@ -17,8 +17,10 @@ import torch
 from torch import nn
 
 from hf_extensions.perturbation import (
+    RandomState,
     Tensors,
     ascent_direction,
+    gradients_finite,
     local_gradients,
     perturbed_weights,
     trainable_parameters,
@@ -33,6 +35,15 @@ def batch_rows(inputs: Mapping[str, Any]) -> int:
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return value.shape[0]
     raise ValueError("The batch holds no tensor with a batch dimension.")
+
+
+def chunk_bounds(rows: int, size: int, min_rows: int = 1) -> list[tuple[int, int]]:
+    """``[start, stop)`` of consecutive chunks of ``size`` rows; a last chunk of fewer than
+    ``min_rows`` rows joins the one before it."""
+    bounds = [(start, min(start + size, rows)) for start in range(0, rows, size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < min_rows:
+        bounds[-2:] = [(bounds[-2][0], rows)]
+    return bounds
 
 
 def slice_rows(inputs: Mapping[str, Any], start: int, stop: int) -> dict[str, Any]:
@@ -65,6 +76,11 @@ class PerturbationTrainer(MethodTrainer):
                 f"{type(self).__name__} needs its config class (a PerturbationConfig), got "
                 f"{type(self.args).__name__}."
             )
+        if str(getattr(self.args.optim, "value", self.args.optim)) in ("lomo", "adalomo"):
+            raise ValueError(
+                f"{type(self).__name__} needs the gradient in p.grad before the optimizer step; "
+                "LOMO / AdaLOMO fuse the update into the backward pass. Choose another `optim`."
+            )
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ValueError(
                 f"{type(self).__name__} supports one device and DDP (accelerate launch "
@@ -72,8 +88,13 @@ class PerturbationTrainer(MethodTrainer):
             )
         self._loss_scaled = False
         self._chunk_weight = 1.0
+        self._random_state: RandomState | None = None
+        self._overflow = False
 
     # -- the step ---------------------------------------------------------------------------
+
+    #: The fewest rows ``perturbed_step`` accepts; a smaller leftover chunk joins the previous one.
+    min_chunk_rows: int = 1
 
     def perturbed_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch
@@ -96,21 +117,34 @@ class PerturbationTrainer(MethodTrainer):
         inputs = self._prepare_inputs(inputs)
         self._loss_scaled = self._is_loss_scaled_for_ga(num_items_in_batch)
         rows = batch_rows(inputs)
-        size = self.args.sharpness_batch_size or rows
-        starts = list(range(0, rows, size))
+        bounds = chunk_bounds(rows, self.args.sharpness_batch_size or rows, self.min_chunk_rows)
         total = None
-        for index, start in enumerate(starts):
-            chunk = slice_rows(inputs, start, min(start + size, rows))
+        for index, (start, stop) in enumerate(bounds):
+            chunk = slice_rows(inputs, start, stop)
             fraction = batch_rows(chunk) / rows
             self._chunk_weight = (
                 1.0 if self._loss_scaled else fraction / self.current_gradient_accumulation_steps
             )
-            last = index == len(starts) - 1
+            last = index == len(bounds) - 1
+            self._random_state = RandomState()
             with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
                 loss = self.perturbed_step(model, chunk, num_items_in_batch)
             weighted = loss.detach() * self._chunk_weight
             total = weighted if total is None else total + weighted
+        self._random_state = None
+        if self._overflow:
+            self._force_skipped_step(model)
         return total
+
+    def _force_skipped_step(self, model: nn.Module) -> None:
+        """A local pass overflowed under fp16 (no perturbation was applied for it): make the
+        GradScaler skip this optimizer step and lower its scale, as for an overflow of the
+        final pass. One infinite gradient suffices; DDP's all-reduce carries it to every rank."""
+        self._overflow = False
+        for p in trainable_parameters(model):
+            if p.grad is not None:
+                p.grad.fill_(float("inf"))
+                return
 
     def _is_loss_scaled_for_ga(self, num_items_in_batch) -> bool:
         """The stock Trainer's rule: is the loss already normalised over the accumulated batch?"""
@@ -125,21 +159,36 @@ class PerturbationTrainer(MethodTrainer):
     def loss(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None
     ) -> torch.Tensor:
-        """The Trainer's loss of ``inputs`` (``compute_loss`` in its context manager)."""
+        """The Trainer's loss of ``inputs`` (``compute_loss`` in its context manager).
+
+        Every pass of a step replays the random draws of the step's start (see
+        :class:`hf_extensions.perturbation.RandomState`). ``compute_loss`` gets a copy of the
+        batch: it pops ``labels`` when label smoothing or ``compute_loss_func`` is used.
+        """
+        if self._random_state is not None:
+            self._random_state.restore()
         with self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+            loss = self.compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch)
         if self.args.n_gpu > 1:
             loss = loss.mean()
         return loss
 
     def subset_scale(self, inputs: dict[str, Any], subset: dict[str, Any]) -> float:
-        """Factor that makes the loss of ``subset`` a mean over its rows, like a whole batch's.
+        """Factor that makes the loss of ``subset`` a mean over its items, like a whole batch's.
 
-        A loss normalised by ``num_items_in_batch`` is a sum over the subset divided by the
-        item count of the accumulated batch; it is scaled up by rows(batch)/rows(subset). A
-        per-batch mean needs nothing.
+        A loss normalised by ``num_items_in_batch`` is a sum over the subset divided by the item
+        count of the accumulated batch; it is scaled up by items(batch) / items(subset), items
+        counted as Trainer counts them (labels other than -100, shifted for causal LMs; rows
+        when there are no labels). A per-batch mean needs nothing.
         """
-        return batch_rows(inputs) / batch_rows(subset) if self._loss_scaled else 1.0
+        if not self._loss_scaled:
+            return 1.0
+        device = self.args.device
+        whole = self._get_num_items_in_batch([inputs], device)
+        part = self._get_num_items_in_batch([subset], device)
+        if whole is None or part is None:
+            return batch_rows(inputs) / batch_rows(subset)
+        return float(whole) / max(float(part), 1.0)
 
     def local_gradients(
         self, model: nn.Module, inputs: dict[str, Any]
@@ -154,7 +203,12 @@ class PerturbationTrainer(MethodTrainer):
         )
 
     def direction(self, model: nn.Module, grads: Tensors, rho: float) -> Tensors:
-        """The configured ascent direction of radius ``rho`` (SAM or ASAM, global or per tensor)."""
+        """The configured ascent direction of radius ``rho`` (SAM or ASAM, global or per tensor).
+
+        Under an fp16 GradScaler, a non-finite local gradient marks the step to be skipped.
+        """
+        if self.accelerator.scaler is not None and not gradients_finite(grads):
+            self._overflow = True
         return ascent_direction(
             grads,
             trainable_parameters(model),
