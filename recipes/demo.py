@@ -27,6 +27,14 @@ REGISTRY: dict[str, tuple[str, str]] = {
         "recipes.agnostic_sam.train",
         "Agnostic-SAM, tiny ViT on digits with 40% label noise",
     ),
+    "shared_prefix": (
+        "recipes.shared_prefix.train",
+        "shared-structure prefix tuning: tiny ViT pretrained on digits 0-4, prefixes tuned on 5-9",
+    ),
+    "bnn_mutual": (
+        "recipes.bnn_mutual.train",
+        "BNN mutual learning (DML + parameter/feature diversity), two tiny ViT BNNs on digits",
+    ),
     "s2n": (
         "recipes.s2n.sample",
         "S2N scheduler: tiny SD swap vs DDIM (rho 0/1), save/reload, biased-denoiser W1",

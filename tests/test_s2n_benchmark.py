@@ -5,16 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from benchmarks.s2n import main
-
-
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 def test_benchmark_writes_the_claim_keys(tmp_path):

@@ -22,16 +22,6 @@ from hf_extensions.schedulers import (
 BIMODAL = GaussianMixture(weights=[0.3, 0.7], means=[[-1.0], [1.0]], stds=[0.25, 0.25])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """These tensors are small: on a shared 2-core machine a second OpenMP thread only waits
-    for a busy core (30x slower reductions were seen), so the module runs on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def eight_gaussians() -> GaussianMixture:
     angles = torch.arange(8, dtype=torch.float64) * (math.pi / 4)
     means = torch.stack([angles.cos(), angles.sin()], dim=1)

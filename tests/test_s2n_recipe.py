@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from diffusers import DiffusionPipeline
 
 from hf_extensions.cli import RecipeArgumentParser
@@ -17,16 +16,6 @@ from hf_extensions.testing import fake_hub, tiny_stable_diffusion_pipeline
 from recipes.s2n.sample import S2NSampleArguments, main
 
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes" / "s2n"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """These tensors are small: on a shared 2-core machine a second OpenMP thread only waits
-    for a busy core (30x slower reductions were seen), so the module runs on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_yaml_settings_parse_and_validate():

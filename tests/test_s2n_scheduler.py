@@ -34,16 +34,6 @@ SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_l
 BIMODAL = GaussianMixture(weights=[0.3, 0.7], means=[[-1.0], [1.0]], stds=[0.25, 0.25])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """These tensors are small: on a shared 2-core machine a second OpenMP thread only waits
-    for a busy core (30x slower reductions were seen), so the module runs on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def gmm_model(scheduler, prediction_type="epsilon", data=BIMODAL, eps_scale=1.0):
     """The exact network of ``data`` (posterior mean) in a diffusers target, element-wise."""
     bars = scheduler.alphas_cumprod.to(torch.float64)

@@ -32,16 +32,6 @@ BIMODAL = GaussianMixture(weights=[0.3, 0.7], means=[[-1.0], [1.0]], stds=[0.25,
 SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """These tensors are small: on a shared 2-core machine a second OpenMP thread only waits
-    for a busy core (30x slower reductions were seen), so the module runs on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _vp():
     return VPSchedule.from_config(DDIMScheduler(**SD_BETAS).config)
 

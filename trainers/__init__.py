@@ -6,6 +6,8 @@ stock ``Trainer``'s optimizer, scheduler, clipping, logging, checkpointing and `
 
 from trainers.agnostic_sam_config import AgnosticSAMConfig
 from trainers.agnostic_sam_trainer import AgnosticSAMTrainer
+from trainers.bnn_mutual_config import BayesianMutualLearningConfig
+from trainers.bnn_mutual_trainer import BayesianMutualLearningTrainer
 from trainers.method_config import MethodConfig
 from trainers.method_trainer import MethodTrainer
 from trainers.perturbation_config import PerturbationConfig
@@ -16,6 +18,8 @@ from trainers.sam_trainer import SAMTrainer
 __all__ = [
     "AgnosticSAMConfig",
     "AgnosticSAMTrainer",
+    "BayesianMutualLearningConfig",
+    "BayesianMutualLearningTrainer",
     "MethodConfig",
     "MethodTrainer",
     "PerturbationConfig",

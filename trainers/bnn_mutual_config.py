@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
-
-from transformers import TrainingArguments
+from typing import ClassVar
 
 from hf_extensions.bayesian import GAUSSIAN_DIVERGENCES
-from trainers.perturbation_config import check_choice, check_range
+from trainers.method_config import MethodConfig, check_choice, check_range
 
 PARAMETER_DIVERGENCES = GAUSSIAN_DIVERGENCES
 FEATURE_DIVERGENCES = ("cosine", "jensen_shannon", "kl")
@@ -18,7 +16,7 @@ PARAMETER_NORMALIZATIONS = ("dataset_size", "num_parameters")
 
 
 @dataclass
-class BayesianMutualLearningConfig(TrainingArguments):
+class BayesianMutualLearningConfig(MethodConfig):
     """``TrainingArguments`` for diversity-enhanced deep mutual learning of Bayesian networks.
 
     Pham, Nguyen, Le, Phung, Carneiro, Do, "Model and Feature Diversity for Bayesian Neural
@@ -218,16 +216,3 @@ class BayesianMutualLearningConfig(TrainingArguments):
         if isinstance(self.mc_samples, bool) or not isinstance(self.mc_samples, int):
             raise ValueError(f"`mc_samples` must be an integer >= 1, got {self.mc_samples!r}.")
         check_range("mc_samples", self.mc_samples, low=1)
-
-    def method_hyperparameters(self) -> dict[str, Any]:
-        """The method's settings plus the optimisation settings that matter to reproduce a run."""
-        values = {name: getattr(self, name) for name in self.method_fields}
-        values.update(
-            optim=str(getattr(self.optim, "value", self.optim)),
-            learning_rate=self.learning_rate,
-            num_train_epochs=self.num_train_epochs,
-            per_device_train_batch_size=self.per_device_train_batch_size,
-            gradient_accumulation_steps=self.gradient_accumulation_steps,
-            seed=self.seed,
-        )
-        return values

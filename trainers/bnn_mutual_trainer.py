@@ -7,11 +7,12 @@ leaves open here is a config field.
 
 Shape: the K peers live in one :class:`hf_extensions.bayesian.PeerEnsemble` (one module), so the
 stock ``Trainer`` owns one optimizer, the schedule, accumulation, mixed precision, DDP,
-checkpointing and ``push_to_hub``. Only :meth:`compute_loss` is the method; :meth:`log` adds the
-averaged loss terms, :meth:`create_model_card` writes an hf-extensions card, :meth:`_save` adds
-the ensemble's ``peer_ensemble.json`` next to the weights Trainer writes (so a checkpoint reloads
-with ``PeerEnsemble.from_pretrained``), and ``_set_signature_columns_if_needed`` keeps the
-dataset columns the *peers* accept (the ensemble's ``forward`` takes ``**inputs``).
+checkpointing and ``push_to_hub``. Only :meth:`compute_loss` is the method (it ``record``s the
+loss terms, which :class:`~trainers.method_trainer.MethodTrainer` averages into the logs).
+Besides, :meth:`_save` adds the ensemble's ``peer_ensemble.json`` next to the weights Trainer
+writes (so a checkpoint reloads with ``PeerEnsemble.from_pretrained``),
+``_set_signature_columns_if_needed`` keeps the dataset columns the *peers* accept (the ensemble's
+``forward`` takes ``**inputs``), and :meth:`create_model_card` adds the number of peers.
 
 Departures from DML's official recipe (Zhang et al. 2018 alternate peer updates within a step):
 all peers step together on ``sum_k L_k`` with the other peers' terms detached, the usual
@@ -35,7 +36,6 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Trainer
 
 from hf_extensions.bayesian import (
     FlatPosterior,
@@ -46,6 +46,7 @@ from hf_extensions.bayesian import (
 )
 from hf_extensions.hub import build_model_card, save_model_card
 from trainers.bnn_mutual_config import BayesianMutualLearningConfig
+from trainers.method_trainer import MethodTrainer
 
 __all__ = ["BayesianMutualLearningTrainer", "bound", "feature_divergence"]
 
@@ -95,7 +96,7 @@ def _detached(item):
     return item.detach()
 
 
-class BayesianMutualLearningTrainer(Trainer):
+class BayesianMutualLearningTrainer(MethodTrainer):
     """``Trainer`` for :class:`~hf_extensions.bayesian.PeerEnsemble` models (see module docstring).
 
     Training mode minimises ``sum_k L_k``; evaluation (``evaluate``/``predict``) scores the
@@ -158,7 +159,6 @@ class BayesianMutualLearningTrainer(Trainer):
                 self._dataset_size = len(self.train_dataset)
             except TypeError:
                 self._dataset_size = None
-        self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
 
     # -- the objective --------------------------------------------------------------------------
 
@@ -310,22 +310,8 @@ class BayesianMutualLearningTrainer(Trainer):
         if self.args.should_save and isinstance(model, PeerEnsemble):
             model.save_config(output_dir if output_dir is not None else self.args.output_dir)
 
-    def record(self, **values: torch.Tensor | float) -> None:
-        """Add values to the averages logged at the next logging step."""
-        for name, value in values.items():
-            self._metrics[name].append(torch.as_tensor(value, dtype=torch.float32).detach().cpu())
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the averages of the loss terms (over steps and processes) to training logs."""
-        if "loss" in logs and self._metrics:
-            for name, values in self._metrics.items():
-                mean = torch.stack(values).mean().to(self.accelerator.device)
-                logs[name] = round(float(self.accelerator.reduce(mean, reduction="mean")), 6)
-            self._metrics.clear()
-        super().log(logs, start_time)
-
     def create_model_card(self, model_name: str | None = None, tags=None, dataset=None, **kwargs):
-        """Write ``README.md`` in ``output_dir``: the method, its settings, the last eval metrics."""
+        """:class:`MethodTrainer`'s card, with the number of peers and the peers' base model."""
         if not self.is_world_process_zero():
             return
         metrics: dict[str, float] = {}

@@ -8,8 +8,6 @@ from typing import Any, ClassVar
 from hf_extensions.perturbation import PERTURBATION_NORMS
 from trainers.method_config import MethodConfig, check_choice, check_range
 
-__all__ = ["PerturbationConfig", "check_choice", "check_range"]
-
 
 @dataclass
 class PerturbationConfig(MethodConfig):

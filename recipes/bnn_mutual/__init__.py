@@ -1,0 +1,1 @@
+"""Recipe: diversity-enhanced deep mutual learning of Bayesian neural networks."""

@@ -1,0 +1,1 @@
+"""Shared-structure prefix tuning recipe (see README.md)."""
