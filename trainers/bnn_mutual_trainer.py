@@ -44,7 +44,6 @@ from hf_extensions.bayesian import (
     gaussian_divergence,
     gaussian_parameters,
 )
-from hf_extensions.hub import build_model_card, save_model_card
 from trainers.bnn_mutual_config import BayesianMutualLearningConfig
 from trainers.method_trainer import MethodTrainer
 
@@ -310,30 +309,16 @@ class BayesianMutualLearningTrainer(MethodTrainer):
         if self.args.should_save and isinstance(model, PeerEnsemble):
             model.save_config(output_dir if output_dir is not None else self.args.output_dir)
 
-    def create_model_card(self, model_name: str | None = None, tags=None, dataset=None, **kwargs):
-        """:class:`MethodTrainer`'s card, with the number of peers and the peers' base model."""
-        if not self.is_world_process_zero():
-            return
-        metrics: dict[str, float] = {}
-        for entry in self.state.log_history:
-            metrics.update(
-                {k: float(v) for k, v in entry.items() if k.startswith(("eval_", "test_"))}
-            )
+    def card_hyperparameters(self) -> dict:
+        """:class:`MethodTrainer`'s, with the number of peers."""
+        hyperparameters = super().card_hyperparameters()
         model = self.accelerator.unwrap_model(self.model)
-        first = model.peers[0] if isinstance(model, PeerEnsemble) else model
-        base = getattr(getattr(first, "config", None), "_name_or_path", None) or None
-        hyperparameters = self.args.method_hyperparameters()
         if isinstance(model, PeerEnsemble):
             hyperparameters["num_peers"] = len(model.peers)
-        card = build_model_card(
-            method=self.method,
-            paper=self.paper,
-            arxiv_id=self.arxiv_id,
-            hyperparameters=hyperparameters,
-            metrics=metrics,
-            base_model=base,
-            tags=[tags] if isinstance(tags, str) else list(tags or []),
-            datasets=[dataset] if isinstance(dataset, str) else list(dataset or []),
-            model_name=model_name,
-        )
-        save_model_card(card, self.args.output_dir)
+        return hyperparameters
+
+    def card_base_model(self) -> str | None:
+        """The peers' base model (the ensemble itself has no config)."""
+        model = self.accelerator.unwrap_model(self.model)
+        first = model.peers[0] if isinstance(model, PeerEnsemble) else model
+        return getattr(getattr(first, "config", None), "_name_or_path", None) or None

@@ -44,6 +44,15 @@ class MethodTrainer(Trainer):
             self._metrics.clear()
         super().log(logs, start_time)
 
+    def card_hyperparameters(self) -> dict:
+        """What the model card records as hyper-parameters (the config's method settings)."""
+        return self.args.method_hyperparameters()
+
+    def card_base_model(self) -> str | None:
+        """The model the run started from, as the model's config names it."""
+        model = self.accelerator.unwrap_model(self.model)
+        return getattr(getattr(model, "config", None), "_name_or_path", None) or None
+
     def create_model_card(
         self,
         model_name: str | None = None,
@@ -66,14 +75,14 @@ class MethodTrainer(Trainer):
             metrics.update(
                 {k: float(v) for k, v in entry.items() if k.startswith(("eval_", "test_"))}
             )
-        base = finetuned_from or getattr(getattr(self.model, "config", None), "_name_or_path", None)
+        base = finetuned_from or self.card_base_model()
         if not base or os.path.isdir(base):
             base = None
         card = build_model_card(
             method=self.method,
             paper=self.paper,
             arxiv_id=self.arxiv_id,
-            hyperparameters=self.args.method_hyperparameters(),
+            hyperparameters=self.card_hyperparameters(),
             metrics=metrics,
             base_model=base,
             tags=[tags] if isinstance(tags, str) else list(tags or []),
@@ -82,3 +91,16 @@ class MethodTrainer(Trainer):
             license=license,
         )
         save_model_card(card, self.args.output_dir)
+
+    def finish(self, test_dataset=None, dataset: str | None = None) -> dict[str, float]:
+        """End of a recipe: evaluate on ``test_dataset`` (metrics prefixed ``test_``), save the
+        model, and write its card, or push model and card when ``args.push_to_hub``."""
+        metrics = {}
+        if test_dataset is not None:
+            metrics = self.evaluate(test_dataset, metric_key_prefix="test")
+        self.save_model()
+        if self.args.push_to_hub:
+            self.push_to_hub(dataset=dataset)  # writes the model card first
+        else:
+            self.create_model_card(dataset=dataset)
+        return metrics

@@ -54,13 +54,9 @@ def main(argv: list[str] | None = None) -> tuple[AgnosticSAMTrainer, dict[str, f
         compute_metrics=compute_classification_metrics,
     )
     trainer.train()
-    metrics = trainer.evaluate(data["test"], metric_key_prefix="test")
-    trainer.save_model()
-    dataset = script_args.dataset_name or "scikit-learn digits"
-    if config.push_to_hub:
-        trainer.push_to_hub(dataset=dataset)  # writes the model card first
-    else:
-        trainer.create_model_card(dataset=dataset)
+    metrics = trainer.finish(
+        data["test"], dataset=script_args.dataset_name or "scikit-learn digits"
+    )
     return trainer, metrics
 
 

@@ -163,15 +163,11 @@ def main(
         compute_metrics=compute_classification_metrics,
     )
     trainer.train()
-    metrics = trainer.evaluate(data["test"], metric_key_prefix="test")
+    metrics = trainer.finish(
+        data["test"], dataset=script_args.dataset_name or "scikit-learn digits"
+    )
     if len(model.peers) > 1:
         metrics["test_peer_distance"] = peer_distance(model.peers[0], model.peers[1])
-    trainer.save_model()
-    dataset = script_args.dataset_name or "scikit-learn digits"
-    if config.push_to_hub:
-        trainer.push_to_hub(dataset=dataset)  # writes the model card first
-    else:
-        trainer.create_model_card(dataset=dataset)
     return trainer, metrics
 
 
