@@ -1,0 +1,250 @@
+"""Inference form of a post-training-quantized model: layers holding their calibrated scales.
+
+:class:`QuantLinear` and :class:`QuantConv2d` keep the float weight and, as buffers saved in the
+checkpoint, the per-output-channel ``weight_scale`` / ``weight_zero_point`` and (unless weight-only)
+the per-tensor ``act_scale`` / ``act_zero_point`` of the layer input. ``forward`` fake-quantizes
+both with :func:`~hf_extensions.quantization.quantizers.fake_quantize`,
+``x_hat = s * (clip(round(x / s) + z, 0, 2^b - 1) - z)`` (BRECQ Eq. 1), i.e. what BRECQ / QDrop /
+MetaAug (Pham et al., ECCV 2024, arXiv 2407.14726) evaluate after calibration. A weight learned by
+AdaRound is stored already rounded (``s * (q - z)``), so re-quantizing it is the identity.
+
+:func:`quantize_model_rtn` is the round-to-nearest baseline: weight ranges by the Lp grid search of
+:func:`~hf_extensions.quantization.quantizers.search_scale_zero_point` (p = 2.4, the BRECQ / QDrop
+``scale_method='mse'``), activation ranges by the same search over the float model's layer inputs
+on one calibration batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from hf_extensions.quantization.config import MetaAugConfig
+from hf_extensions.quantization.quantizers import fake_quantize, search_scale_zero_point
+
+__all__ = [
+    "QuantConv2d",
+    "QuantLinear",
+    "quantizable_module_names",
+    "quantize_model_rtn",
+    "replace_with_quant_modules",
+]
+
+
+class _QuantMixin:
+    """Buffers and fake quantization shared by :class:`QuantLinear` and :class:`QuantConv2d`."""
+
+    weight: nn.Parameter
+
+    def _init_quant(self, weight_bits: int, activation_bits: int | None) -> None:
+        self.weight_bits = weight_bits
+        self.activation_bits = activation_bits
+        out_channels = self.weight.shape[0]
+        device = self.weight.device
+        self.register_buffer("weight_scale", torch.ones(out_channels, device=device))
+        self.register_buffer("weight_zero_point", torch.zeros(out_channels, device=device))
+        if activation_bits is not None:
+            self.register_buffer("act_scale", torch.ones((), device=device))
+            self.register_buffer("act_zero_point", torch.zeros((), device=device))
+
+    def quantized_weight(self) -> torch.Tensor:
+        qmax = 2**self.weight_bits - 1
+        return fake_quantize(self.weight, self.weight_scale, self.weight_zero_point, 0, qmax, 0)
+
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation_bits is None:
+            return x
+        qmax = 2**self.activation_bits - 1
+        return fake_quantize(x, self.act_scale, self.act_zero_point, 0, qmax)
+
+    def quant_repr(self) -> str:
+        return f"weight_bits={self.weight_bits}, activation_bits={self.activation_bits}"
+
+
+class QuantLinear(_QuantMixin, nn.Linear):
+    """``nn.Linear`` whose weight and input are fake-quantized with stored scales."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        weight_bits: int = 4,
+        activation_bits: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self._init_quant(weight_bits, activation_bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self.quant_repr()}"
+
+
+class QuantConv2d(_QuantMixin, nn.Conv2d):
+    """``nn.Conv2d`` whose weight (per output channel) and input are fake-quantized."""
+
+    def __init__(
+        self,
+        *args,
+        weight_bits: int = 4,
+        activation_bits: int | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_quant(weight_bits, activation_bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self.quant_repr()}"
+
+
+def _skipped(name: str, skip: list[str]) -> bool:
+    return any(
+        name == s or name.startswith(s + ".") or name.endswith("." + s) or f".{s}." in name
+        for s in skip
+    )
+
+
+def quantizable_module_names(model: nn.Module, config: MetaAugConfig) -> list[str]:
+    """Names of the ``nn.Linear`` / ``nn.Conv2d`` modules that ``config`` converts, in order."""
+    skip = config.modules_to_not_convert or []
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and name and not _skipped(name, skip)
+    ]
+
+
+def _bits_for(names: list[str], config: MetaAugConfig) -> dict[str, tuple[int, int | None]]:
+    bits = {name: (config.weight_bits, config.activation_bits) for name in names}
+    if config.first_last_8bit and names:
+        act8 = None if config.activation_bits is None else 8
+        bits[names[0]] = (8, act8)
+        bits[names[-1]] = (8, act8)
+    return bits
+
+
+def _quant_copy(module: nn.Module, weight_bits: int, activation_bits: int | None) -> nn.Module:
+    w = module.weight
+    factory = {"device": w.device, "dtype": w.dtype}
+    if isinstance(module, nn.Linear):
+        new = QuantLinear(
+            module.in_features,
+            module.out_features,
+            module.bias is not None,
+            weight_bits,
+            activation_bits,
+            **factory,
+        )
+    else:
+        new = QuantConv2d(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=module.groups,
+            bias=module.bias is not None,
+            padding_mode=module.padding_mode,
+            weight_bits=weight_bits,
+            activation_bits=activation_bits,
+            **factory,
+        )
+    if w.device.type != "meta":
+        with torch.no_grad():
+            new.weight.copy_(w)
+            if module.bias is not None:
+                new.bias.copy_(module.bias)
+    new.train(module.training)
+    return new
+
+
+def replace_with_quant_modules(model: nn.Module, config: MetaAugConfig) -> nn.Module:
+    """Swap every convertible ``nn.Linear`` / ``nn.Conv2d`` for its quantized form, in place.
+
+    Weights and biases are copied (skipped on the meta device, where transformers builds the
+    skeleton before loading); scales start at 1 and zero points at 0 until calibrated or loaded.
+    Modules already quantized are left alone. Returns ``model``.
+    """
+    names = [
+        n
+        for n in quantizable_module_names(model, config)
+        if not isinstance(model.get_submodule(n), _QuantMixin)
+    ]
+    for name, (w_bits, a_bits) in _bits_for(names, config).items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, _quant_copy(getattr(parent, child), w_bits, a_bits))
+    return model
+
+
+def _run(model: nn.Module, inputs: torch.Tensor | Mapping) -> None:
+    if isinstance(inputs, Mapping):
+        model(**inputs)
+    else:
+        model(inputs)
+
+
+@torch.no_grad()
+def quantize_model_rtn(
+    model: nn.Module,
+    config: MetaAugConfig,
+    calibration_inputs: torch.Tensor | Mapping | None = None,
+) -> nn.Module:
+    """Round-to-nearest PTQ of ``model`` in place; sets ``model.config.quantization_config``.
+
+    Weight scales: per-output-channel Lp grid search (p = 2.4). Activation scales (when
+    ``config.activation_bits`` is set; then ``calibration_inputs`` -- a tensor or a dict of model
+    kwargs -- is required): per-tensor Lp grid search over each layer's input recorded from the
+    float model on that batch (all layers calibrated from float inputs, not sequentially).
+    """
+    if config.activation_bits is not None and calibration_inputs is None:
+        raise ValueError(
+            "calibration_inputs=None is invalid when activation_bits is set; allowed: a tensor "
+            "or a dict of model inputs (or activation_bits=None for weight-only quantization)"
+        )
+    names = quantizable_module_names(model, config)
+    bits = _bits_for(names, config)
+    recorded: dict[str, torch.Tensor] = {}
+    if config.activation_bits is not None:
+        hooks = []
+        for name in names:
+
+            def hook(_module, args, _name=name):
+                recorded[_name] = args[0].detach()
+
+            hooks.append(model.get_submodule(name).register_forward_pre_hook(hook))
+        was_training = model.training
+        model.eval()
+        try:
+            _run(model, calibration_inputs)
+        finally:
+            for h in hooks:
+                h.remove()
+            model.train(was_training)
+    replace_with_quant_modules(model, config)
+    for name in names:
+        module = model.get_submodule(name)
+        w_bits, a_bits = bits[name]
+        scale, zp = search_scale_zero_point(module.weight, 0, 2**w_bits - 1, axis=0)
+        module.weight_scale.copy_(scale)
+        module.weight_zero_point.copy_(zp)
+        if a_bits is not None:
+            if name not in recorded:
+                raise RuntimeError(f"{name} was not called on the calibration inputs")
+            scale, zp = search_scale_zero_point(recorded[name], 0, 2**a_bits - 1, axis=None)
+            module.act_scale.copy_(scale)
+            module.act_zero_point.copy_(zp)
+    if getattr(model, "config", None) is not None:
+        model.config.quantization_config = config
+    return model
