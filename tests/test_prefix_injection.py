@@ -13,9 +13,9 @@ import contextlib
 import pytest
 import torch
 from peft import PrefixTuningConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM, RobertaConfig, RobertaModel
+from transformers import RobertaConfig, RobertaModel
 
-from hf_extensions.testing import tiny_bert_classifier, tiny_gpt2, tiny_vit_classifier
+from hf_extensions.testing import tiny_bert_classifier, tiny_gpt2, tiny_llama, tiny_vit_classifier
 from peft_configs.injection import (
     PREFIX_ATTENTION,
     attach_prefix_sites,
@@ -28,23 +28,6 @@ from peft_configs.injection import (
 
 IMPLEMENTATIONS = ["eager", "sdpa"]
 ATOL = 2e-6
-
-
-def tiny_llama(attn_implementation: str = "eager", seed: int = 0) -> LlamaForCausalLM:
-    """2 layers, 4 query heads sharing 2 key/value heads (GQA), rotary positions."""
-    config = LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        attn_implementation=attn_implementation,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(config).eval()
 
 
 def tiny_roberta(attn_implementation: str = "eager", seed: int = 0) -> RobertaModel:
@@ -270,7 +253,7 @@ def test_layer_choice_and_attention_discovery():
         attach_prefix_sites(model, layers=[3])
     with pytest.raises(ValueError, match="twice"):
         attach_prefix_sites(model, layers=[1, -2])
-    gqa = next(iter(attach_prefix_sites(tiny_llama()).values()))
+    gqa = next(iter(attach_prefix_sites(tiny_llama("eager")).values()))
     assert (gqa.num_heads, gqa.num_kv_heads, gqa.head_dim, gqa.kv_dim) == (4, 2, 8, 16)
 
 

@@ -14,29 +14,19 @@ import torch
 from datasets import Dataset
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from hf_extensions.testing import launch, tiny_bert_classifier, tiny_gpt2, tiny_vit_classifier
+from hf_extensions.testing import (
+    launch,
+    tiny_bert_classifier,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_vit_classifier,
+)
 from peft_configs import SharedPrefixTuningConfig
 from peft_configs.shared_prefix import SHARE_CHOICES, SharedPrefixLayer
 
 ATOL = 2e-6
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    """2 layers, 4 query heads sharing 2 key/value heads (GQA), rotary positions."""
-    config = LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(config).eval()
 
 
 def _layers(peft_model) -> list[SharedPrefixLayer]:

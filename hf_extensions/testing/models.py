@@ -29,6 +29,8 @@ from transformers import (
     CLIPVisionConfig,
     GPT2Config,
     GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
     ViTConfig,
     ViTForImageClassification,
 )
@@ -47,6 +49,7 @@ __all__ = [
     "tiny_bert_classifier",
     "tiny_clip",
     "tiny_gpt2",
+    "tiny_llama",
     "tiny_mlp_classifier",
     "tiny_stable_diffusion_pipeline",
     "tiny_vit_classifier",
@@ -223,6 +226,26 @@ def tiny_gpt2(
     )
     with _seeded(seed):
         return GPT2LMHeadModel(config).eval()
+
+
+def tiny_llama(
+    attn_implementation: AttnImplementation | None = None, seed: int = 0
+) -> LlamaForCausalLM:
+    """A ``LlamaForCausalLM`` of 2 layers, width 32, 4 query heads sharing 2 key/value heads
+    (grouped-query attention) and rotary positions; vocabulary of 100. ``attn_implementation``
+    ``None`` takes transformers' default."""
+    config = LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attn_implementation=attn_implementation,
+    )
+    with _seeded(seed):
+        return LlamaForCausalLM(config).eval()
 
 
 def byte_level_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
