@@ -32,9 +32,11 @@ Run: ``python -m benchmarks.bnn_mutual`` (about 8 minutes on 2 CPU cores, one th
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -62,7 +64,7 @@ NAME = "bnn_mutual"
 METHODS = ("independent", "dml", "dml_diversity")
 LABELS = {"independent": "independent BNNs", "dml": "DML", "dml_diversity": "DML + diversity"}
 FEATURE_LAYERS = ["net.1", "net.3"]  # the ReLU outputs of both hidden layers
-METRICS = ("accuracy", "nll", "ece", "peer_distance", "disagreement")
+METRICS = ("accuracy", "nll", "ece", "peer_distance", "disagreement", "predictive_tv")
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,7 @@ def score(ensemble: PeerEnsemble, split, seed: int) -> tuple[dict[str, float], n
     probs /= probs.sum(1, keepdims=True)
     labels = columns["labels"].numpy()
     votes = log_probs.argmax(-1)
+    peer_probs = log_probs.exp()
     pairs = [(a, b) for a in range(len(votes)) for b in range(a + 1, len(votes))]
     metrics = {
         "accuracy": accuracy(probs.argmax(1), labels),
@@ -156,6 +159,9 @@ def score(ensemble: PeerEnsemble, split, seed: int) -> tuple[dict[str, float], n
             np.mean([peer_distance(ensemble.peers[a], ensemble.peers[b]) for a, b in pairs])
         ),
         "disagreement": float(np.mean([(votes[a] != votes[b]).float().mean() for a, b in pairs])),
+        "predictive_tv": float(
+            np.mean([0.5 * (peer_probs[a] - peer_probs[b]).abs().sum(-1).mean() for a, b in pairs])
+        ),
         "peer_accuracy": float(np.mean([accuracy(v.numpy(), labels) for v in votes])),
     }
     return metrics, probs
@@ -304,6 +310,12 @@ def main(argv: list[str] | None = None) -> BenchmarkReport:
     parser.add_argument("--par-grid", type=float, nargs="+", default=[0.3, 1.0, 3.0])
     parser.add_argument("--feat-grid", type=float, nargs="+", default=[0.03, 0.1, 0.3])
     parser.add_argument("--timing-repeats", type=int, default=30)
+    parser.add_argument(
+        "--part",
+        choices=("all", "timing"),
+        default="all",
+        help="'timing' re-times the steps and updates the ratios of an existing JSON",
+    )
     parser.add_argument("--quick", action="store_true", help="2 epochs, one seed, no selection")
     args = parser.parse_args(argv)
     threads_before = torch.get_num_threads()
@@ -345,15 +357,32 @@ def _claims(summary: dict[str, dict[str, tuple[float, float]]], ratios) -> dict[
     return claims
 
 
-def _run(args) -> BenchmarkReport:
-    settings = Settings(epochs=2 if args.quick else args.epochs)
-    seeds = args.seeds[:1] if args.quick else args.seeds
-    log = print
-    started = time.perf_counter()
+def _previous(results_dir) -> tuple[Settings, list[int], dict, dict]:
+    """Settings, seeds, selection scores and per-seed results of the existing JSON."""
+    path = Path(results_dir) / f"{NAME}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"--part timing updates {path}, which does not exist yet.")
+    previous = json.loads(path.read_text())
+    config = previous["config"]
+    fields = {k: v for k, v in config.items() if k in Settings.__dataclass_fields__}
+    fields["hidden_sizes"] = tuple(fields["hidden_sizes"])
+    per_seed = {
+        m: {
+            k[: -len("_per_seed")]: v
+            for k, v in previous["metrics"][m].items()
+            if k.endswith("_per_seed")
+        }
+        for m in METHODS
+    }
+    return Settings(**fields), config["seeds"], config["selection_validation_nll"], per_seed
+
+
+def _train_all(args, settings: Settings, seeds: list[int]):
+    """Select the diversity weights, train every method on every seed."""
     selection: dict[str, Any] = {}
     if not args.quick:
-        settings, selection = select(settings, args.par_grid, args.feat_grid, seeds[0], log)
-    log(
+        settings, selection = select(settings, args.par_grid, args.feat_grid, seeds[0], print)
+    print(
         f"  diversity weights: lambda_par={settings.parameter_diversity_weight}, "
         f"lambda_feat={settings.feature_diversity_weight}"
     )
@@ -362,11 +391,25 @@ def _run(args) -> BenchmarkReport:
     for seed in seeds:
         for method in METHODS:
             result, probs = run(method, seed, settings)
-            log(f"  seed {seed} {method}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
+            print(
+                f"  seed {seed} {method}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items())
+            )
             for key, value in result.items():
                 per_seed[method].setdefault(key, []).append(value)
             if seed == seeds[0]:
                 probabilities[method] = probs
+    return settings, selection, per_seed, probabilities
+
+
+def _run(args) -> BenchmarkReport:
+    settings = Settings(epochs=2 if args.quick else args.epochs)
+    seeds = args.seeds[:1] if args.quick else args.seeds
+    started = time.perf_counter()
+    probabilities: dict[str, np.ndarray] = {}
+    if args.part == "timing":
+        settings, seeds, selection, per_seed = _previous(args.results_dir)
+    else:
+        settings, selection, per_seed, probabilities = _train_all(args, settings, seeds)
     ratios, timings = step_ratios(settings, 5 if args.quick else args.timing_repeats)
     summary = {m: {k: mean_std(per_seed[m][k]) for k in METRICS} for m in METHODS}
     metrics: dict[str, dict[str, Any]] = {}
@@ -395,12 +438,15 @@ def _run(args) -> BenchmarkReport:
             ),
             "claims": claims,
             "benchmark_seconds": time.perf_counter() - started,
+            "part": args.part,
         },
         notes=(
             "Test-split metrics of the peers' Bayesian model average (20 draws per peer), mean "
             "over seeds with std and per-seed values. peer_distance: mean squared 2-Wasserstein "
             "distance per Gaussian weight between the two peers' posteriors; disagreement: "
-            "share of test examples on which the peers' predicted classes differ. Diversity "
+            "share of test examples on which the peers' predicted classes differ; predictive_tv: mean "
+            "total-variation distance between the peers' predictive distributions (no claim "
+            "attached, a finer view of disagreement than the vote). Diversity "
             "weights chosen on seed 0's validation NLL. Ratios: median step time over DML's, "
             "timed interleaved in this run (MLP of the benchmark; _vit: two tiny-ViT BNNs). "
             "Claims: "
@@ -412,6 +458,7 @@ def _run(args) -> BenchmarkReport:
     )
     if not args.quick:
         report.write(args.results_dir)
+    if not args.quick and probabilities:  # a timing-only run keeps the existing plot
         labels = load_digits(seed=seeds[0], layout="vector")["test"]["labels"]
         plot(per_seed, probabilities, np.asarray(labels), ratios, args.results_dir)
     report.print_table()
