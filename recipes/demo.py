@@ -35,6 +35,10 @@ REGISTRY: dict[str, tuple[str, str]] = {
         "recipes.bnn_mutual.train",
         "BNN mutual learning (DML + parameter/feature diversity), two tiny ViT BNNs on digits",
     ),
+    "fhbi": (
+        "recipes.fhbi.train",
+        "FHBI: 4 LoRA particles (+ heads) of a tiny ViT on digits, SAM ascent + SVGD repulsion",
+    ),
     "s2n": (
         "recipes.s2n.sample",
         "S2N scheduler: tiny SD swap vs DDIM (rho 0/1), save/reload, biased-denoiser W1",

@@ -8,6 +8,8 @@ from trainers.agnostic_sam_config import AgnosticSAMConfig
 from trainers.agnostic_sam_trainer import AgnosticSAMTrainer
 from trainers.bnn_mutual_config import BayesianMutualLearningConfig
 from trainers.bnn_mutual_trainer import BayesianMutualLearningTrainer
+from trainers.fhbi_config import FHBIConfig
+from trainers.fhbi_trainer import FHBITrainer
 from trainers.method_config import MethodConfig
 from trainers.method_trainer import MethodTrainer
 from trainers.perturbation_config import PerturbationConfig
@@ -20,6 +22,8 @@ __all__ = [
     "AgnosticSAMTrainer",
     "BayesianMutualLearningConfig",
     "BayesianMutualLearningTrainer",
+    "FHBIConfig",
+    "FHBITrainer",
     "MethodConfig",
     "MethodTrainer",
     "PerturbationConfig",
