@@ -39,6 +39,10 @@ REGISTRY: dict[str, tuple[str, str]] = {
         "recipes.fhbi.train",
         "FHBI: 4 LoRA particles (+ heads) of a tiny ViT on digits, SAM ascent + SVGD repulsion",
     ),
+    "pga": (
+        "recipes.pga.train",
+        "PGA prompt alignment: tiny CLIP (pretrained on digits), digits -> rotated digits UDA",
+    ),
     "s2n": (
         "recipes.s2n.sample",
         "S2N scheduler: tiny SD swap vs DDIM (rho 0/1), save/reload, biased-denoiser W1",

@@ -14,6 +14,8 @@ from trainers.method_config import MethodConfig
 from trainers.method_trainer import MethodTrainer
 from trainers.perturbation_config import PerturbationConfig
 from trainers.perturbation_trainer import PerturbationTrainer
+from trainers.pga_config import PGAConfig
+from trainers.pga_trainer import PairedDomainCollator, PairedDomainDataset, PGATrainer, pga_update
 from trainers.sam_config import SAMConfig
 from trainers.sam_trainer import SAMTrainer
 
@@ -26,8 +28,13 @@ __all__ = [
     "FHBITrainer",
     "MethodConfig",
     "MethodTrainer",
+    "PGAConfig",
+    "PGATrainer",
+    "PairedDomainCollator",
+    "PairedDomainDataset",
     "PerturbationConfig",
     "PerturbationTrainer",
     "SAMConfig",
     "SAMTrainer",
+    "pga_update",
 ]
