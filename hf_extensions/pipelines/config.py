@@ -1,0 +1,186 @@
+"""Configuration of concept erasure (EAP and its baselines ESD and fixed-word preservation).
+
+Bui et al., "Erasing Undesirable Concepts in Diffusion Models with Adversarial Preservation"
+(NeurIPS 2024, arXiv 2410.15618). The defaults are the paper's (and the official
+``train_adversarial_gumbel.py``'s) for Stable Diffusion v1.4: model Adam lr 1e-5, 1000 model
+steps, negative guidance 1, start guidance 3, 50 DDIM steps, 3000 -> 1000 closest -> 100 spread
+candidates, Gumbel temperature 2, adversary Adam lr 1e-2, ``pgd_num_steps`` 2.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = [
+    "ADVERSARY_ESTIMATORS",
+    "LOSS_SPACES",
+    "METHODS",
+    "MIXED_PRECISIONS",
+    "PARAMETER_GROUPS",
+    "ErasureConfig",
+]
+
+PARAMETER_GROUPS = ("xattn", "noxattn", "selfattn", "full")
+LOSS_SPACES = ("x0", "epsilon")
+METHODS = ("eap", "esd", "fixed")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+ADVERSARY_ESTIMATORS = ("straight_through", "score_function")
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}.")
+
+
+def _number(name: str, value: float, low: float, *, strict: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and math.isfinite(value)
+    if not ok or value < low or (strict and value == low):
+        relation = ">" if strict else ">="
+        raise ValueError(f"`{name}` must be a finite number {relation} {low}, got {value!r}.")
+
+
+def _integer(name: str, value: int, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
+
+
+@dataclass
+class ErasureConfig:
+    """Hyper-parameters of :func:`hf_extensions.pipelines.erase_concepts`.
+
+    The objective (paper Eq. 7 with the ESD target of Gandikota et al. 2023) is::
+
+        min_θ'  E_{c_e, z, t} [ L_erase + λ · L_preserve(c_a) ],   c_a = argmax_c L_preserve(c)
+        L_erase      = || ε_θ'(z, c_e) − [ε_θ(z, "") − η (ε_θ(z, c_e) − ε_θ(z, ""))] ||²
+        L_preserve(c) = || ε_θ'(z_c, c) − ε_θ(z_c, c) ||²
+
+    with λ = ``preservation_weight`` and η = ``negative_guidance``. ``method="esd"`` is this with
+    λ = 0; ``method="fixed"`` preserves the fixed ``preserve_concepts`` instead of c_a.
+    """
+
+    parameter_group: str = field(
+        default="xattn",
+        metadata={
+            "help": "UNet parameters that train: xattn (cross-attention; objects, artists), "
+            "noxattn (all but cross-attention, time embedding and output layers; nudity), "
+            "selfattn, full."
+        },
+    )
+    loss_space: str = field(
+        default="x0",
+        metadata={
+            "help": "x0 (the official code: predictions mapped to x0, = (1-abar)/abar x the "
+            "epsilon loss) or epsilon."
+        },
+    )
+    negative_guidance: float = field(
+        default=1.0, metadata={"help": "eta of the ESD target eps('') - eta (eps(c) - eps(''))."}
+    )
+    preservation_weight: float = field(
+        default=1.0, metadata={"help": "lambda, the weight of the preservation loss (ESD: 0)."}
+    )
+    preserve_concepts: list[str] = field(
+        default_factory=lambda: ["a photo"],
+        metadata={"help": "The fixed concepts preserved by method='fixed'."},
+    )
+    num_steps: int = field(default=1000, metadata={"help": "Model (optimizer) steps."})
+    learning_rate: float = field(default=1e-5, metadata={"help": "Adam lr of the UNet."})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Micro-batches per optimizer step (Accelerate)."}
+    )
+    mixed_precision: str = field(
+        default="no", metadata={"help": "Accelerate mixed precision: no, fp16, bf16."}
+    )
+    max_grad_norm: float | None = field(
+        default=None, metadata={"help": "Clip the UNet gradient norm (None: no clipping)."}
+    )
+    ddim_steps: int = field(
+        default=50, metadata={"help": "DDIM steps of the grid z is sampled on."}
+    )
+    start_guidance: float = field(
+        default=3.0, metadata={"help": "Classifier-free guidance when sampling z."}
+    )
+    height: int | None = field(default=None, metadata={"help": "Image height (default: model)."})
+    width: int | None = field(default=None, metadata={"help": "Image width (default: model)."})
+    candidates: list[str] | None = field(
+        default=None,
+        metadata={"help": "Candidate words of the adversary (default: the shipped vocabulary)."},
+    )
+    candidate_template: str = field(
+        default="{}", metadata={"help": "Prompt a candidate word is embedded in, e.g. 'a {}'."}
+    )
+    k_closest: int = field(
+        default=1000, metadata={"help": "Candidates kept by text-encoder distance to the target."}
+    )
+    num_centers: int = field(
+        default=100, metadata={"help": "Candidates spread over the distances by 1-D k-means."}
+    )
+    gumbel_temperature: float = field(
+        default=2.0, metadata={"help": "Temperature of the Gumbel-softmax over candidates."}
+    )
+    gumbel_hard: bool = field(
+        default=True, metadata={"help": "Straight-through one-hot Gumbel-softmax."}
+    )
+    adversary_estimator: str = field(
+        default="straight_through",
+        metadata={
+            "help": "Gradient of the adversary's logits: straight_through (the paper's hard "
+            "Gumbel-softmax) or score_function (REINFORCE with a running-mean baseline over the "
+            "same Gumbel-max draws; needs no extra UNet forward)."
+        },
+    )
+    adversary_lr: float = field(default=1e-2, metadata={"help": "Adam lr of the Gumbel logits."})
+    pgd_num_steps: int = field(
+        default=2,
+        metadata={"help": "Steps per cycle: 1 model step + (pgd_num_steps - 1) adversary steps."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of z, t, the Gumbel noise, k-means."})
+    progress_bar: bool = field(default=True, metadata={"help": "Show a tqdm progress bar."})
+
+    def __post_init__(self) -> None:
+        _choice("parameter_group", self.parameter_group, PARAMETER_GROUPS)
+        _choice("loss_space", self.loss_space, LOSS_SPACES)
+        _choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
+        _choice("adversary_estimator", self.adversary_estimator, ADVERSARY_ESTIMATORS)
+        _number("negative_guidance", self.negative_guidance, 0.0)
+        _number("preservation_weight", self.preservation_weight, 0.0)
+        _number("learning_rate", self.learning_rate, 0.0, strict=True)
+        _number("adversary_lr", self.adversary_lr, 0.0, strict=True)
+        _number("gumbel_temperature", self.gumbel_temperature, 0.0, strict=True)
+        _number("start_guidance", self.start_guidance, 0.0)
+        if self.max_grad_norm is not None:
+            _number("max_grad_norm", self.max_grad_norm, 0.0, strict=True)
+        _integer("num_steps", self.num_steps, 0)
+        _integer("gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
+        _integer("ddim_steps", self.ddim_steps, 1)
+        _integer("k_closest", self.k_closest, 1)
+        _integer("num_centers", self.num_centers, 1)
+        _integer("pgd_num_steps", self.pgd_num_steps, 1)
+        if self.num_centers > self.k_closest:
+            raise ValueError(
+                f"`num_centers` ({self.num_centers}) must be <= `k_closest` ({self.k_closest})."
+            )
+        if "{}" not in self.candidate_template:
+            raise ValueError(
+                f"`candidate_template` must contain '{{}}', got {self.candidate_template!r}."
+            )
+        if self.candidates is not None and len(self.candidates) == 0:
+            raise ValueError("`candidates` must be None (the shipped vocabulary) or non-empty.")
+        if not self.preserve_concepts:
+            raise ValueError("`preserve_concepts` must name at least one concept.")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None:
+                _integer(name, value, 8)
+
+    def for_method(self, method: str) -> ErasureConfig:
+        """This config as ``method`` uses it: ESD sets λ = 0 (the design's one mechanism)."""
+        _choice("method", method, METHODS)
+        if method == "esd":
+            return ErasureConfig(**{**asdict(self), "preservation_weight": 0.0})
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

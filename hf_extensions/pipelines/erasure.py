@@ -1,0 +1,578 @@
+"""Concept erasure with adversarial preservation (EAP), and ESD, as a diffusers pipeline modifier.
+
+Bui, Vuong, Doan, Le, Montague, Abraham, Phung, "Erasing Undesirable Concepts in Diffusion
+Models with Adversarial Preservation" (NeurIPS 2024, arXiv 2410.15618); ESD is Gandikota et
+al., "Erasing Concepts from Diffusion Models" (ICCV 2023). ``erase_concepts(pipe, ["nudity"])``
+fine-tunes one parameter group of ``pipe.unet`` and returns the same pipeline object (same class,
+same other components) so that ``save_pretrained`` / ``push_to_hub`` / generation are unchanged.
+
+One training cycle (paper Alg. 1; ``pgd_num_steps`` = 1 model step + the adversary steps):
+
+1. draw a concept c_e to erase, a DDIM index i (uniform over ``ddim_steps``), one start noise;
+   draw the adversarial concept c_a from the Gumbel adversary (EAP) or a fixed concept (fixed);
+2. sample z_e and z_a by running the *edited* model with classifier-free guidance
+   ``start_guidance`` over the scheduler's ``timesteps[:i]`` from the same noise, both concepts
+   in one batch; the UNet is then queried at ``timesteps[i]``, whose ᾱ is used for x0;
+3. model step: ``L = || ε_θ'(z_e, c_e) − [ε_θ(z_e, "") − η (ε_θ(z_e, c_e) − ε_θ(z_e, ""))] ||²
+   + λ || ε_θ'(z_a, c_a) − ε_θ(z_a, c_a) ||²`` (paper Eq. 7; x0 space by default);
+4. adversary steps: ascend ``|| ε_θ'(z_a, c_a) − ε_θ(z_a, c_a) ||²`` in the Gumbel logits with
+   the updated θ'.
+
+Departures from the official ``train_adversarial_gumbel.py``, and why:
+
+- z and t agree: the official (CompVis ESD) loop samples z for ``t_enc`` DDIM steps from noise
+  but queries the UNet at the DDPM step ``≈ 1000 t_enc / ddim_steps`` (the opposite end of the
+  trajectory) and takes ᾱ from that index; here z is at ``timesteps[i]`` and so is the query.
+- The adversary step reuses the cycle's draw (z_a, t, frozen ε_θ(z_a, c_a), the Gumbel noise)
+  instead of drawing and sampling everything again: the two samplings and the frozen forwards
+  run once per cycle (the official loop runs them for every model and every adversary step, ~4x
+  an ESD step). Its gradient is the official one (frozen outputs and z carry no gradient there).
+- z_e and z_a are sampled in one batch (the official code runs two sampling loops; the same
+  start noise is used for both, as there).
+- Several erased concepts: one adversary (candidate set, logits) per concept, as officially.
+- Data-parallel (Accelerate): each process draws its own cycle (seed + process index); UNet
+  gradients are averaged by DDP and the adversary's logit gradients by ``accelerator.reduce``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from hf_extensions.pipelines.adversary import CandidateSet, GumbelAdversary, select_candidates
+from hf_extensions.pipelines.config import ErasureConfig
+from hf_extensions.pipelines.parameter_groups import set_trainable
+from hf_extensions.pipelines.vocabulary import common_words
+
+__all__ = [
+    "ConceptEraser",
+    "ErasureResult",
+    "LatentSampler",
+    "encode_prompts",
+    "erase_concepts",
+    "erasure_target",
+    "evaluate_erasure",
+    "prediction_loss",
+]
+
+METHOD = "eap-concept-erasure"
+PAPER = "Erasing Undesirable Concepts in Diffusion Models with Adversarial Preservation"
+ARXIV_ID = "2410.15618"
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+@torch.no_grad()
+def encode_prompts(
+    pipe, prompts: Sequence[str], device: torch.device | None = None, batch_size: int = 64
+) -> torch.Tensor:
+    """The text encoder's last hidden states ``[N, L, D]`` (what the UNet is conditioned on).
+
+    Prompts are padded to the tokenizer's ``model_max_length`` like the pipeline does.
+    """
+    device = device or pipe.text_encoder.device
+    tokenizer = pipe.tokenizer
+    outputs = []
+    for start in range(0, len(prompts), batch_size):
+        ids = tokenizer(
+            list(prompts[start : start + batch_size]),
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(pipe.text_encoder.device)
+        outputs.append(pipe.text_encoder(ids)[0].to(device))
+    return torch.cat(outputs)
+
+
+def erasure_target(
+    eps_uncond: torch.Tensor, eps_cond: torch.Tensor, negative_guidance: float
+) -> torch.Tensor:
+    """ESD's negatively guided target ``ε(z, "") − η (ε(z, c) − ε(z, ""))`` (Gandikota Eq. 4)."""
+    return eps_uncond - negative_guidance * (eps_cond - eps_uncond)
+
+
+def prediction_loss(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    latents: torch.Tensor,
+    alpha_bar: torch.Tensor | float,
+    loss_space: str = "x0",
+) -> torch.Tensor:
+    """Mean squared error of two ε predictions at ``latents``, in ε or in x0 space.
+
+    x0 space (the official code): both predictions are mapped to
+    ``X(z, ε) = (z − sqrt(1 − ᾱ) ε) / sqrt(ᾱ)`` before the MSE, which equals the ε-space MSE
+    times ``(1 − ᾱ) / ᾱ`` (so it weights noisy timesteps up). ``alpha_bar`` is a number or one
+    value per sample.
+    """
+    if loss_space == "epsilon":
+        return torch.nn.functional.mse_loss(prediction.float(), target.float())
+    if loss_space != "x0":
+        raise ValueError(f"`loss_space` must be one of ('x0', 'epsilon'), got {loss_space!r}.")
+    alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float32, device=latents.device)
+    if alpha_bar.ndim == 1:
+        alpha_bar = alpha_bar.view(-1, *([1] * (latents.ndim - 1)))
+    z = latents.float()
+
+    def to_x0(eps: torch.Tensor) -> torch.Tensor:
+        return (z - (1 - alpha_bar).sqrt() * eps.float()) / alpha_bar.sqrt()
+
+    return torch.nn.functional.mse_loss(to_x0(prediction), to_x0(target))
+
+
+def _eps(unet, latents: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    cond = cond.to(latents.dtype)
+    return unet(latents, timestep, encoder_hidden_states=cond, return_dict=False)[0]
+
+
+class LatentSampler:
+    """Samples z at ``timesteps[i]`` of a DDIM grid by running ``timesteps[:i]`` from noise.
+
+    The grid is ``DDIMScheduler.from_config(pipe.scheduler.config)`` with ``ddim_steps``
+    inference steps (eta 0), whatever scheduler the pipeline uses: after ``i`` DDIM updates
+    from pure noise (``i = 0``: none) the latents are at ``timesteps[i]``, which is where the
+    UNet must be queried and whose ``ᾱ`` maps ε to x0. With ``i = ddim_steps`` the loop is
+    the pipeline's own full sampling.
+    """
+
+    def __init__(self, scheduler_config: Any, ddim_steps: int) -> None:
+        from diffusers import DDIMScheduler
+
+        self.scheduler = DDIMScheduler.from_config(scheduler_config)
+        self.scheduler.set_timesteps(ddim_steps)
+        self.timesteps = self.scheduler.timesteps.clone()
+        self.ddim_steps = ddim_steps
+
+    def timestep(self, i: int) -> torch.Tensor:
+        return self.timesteps[i]
+
+    def alpha_bar(self, i: int) -> torch.Tensor:
+        return self.scheduler.alphas_cumprod[int(self.timesteps[i])]
+
+    @torch.no_grad()
+    def sample(
+        self,
+        unet,
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        noise: torch.Tensor,
+        i: int,
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        """Latents after ``timesteps[:i]`` with guidance, for a batch of conditions ``[B, L, D]``."""
+        if not 0 <= i <= self.ddim_steps:
+            raise ValueError(f"i must be in [0, {self.ddim_steps}], got {i}.")
+        batch = cond.shape[0]
+        conditions = torch.cat([uncond.expand(batch, *uncond.shape[-2:]), cond])
+        latents = noise * self.scheduler.init_noise_sigma
+        for t in self.timesteps[:i]:
+            both = _eps(unet, torch.cat([latents, latents]), t, conditions)
+            eps_uncond, eps_cond = both.chunk(2)
+            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+            latents = self.scheduler.step(eps, t, latents, eta=0.0, return_dict=False)[0]
+        return latents
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class ErasureResult:
+    """What an erasure did; kept on the pipeline as ``pipe.erasure_result``.
+
+    ``adversarial_concepts``: per erased concept, the adversary's final argmax word and the
+    words it chose most often; ``metrics``: measured figures (see :func:`evaluate_erasure`).
+    """
+
+    method: str
+    concepts: list[str]
+    config: dict[str, Any]
+    trained_parameters: list[str]
+    adversarial_concepts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    candidates: dict[str, list[str]] = field(default_factory=dict)
+    losses: list[float] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class ConceptEraser:
+    """The training state of one erasure; :meth:`step` runs one cycle (model + adversary steps).
+
+    Use :func:`erase_concepts` unless you need the steps one by one (the benchmark times them).
+    ``method``: ``"eap"`` (adversarial preservation), ``"esd"`` (no preservation: λ = 0) or
+    ``"fixed"`` (preserve ``config.preserve_concepts``).
+    """
+
+    def __init__(
+        self,
+        pipe,
+        concepts: Sequence[str] | str,
+        method: str = "eap",
+        config: ErasureConfig | None = None,
+        accelerator=None,
+    ) -> None:
+        from accelerate import Accelerator
+
+        config = (config or ErasureConfig()).for_method(method)
+        if isinstance(concepts, str):
+            concepts = [concepts]
+        concepts = [c for c in concepts]
+        if not concepts or any(not isinstance(c, str) or not c.strip() for c in concepts):
+            raise ValueError(f"`concepts` must be non-empty strings, got {concepts!r}.")
+        self.pipe, self.method, self.config, self.concepts = pipe, method, config, concepts
+        self.accelerator = accelerator or Accelerator(
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            mixed_precision=config.mixed_precision,
+        )
+        acc = self.accelerator
+        self.device = acc.device
+        self.generator = torch.Generator().manual_seed(config.seed + 1000 * acc.process_index)
+        self.adversary_generator = torch.Generator().manual_seed(config.seed + 7)
+
+        pipe.text_encoder.to(self.device)
+        unet = pipe.unet.to(self.device)
+        self.frozen = copy.deepcopy(unet).requires_grad_(False).eval()
+        self.trained_parameters = set_trainable(unet, config.parameter_group)
+        self.uncond = encode_prompts(pipe, [""], self.device)[0]
+        self.concept_embeddings = encode_prompts(pipe, concepts, self.device)
+        self.preserve_embeddings = encode_prompts(pipe, config.preserve_concepts, self.device)
+        self.sampler = LatentSampler(pipe.scheduler.config, config.ddim_steps)
+        self.latent_shape = _latent_shape(pipe, config)
+
+        self.adversaries: list[GumbelAdversary] = []
+        self.choices: list[Counter] = [Counter() for _ in concepts]
+        if method == "eap":
+            words = config.candidates or common_words()
+            prompts = [config.candidate_template.format(word) for word in words]
+            word_embeddings = encode_prompts(pipe, prompts, self.device)
+            for concept, embedding in zip(concepts, self.concept_embeddings):
+                chosen = select_candidates(
+                    concept,
+                    embedding,
+                    words,
+                    word_embeddings,
+                    config.k_closest,
+                    config.num_centers,
+                    config.seed,
+                )
+                index = {word: n for n, word in enumerate(words)}
+                rows = torch.tensor([index[word] for word in chosen.words])
+                self.adversaries.append(
+                    GumbelAdversary(
+                        chosen,
+                        word_embeddings[rows.to(word_embeddings.device)],
+                        config.gumbel_temperature,
+                        config.gumbel_hard,
+                    ).to(self.device)
+                )
+        params = [p for p in unet.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=config.learning_rate)
+        self.unet, self.optimizer = acc.prepare(unet, optimizer)
+        self.adversary_optimizer = (
+            torch.optim.Adam([a.logits for a in self.adversaries], lr=config.adversary_lr)
+            if self.adversaries
+            else None
+        )
+        self.losses: list[float] = []
+        self.steps_done = 0
+
+    def set_candidates(
+        self, index: int, candidates: CandidateSet, embeddings: torch.Tensor
+    ) -> None:
+        """Replace the adversary of ``concepts[index]`` (e.g. with embeddings of your own)."""
+        config = self.config
+        self.adversaries[index] = GumbelAdversary(
+            candidates, embeddings.to(self.device), config.gumbel_temperature, config.gumbel_hard
+        ).to(self.device)
+        self.choices[index] = Counter()
+        self.adversary_optimizer = torch.optim.Adam(
+            [a.logits for a in self.adversaries], lr=config.adversary_lr
+        )
+
+    @property
+    def candidate_sets(self) -> list[CandidateSet]:
+        return [adversary.candidates for adversary in self.adversaries]
+
+    def _randint(self, high: int) -> int:
+        return int(torch.randint(high, (1,), generator=self.generator))
+
+    def step(self) -> float:
+        """One model step (``gradient_accumulation_steps`` cycles), each followed by its
+        adversary steps; returns the mean model loss."""
+        total = 0.0
+        for _ in range(self.config.gradient_accumulation_steps):
+            total += self._cycle()
+        self.steps_done += 1
+        loss = total / self.config.gradient_accumulation_steps
+        self.losses.append(loss)
+        return loss
+
+    def _cycle(self) -> float:
+        config, acc = self.config, self.accelerator
+        preserve = config.preservation_weight > 0
+        e = self._randint(len(self.concepts))
+        i = self._randint(config.ddim_steps)
+        t = self.sampler.timestep(i).to(self.device)
+        alpha_bar = self.sampler.alpha_bar(i)
+        noise = torch.randn(self.latent_shape, generator=self.generator).to(self.device)
+        c_e = self.concept_embeddings[e]
+        conds = [c_e]
+        adversary = gumbel = None
+        draws: list[torch.Tensor] = []
+        if self.adversaries:  # the adversary also runs at λ = 0 (then it only watches)
+            adversary = self.adversaries[e]
+            # Two draws for the score-function estimator (leave-one-out baseline), one else.
+            for _ in range(2 if config.adversary_estimator == "score_function" else 1):
+                with torch.no_grad():
+                    weights, c_a, gumbel = adversary.sample(self.adversary_generator)
+                self.choices[e][adversary.candidates.words[int(weights.argmax())]] += 1
+                draws.append(weights)
+                conds.append(c_a)
+        elif preserve:
+            conds.append(self.preserve_embeddings[self._randint(len(self.preserve_embeddings))])
+        conds_t = torch.stack(conds)
+        edited = acc.unwrap_model(self.unet)
+        with acc.autocast(), torch.no_grad():
+            latents = self.sampler.sample(
+                edited,
+                conds_t,
+                self.uncond,
+                noise.expand(len(conds), *noise.shape[1:]),
+                i,
+                config.start_guidance,
+            )
+            frozen_in = torch.cat([latents[:1], latents])
+            frozen_cond = torch.cat([self.uncond[None], conds_t])
+            frozen_out = _eps(self.frozen, frozen_in, t, frozen_cond).float()
+        target = erasure_target(frozen_out[0:1], frozen_out[1:2], config.negative_guidance)
+        with acc.accumulate(self.unet):
+            with acc.autocast():
+                prediction = _eps(self.unet, latents, t, conds_t).float()
+            loss = prediction_loss(
+                prediction[0:1], target, latents[0:1], alpha_bar, config.loss_space
+            )
+            preserve_losses = [
+                prediction_loss(
+                    prediction[n : n + 1],
+                    frozen_out[n + 1 : n + 2],
+                    latents[n : n + 1],
+                    alpha_bar,
+                    config.loss_space,
+                )
+                for n in range(1, len(conds))
+            ]
+            if preserve and preserve_losses:
+                loss = loss + config.preservation_weight * sum(preserve_losses) / len(
+                    preserve_losses
+                )
+            acc.backward(loss)
+            if acc.sync_gradients and config.max_grad_norm is not None:
+                acc.clip_grad_norm_(self.unet.parameters(), config.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if adversary is not None and config.adversary_estimator == "score_function":
+            values = [float(value.detach()) for value in preserve_losses]
+            self._score_function_steps(adversary, draws, values)
+        elif adversary is not None:
+            self._adversary_steps(adversary, gumbel, latents[1:], t, alpha_bar, frozen_out[2:])
+        return float(loss.detach())
+
+    def _adversary_steps(self, adversary, gumbel, latents, t, alpha_bar, frozen_pred) -> None:
+        """Ascend L_preserve in the logits at the cycle's draw (z_a, t, Gumbel noise).
+
+        The draw is redone with the same Gumbel noise through the current logits (the
+        straight-through gradient needs the graph); its hard sample is the one z_a was
+        sampled with until the logits move (then later steps use the new argmax at z_a).
+        """
+        config, acc = self.config, self.accelerator
+        edited = acc.unwrap_model(self.unet)
+        for _ in range(config.pgd_num_steps - 1):
+            _, c_a, _ = adversary.sample(noise=gumbel)
+            with acc.autocast():
+                prediction = _eps(edited, latents, t, c_a[None]).float()
+            objective = prediction_loss(
+                prediction, frozen_pred, latents, alpha_bar, config.loss_space
+            )
+            (grad,) = torch.autograd.grad(-objective, adversary.logits)
+            if acc.num_processes > 1:
+                grad = acc.reduce(grad, reduction="mean")
+            self.adversary_optimizer.zero_grad(set_to_none=True)
+            adversary.logits.grad = grad
+            self.adversary_optimizer.step()
+
+    def _score_function_steps(self, adversary, draws, values: list[float]) -> None:
+        """REINFORCE ascent of E[L_preserve] over Gumbel-max draws (option, not the paper's).
+
+        A hard draw ``argmax(π + g)`` is a sample of ``softmax(π)``, so with two independent
+        draws ``∇_π E[L] = ½ E[(L₁ − L₂)(y₁ − p) + (L₂ − L₁)(y₂ − p)]`` (the leave-one-out
+        baseline: each draw's loss is compared with the other's at the same z noise and t, which
+        removes the large variance of L over t). L are the preservation losses the model step
+        already computed (both draws are sampled and preserved in the same batch), so the
+        adversary step costs no UNet forward. Unlike the straight-through gradient it does not
+        linearise L between the candidates' embeddings.
+        """
+        acc = self.accelerator
+        (y1, y2), (l1, l2) = draws, values
+        for _ in range(self.config.pgd_num_steps - 1):
+            probs = torch.softmax(adversary.logits.detach(), dim=0)
+            ascent = 0.5 * (l1 - l2) * ((y1 - probs) - (y2 - probs))
+            grad = -ascent / max(abs(l1) + abs(l2), 1e-30)  # scale-free: Adam sees the sign
+            if acc.num_processes > 1:
+                grad = acc.reduce(grad, reduction="mean")
+            self.adversary_optimizer.zero_grad(set_to_none=True)
+            adversary.logits.grad = grad
+            self.adversary_optimizer.step()
+
+    def finish(self):
+        """Put the edited UNet back into the pipeline (eval mode, no grads); record the result."""
+        acc = self.accelerator
+        unet = acc.unwrap_model(self.unet)
+        unet.requires_grad_(False).eval()
+        self.pipe.unet = unet
+        adversarial = {}
+        for concept, adversary, counts in zip(self.concepts, self.adversaries, self.choices):
+            adversarial[concept] = {
+                "argmax": adversary.argmax_word(),
+                "most_chosen": [word for word, _ in counts.most_common(5)],
+            }
+        self.pipe.erasure_result = ErasureResult(
+            method=self.method,
+            concepts=list(self.concepts),
+            config=self.config.to_dict(),
+            trained_parameters=list(self.trained_parameters),
+            adversarial_concepts=adversarial,
+            candidates={a.candidates.target: list(a.candidates.words) for a in self.adversaries},
+            losses=list(self.losses),
+        )
+        return self.pipe
+
+
+def _latent_shape(pipe, config: ErasureConfig) -> tuple[int, int, int, int]:
+    scale = getattr(pipe, "vae_scale_factor", 8)
+    sample_size = pipe.unet.config.sample_size
+    height = (config.height // scale) if config.height else sample_size
+    width = (config.width // scale) if config.width else sample_size
+    return (1, pipe.unet.config.in_channels, height, width)
+
+
+def erase_concepts(
+    pipe,
+    concepts: Sequence[str] | str,
+    method: str = "eap",
+    config: ErasureConfig | None = None,
+    accelerator=None,
+):
+    """Erase ``concepts`` from ``pipe``'s UNet; return the same pipeline, edited in place.
+
+    Bui et al. 2024 (EAP, ``method="eap"``), Gandikota et al. 2023 (ESD, ``method="esd"`` = EAP
+    with preservation weight 0), or ESD plus a fixed preserved concept (``method="fixed"``). The
+    UNet's ``config.parameter_group`` trains for ``config.num_steps`` model steps under
+    Accelerate (gradient accumulation, mixed precision, data parallel: launch the script with
+    ``accelerate launch``); everything else in the pipeline is untouched. The result (trained
+    parameter names, adversarial concepts found, losses) is on ``pipe.erasure_result``; save with
+    ``pipe.save_pretrained`` or :func:`hf_extensions.pipelines.save_erased`. Accelerate keeps one
+    state per process: to run under an existing ``Accelerator`` (or a second time with another
+    ``mixed_precision``), pass ``accelerator=``.
+    """
+    from tqdm.auto import tqdm
+
+    eraser = ConceptEraser(pipe, concepts, method, config, accelerator)
+    disable = not eraser.config.progress_bar or not eraser.accelerator.is_local_main_process
+    bar = tqdm(range(eraser.config.num_steps), desc=f"erase ({method})", disable=disable)
+    for _ in bar:
+        loss = eraser.step()
+        postfix = {"loss": f"{loss:.4g}"}
+        if eraser.adversaries:
+            postfix["c_a"] = eraser.adversaries[0].argmax_word()
+        bar.set_postfix(postfix)
+    return eraser.finish()
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+@torch.no_grad()
+def evaluate_erasure(
+    pipe,
+    original_unet,
+    concepts: Sequence[str],
+    preserved: Sequence[str] = (),
+    heldout: Sequence[str] = (),
+    num_samples: int = 8,
+    ddim_steps: int = 10,
+    start_guidance: float = 3.0,
+    negative_guidance: float = 1.0,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Erasure strength and drift of an edited ``pipe.unet`` against ``original_unet``.
+
+    For every prompt, ``num_samples`` fixed draws (noise, DDIM index) give latents sampled by the
+    *original* model with guidance (so the evaluation points do not depend on the edit), and the
+    ε predictions are compared at those points, in ε space:
+
+    - ``erasure_gap``: mean over the erased concepts of
+      ``|| ε'(z, c_e) − target ||² / || ε(z, c_e) − target ||²`` with the ESD target of the
+      original model: 1 before the edit, 0 when the edit reaches the target;
+    - ``preserved_drift`` / ``heldout_drift``: mean ``|| ε'(z, c) − ε(z, c) ||²`` over the
+      ``preserved`` / ``heldout`` prompts, divided by the mean ``|| ε(z, c_e) − target ||²``
+      of the erased concepts (drift in units of the distance the erasure had to move).
+    """
+    device = next(original_unet.parameters()).device
+    edited = pipe.unet
+    sampler = LatentSampler(pipe.scheduler.config, ddim_steps)
+    uncond = encode_prompts(pipe, [""], device)[0]
+    shape = (num_samples, edited.config.in_channels, *(edited.config.sample_size,) * 2)
+    if isinstance(edited.config.sample_size, (list, tuple)):
+        shape = (num_samples, edited.config.in_channels, *edited.config.sample_size)
+
+    def points(prompt_index: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(seed * 100_003 + prompt_index)
+        noise = torch.randn(shape, generator=generator).to(device)
+        steps = torch.randint(ddim_steps, (num_samples,), generator=generator).tolist()
+        return [(noise[n : n + 1], steps[n]) for n in range(num_samples)]
+
+    def predictions(embedding, index):
+        pairs = []
+        for noise, i in points(index):
+            z = sampler.sample(original_unet, embedding[None], uncond, noise, i, start_guidance)
+            t = sampler.timestep(i).to(device)
+            pairs.append((z, t))
+        z = torch.cat([p[0] for p in pairs])
+        t = torch.stack([p[1] for p in pairs])
+        cond = embedding[None].expand(len(pairs), *embedding.shape)
+        return z, t, cond
+
+    gaps, scales = [], []
+    embeddings = encode_prompts(pipe, list(concepts), device)
+    for n, embedding in enumerate(embeddings):
+        z, t, cond = predictions(embedding, n)
+        eps_orig = _eps(original_unet, z, t, cond)
+        eps_uncond = _eps(original_unet, z, t, uncond[None].expand_as(cond))
+        target = erasure_target(eps_uncond, eps_orig, negative_guidance)
+        before = (eps_orig - target).pow(2).mean()
+        after = (_eps(edited, z, t, cond) - target).pow(2).mean()
+        gaps.append(float(after / before))
+        scales.append(float(before))
+    scale = sum(scales) / len(scales)
+    out = {"erasure_gap": sum(gaps) / len(gaps), "erasure_distance_before": scale}
+
+    def drift(prompts: Sequence[str], offset: int) -> float:
+        values = []
+        for n, embedding in enumerate(encode_prompts(pipe, list(prompts), device)):
+            z, t, cond = predictions(embedding, offset + n)
+            delta = _eps(edited, z, t, cond) - _eps(original_unet, z, t, cond)
+            values.append(float(delta.pow(2).mean()))
+        return sum(values) / len(values) / scale
+
+    if preserved:
+        out["preserved_drift"] = drift(preserved, 10_000)
+    if heldout:
+        out["heldout_drift"] = drift(heldout, 20_000)
+    return {key: value for key, value in out.items() if math.isfinite(value)}

@@ -1,0 +1,81 @@
+"""The EAP adversary (Bui et al. 2024, Sec. 4.2): candidate selection and the Gumbel search."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_extensions.pipelines import (
+    CandidateSet,
+    GumbelAdversary,
+    common_words,
+    encode_prompts,
+    gumbel_softmax,
+    select_candidates,
+)
+from hf_extensions.testing import tiny_stable_diffusion_pipeline
+
+TARGET = "a red circle"
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    pipe = tiny_stable_diffusion_pipeline()
+    words = common_words(120)
+    return encode_prompts(pipe, [TARGET])[0], words, encode_prompts(pipe, words)
+
+
+def test_candidates_are_closest_words_spread_by_kmeans(embedded):
+    target, words, embeddings = embedded
+    chosen = select_candidates(TARGET, target, words, embeddings, k_closest=40, num_centers=8)
+    distances = (embeddings.flatten(1) - target.flatten()).norm(dim=1)
+    closest = [words[i] for i in distances.argsort()[:40].tolist()]
+    assert chosen.closest == closest
+    assert len(chosen.words) == 8 and set(chosen.words) <= set(closest)
+    assert chosen.distances == sorted(chosen.distances)
+    # spread: the 8 picks span the kept range, unlike the 8 closest
+    kept = distances.sort().values[:40]
+    assert chosen.distances[-1] - chosen.distances[0] > 0.5 * float(kept[-1] - kept[0])
+    again = select_candidates(
+        TARGET, target, [*words, TARGET], torch.cat([embeddings, target[None]]), 40, 8
+    )
+    assert TARGET not in again.words  # the target itself is never a candidate
+
+
+def test_gumbel_softmax_is_straight_through_one_hot():
+    logits = torch.tensor([0.0, 1.0, -1.0], requires_grad=True)
+    sample = gumbel_softmax(logits, 2.0, True, torch.Generator().manual_seed(0))
+    assert sorted(sample.tolist()) == [0.0, 0.0, 1.0]
+    (sample * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0  # soft gradient flows
+    counts = torch.zeros(3)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3000):
+        counts += gumbel_softmax(logits.detach(), 2.0, True, generator)
+    # Gumbel-max samples softmax(logits) whatever the temperature
+    torch.testing.assert_close(counts / 3000, torch.softmax(logits.detach(), 0), atol=0.03, rtol=0)
+
+
+def test_adversary_argmax_converges_to_a_planted_near_copy(embedded):
+    """Damage concentrated around the target: the logits' argmax goes to the near-copy."""
+    target, words, embeddings = embedded
+    generator = torch.Generator().manual_seed(0)
+    planted = target + 1e-3 * target.std() * torch.randn(target.shape, generator=generator)
+    chosen = select_candidates(TARGET, target, words, embeddings, k_closest=60, num_centers=15)
+    rows = [words.index(word) for word in chosen.words]
+    candidate_embeddings = torch.cat([embeddings[rows], planted[None]])
+    candidates = CandidateSet(TARGET, [*chosen.words, "<planted>"], [*chosen.distances, 0.0], [])
+    scale = (candidate_embeddings - target).flatten(1).pow(2).sum(1).median()
+
+    def damage(c):  # an edit that hurts the target's neighbourhood most
+        return torch.exp(-(c - target).pow(2).sum() / scale)
+
+    adversary = GumbelAdversary(candidates, candidate_embeddings, temperature=2.0, hard=True)
+    optimizer = torch.optim.Adam([adversary.logits], lr=1e-2)
+    for _ in range(300):
+        _, c_a, _ = adversary.sample(generator)
+        optimizer.zero_grad()
+        (-damage(c_a)).backward()
+        optimizer.step()
+    assert adversary.argmax_word() == "<planted>"
+    assert adversary.probabilities()["<planted>"] > 3 / len(candidates.words)
