@@ -6,3 +6,8 @@ plug-ins), ``trainers`` (``Trainer`` subclasses with their ``TrainingArguments``
 """
 
 __version__ = "0.1.0.dev0"
+
+# Registers the "hf_extensions_metaaug" quantization method with transformers, so that
+# `AutoModel...from_pretrained` rebuilds a model saved by MetaAugQuantizer (light: the
+# reconstruction and Optimum parts load on first use).
+from hf_extensions import quantization  # noqa: F401

@@ -43,6 +43,14 @@ REGISTRY: dict[str, tuple[str, str]] = {
         "recipes.pga.train",
         "PGA prompt alignment: tiny CLIP (pretrained on digits), digits -> rotated digits UDA",
     ),
+    "erasure": (
+        "recipes.erasure.train",
+        "EAP concept erasure: tiny SD, erase a prompt (xattn), drift, changed-tensors save/reload",
+    ),
+    "quantization": (
+        "recipes.quantization.train",
+        "MetaAug PTQ: CNN trained on digits, W4A4 / W2A4 from 128 calibration images",
+    ),
     "s2n": (
         "recipes.s2n.sample",
         "S2N scheduler: tiny SD swap vs DDIM (rho 0/1), save/reload, biased-denoiser W1",

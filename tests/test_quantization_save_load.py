@@ -147,7 +147,7 @@ def test_weight_only_round_trip_and_resave(tmp_path):
 
 
 def test_fresh_process_load_is_bit_exact_and_needs_the_import(saved_w4a8, tmp_path):
-    """One ``python -I`` process: load before and after ``import hf_extensions.quantization``.
+    """One ``python -I`` process: load before and after ``import hf_extensions``.
 
     Without the import transformers does NOT raise: it logs "Unknown quantization type, got
     hf_extensions_metaaug ... we will skip the quantization", builds the float model and reports
@@ -165,7 +165,7 @@ def test_fresh_process_load_is_bit_exact_and_needs_the_import(saved_w4a8, tmp_pa
             {str(directory)!r}, output_loading_info=True)
         with torch.no_grad():
             plain_logits = plain.eval()(pixel_values=ref["x"]).logits
-        import hf_extensions.quantization
+        import hf_extensions  # the top-level import registers the quantizer
         model = AutoModelForImageClassification.from_pretrained({str(directory)!r}).eval()
         with torch.no_grad():
             logits = model(pixel_values=ref["x"]).logits

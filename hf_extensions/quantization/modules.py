@@ -50,13 +50,25 @@ class _QuantMixin:
             self.register_buffer("act_scale", torch.ones((), device=device))
             self.register_buffer("act_zero_point", torch.zeros((), device=device))
 
+    #: ``False`` runs the layer in full precision (later blocks during reconstruction, as in the
+    #: BRECQ / MetaAug code). A plain attribute: it is not saved.
+    quant_enabled: bool = True
+
     def quantized_weight(self) -> torch.Tensor:
+        if not self.quant_enabled:
+            return self.weight
+        learner = self._modules.get("weight_quantizer")
+        if learner is not None:  # AdaRound during reconstruction
+            return learner(self.weight)
         qmax = 2**self.weight_bits - 1
         return fake_quantize(self.weight, self.weight_scale, self.weight_zero_point, 0, qmax, 0)
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.activation_bits is None:
+        if self.activation_bits is None or not self.quant_enabled:
             return x
+        learner = self._modules.get("input_quantizer")
+        if learner is not None:  # LSQ step + QDrop during reconstruction
+            return learner(x)
         qmax = 2**self.activation_bits - 1
         return fake_quantize(x, self.act_scale, self.act_zero_point, 0, qmax)
 
@@ -128,7 +140,7 @@ def _bits_for(names: list[str], config: MetaAugConfig) -> dict[str, tuple[int, i
     bits = {name: (config.weight_bits, config.activation_bits) for name in names}
     if config.first_last_8bit and names:
         act8 = None if config.activation_bits is None else 8
-        bits[names[0]] = (8, act8)
+        bits[names[0]] = (8, act8 if config.quantize_first_layer_input else None)
         bits[names[-1]] = (8, act8)
     return bits
 

@@ -1,0 +1,256 @@
+"""MetaAug's bi-level stage: learn a transformation network T of the calibration images.
+
+Pham et al., "MetaAug: Meta-Data Augmentation for Post-Training Quantization", ECCV 2024
+(arXiv 2407.14726), Sec. 3 / Alg. 1. Before the reconstruction of block ``k`` (not the first or
+last layer), for ``meta_iterations`` steps:
+
+* **inner** (Eq. 4): ``x' = T(x)``; one differentiable step of the block's quantization
+  parameters θ_Q (AdaRound ``V`` and LSQ steps) on the reconstruction loss on ``x'``,
+  ``θ̄_Q = θ_Q - η ∇θ [ ||f̂_k(x'_q) - f_k(x'_fp)||^2 + λ R(V) ]``, keeping the graph
+  (``torch.autograd.grad(create_graph=True)``), the model then evaluated at θ̄_Q with
+  ``torch.func.functional_call`` (the official code uses the archived ``higher`` library);
+* **outer** (Eq. 5-7): on the ORIGINAL images
+  ``L = a KL(softmax(q_θ̄(x_v)/t) || softmax(fp(x_v)/t)) + b ReLU(τ - mean((x' - x)^2))
+  + c PKT(feat_fp(mix(x')), feat_fp(mix(x)))``, and T takes one Adam step (gradient norm clipped).
+
+θ_Q is never updated by this stage (the official code rebuilds its ``higher`` copy every step);
+the block is then reconstructed on the union of ``x`` and ``T(x)`` by the base method.
+
+Departures from the official code, and why:
+
+* the inner step is plain SGD (``inner_lr``), not Adam: the first step of a differentiable Adam
+  from a fresh state is ``lr · g / (|g| + ε)``, whose derivative with respect to ``g`` (hence to
+  T) is almost zero, so the KL term could barely reach T through it;
+* T is a small residual conv net ``x + g(x)`` (:class:`TransformNet`, size in the config), not
+  the official UNet with 64..1024 channels warm-started from weights that are not published;
+* the two mixups of the PKT term share one ``λ`` and permutation, so that PKT compares the
+  features of the same mixtures of transformed and original images (the official code draws
+  them independently);
+* the float block output ``f_k(x')`` that the inner step reconstructs stays in the autograd
+  graph (the official code detaches it), so the meta-gradient is the exact gradient of the
+  bi-level objective, which the tests check against finite differences;
+* ``x_v`` is a second batch drawn from the calibration images (the official code reads a
+  separate loader of the same images); later blocks run in full precision, as in the official
+  code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import PreTrainedModel
+
+from hf_extensions.quantization.config import MetaAugConfig
+from hf_extensions.quantization.reconstruction import (
+    _call_block,
+    _learner_modules,
+    _rounding_term,
+    attach_learners,
+    capture_block,
+    discard_learners,
+    quant_layers,
+    reconstruction_loss,
+    rounding_beta,
+)
+
+__all__ = ["MetaLosses", "TransformNet", "meta_losses", "pkt_loss", "train_transform"]
+
+
+class TransformNet(nn.Module):
+    """``T(x) = x + out(h)``, ``h`` = a stem conv and ``num_blocks`` residual 3x3 conv-ReLU blocks.
+
+    The default transformation network (MetaAug's is a UNet; see the module docstring). Its size
+    comes from ``MetaAugConfig.transform_channels`` / ``transform_blocks``.
+    """
+
+    def __init__(self, channels: int, hidden: int = 16, num_blocks: int = 2) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(channels, hidden, 3, padding=1)
+        self.body = nn.ModuleList(
+            nn.Conv2d(hidden, hidden, 3, padding=1) for _ in range(num_blocks)
+        )
+        self.out = nn.Conv2d(hidden, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.stem(x))
+        for conv in self.body:
+            h = h + F.relu(conv(h))
+        return x + self.out(h)
+
+
+def pkt_loss(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Probabilistic knowledge transfer (Passalis & Tefas, ECCV 2018, Eq. 7-10).
+
+    Cosine similarities within the batch, shifted to ``[0, 1]`` and normalised per row into
+    conditional probabilities; the loss is the mean of ``p_t log(p_t / p_s)``.
+    """
+    s = F.normalize(student.flatten(1), dim=1, eps=eps)
+    t = F.normalize(teacher.flatten(1), dim=1, eps=eps)
+    s_sim = (s @ s.T + 1) / 2
+    t_sim = (t @ t.T + 1) / 2
+    s_p = s_sim / s_sim.sum(dim=1, keepdim=True)
+    t_p = t_sim / t_sim.sum(dim=1, keepdim=True)
+    return (t_p * torch.log((t_p + eps) / (s_p + eps))).mean()
+
+
+def _logits_with(
+    model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor
+) -> torch.Tensor:
+    if isinstance(model, PreTrainedModel):
+        return functional_call(model, params, (), {"pixel_values": x}).logits
+    out = functional_call(model, params, (x,))
+    return getattr(out, "logits", out)
+
+
+@dataclass
+class MetaLosses:
+    """The outer objective and its parts (``inner`` is the inner reconstruction loss)."""
+
+    total: torch.Tensor
+    kl: torch.Tensor
+    margin: torch.Tensor
+    pkt: torch.Tensor
+    inner: torch.Tensor
+
+
+def meta_losses(
+    model: nn.Module,
+    fp_model: nn.Module,
+    block_name: str,
+    transform: nn.Module,
+    x: torch.Tensor,
+    x_val: torch.Tensor,
+    config: MetaAugConfig,
+    beta: float | None,
+    lam: float,
+    perm: torch.Tensor,
+    feature_layer: str,
+) -> MetaLosses:
+    """MetaAug's outer loss for one meta step (inner step inside); differentiable w.r.t. T.
+
+    The block's learners must be attached (:func:`attach_learners`). ``feature_layer``: the
+    layer whose input is the float model's feature for PKT (the classifier head).
+    """
+    block = model.get_submodule(block_name)
+    params = {
+        n: p
+        for n, p in block.named_parameters()
+        if n.endswith(("weight_quantizer.alpha", "input_quantizer.step"))
+    }
+    learners = _learner_modules(block)
+    x_t = transform(x)
+    # Inner step on the transformed images.
+    for m in learners:
+        m.train()
+    q_data = capture_block(model, block_name, x_t, need_output=False, keep_graph=True)
+    # The float target stays in the graph: the meta-gradient is the exact gradient of the
+    # bi-level objective (the official code computes it under no_grad).
+    target = capture_block(fp_model, block_name, x_t, need_output=True, keep_graph=True).outputs
+    inner = reconstruction_loss(_call_block(block, q_data.inputs, q_data), target)
+    inner = inner + config.rounding_weight * _rounding_term(block, beta)
+    grads = torch.autograd.grad(inner, list(params.values()), create_graph=True)
+    updated = {
+        f"{block_name}.{n}": p - config.inner_lr * g
+        for (n, p), g in zip(params.items(), grads, strict=True)
+    }
+    # Outer losses on the original images.
+    for m in learners:
+        m.eval()
+    t = config.temperature
+    logits_q = _logits_with(model, updated, x_val)
+    with torch.no_grad():
+        logits_fp = _logits_with(fp_model, {}, x_val)
+    kl = F.kl_div(
+        F.log_softmax(logits_q / t, 1), F.softmax(logits_fp / t, 1), reduction="batchmean"
+    )
+    margin = F.relu(config.margin - (x_t - x).pow(2).mean())
+    if config.pkt_weight > 0:
+        mixed_t = lam * x_t + (1 - lam) * x_t[perm]
+        mixed = lam * x + (1 - lam) * x[perm]
+        feat_t = capture_block(
+            fp_model, feature_layer, mixed_t, need_output=False, keep_graph=True
+        ).inputs
+        with torch.no_grad():
+            feat = capture_block(fp_model, feature_layer, mixed, need_output=False).inputs
+        pkt = pkt_loss(feat_t, feat)
+    else:
+        pkt = torch.zeros((), device=x.device)
+    total = config.kl_weight * kl + config.margin_weight * margin + config.pkt_weight * pkt
+    return MetaLosses(total=total, kl=kl, margin=margin, pkt=pkt, inner=inner)
+
+
+def build_transform(images: torch.Tensor, config: MetaAugConfig) -> TransformNet:
+    """A seeded :class:`TransformNet` for images shaped like ``images``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        net = TransformNet(images.shape[1], config.transform_channels, config.transform_blocks)
+    return net.to(images.device)
+
+
+def train_transform(
+    model: nn.Module,
+    fp_model: nn.Module,
+    block_name: str,
+    images: torch.Tensor,
+    config: MetaAugConfig,
+    generator: torch.Generator,
+) -> tuple[TransformNet, dict[str, Any]]:
+    """Train T for one block (``config.meta_iterations`` meta steps); returns T and a loss log.
+
+    The block's layers must be the only ones switched on besides earlier blocks (as
+    :func:`~hf_extensions.quantization.reconstruction.reconstruct_model` arranges).
+    """
+    block = model.get_submodule(block_name)
+    attach_learners(block, config.drop_prob)
+    transform = build_transform(images, config)
+    opt = torch.optim.Adam(transform.parameters(), lr=config.meta_lr)
+    feature_layer = quant_layers(model)[-1][0]
+    n, bs = len(images), min(config.batch_size, len(images))
+    log: dict[str, Any] = {"kl": [], "margin": [], "pkt": [], "total": []}
+    try:
+        for it in range(config.meta_iterations):
+            idx = torch.randint(n, (bs,), generator=generator).to(images.device)
+            idx_v = torch.randint(n, (bs,), generator=generator).to(images.device)
+            lam = torch.rand((), generator=generator).item()
+            perm = torch.randperm(bs, generator=generator).to(images.device)
+            beta = rounding_beta(
+                it, config.meta_iterations, config.warmup, config.beta_start, config.beta_end
+            )
+            # The math SDPA kernel has a double backward (the fused CPU/flash kernels do not).
+            with sdpa_kernel([SDPBackend.MATH]):
+                losses = meta_losses(
+                    model,
+                    fp_model,
+                    block_name,
+                    transform,
+                    images[idx],
+                    images[idx_v],
+                    config,
+                    beta,
+                    lam,
+                    perm,
+                    feature_layer,
+                )
+                grads = torch.autograd.grad(losses.total, list(transform.parameters()))
+            opt.zero_grad()
+            for p, g in zip(transform.parameters(), grads, strict=True):
+                p.grad = g
+            if config.meta_grad_clip > 0:
+                nn.utils.clip_grad_norm_(transform.parameters(), config.meta_grad_clip)
+            opt.step()
+            for key in ("kl", "margin", "pkt", "total"):
+                log[key].append(getattr(losses, key).item())
+    finally:
+        discard_learners(block)
+    transform.eval()
+    for p in transform.parameters():
+        p.requires_grad_(False)
+    summary = {f"first_{k}": v[0] for k, v in log.items() if v}
+    summary.update({f"last_{k}": v[-1] for k, v in log.items() if v})
+    return transform, summary

@@ -1,0 +1,166 @@
+"""``MetaAugQuantizer``: the Optimum-style entry point of BRECQ / QDrop / MetaAug PTQ.
+
+Usage (as optimum-intel's quantizers)::
+
+    quantizer = MetaAugQuantizer.from_pretrained(model)          # or a local path / Hub id
+    qmodel = quantizer.quantize(
+        save_dir, calibration_dataset=dataset,                    # a datasets.Dataset
+        quantization_config=MetaAugConfig(method="metaaug", weight_bits=4, activation_bits=4),
+    )
+    AutoModelForImageClassification.from_pretrained(save_dir)    # after ``import hf_extensions``
+
+The calibration runs :func:`~hf_extensions.quantization.reconstruction.reconstruct_model` (block
+reconstruction in forward order; MetaAug's bi-level stage before each inner block; Pham et al.,
+ECCV 2024, arXiv 2407.14726) on the device of an ``accelerate.Accelerator`` with a progress bar
+per block on the main process. A ``transformers`` model is saved with ``save_pretrained`` (its
+``config.json`` carries the :class:`MetaAugConfig`, so transformers' own loader rebuilds it); any
+other ``nn.Module`` (a torchvision CNN) is saved as ``model.safetensors`` +
+``quantization_config.json`` and reloaded with :func:`load_quantized`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from optimum.quantization_base import OptimumQuantizer
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForImageClassification, PreTrainedModel
+
+from hf_extensions.quantization.config import QUANT_METHOD, MetaAugConfig
+from hf_extensions.quantization.modules import replace_with_quant_modules
+from hf_extensions.quantization.reconstruction import ReconstructionResult, reconstruct_model
+
+__all__ = ["MetaAugQuantizer", "calibration_images", "load_quantized"]
+
+CONFIG_NAME = "quantization_config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def calibration_images(
+    dataset: Dataset | torch.Tensor, column: str = "pixel_values", num_samples: int | None = None
+) -> torch.Tensor:
+    """The calibration images ``[N, C, H, W]`` (float) of a ``datasets.Dataset`` or a tensor."""
+    if isinstance(dataset, torch.Tensor):
+        images = dataset
+    elif isinstance(dataset, Dataset):
+        if column not in dataset.column_names:
+            raise ValueError(
+                f"image_column={column!r} is invalid; allowed: one of {dataset.column_names}"
+            )
+        images = dataset.with_format("torch", columns=[column])[:][column]
+    else:
+        raise ValueError(
+            f"calibration_dataset={type(dataset).__name__} is invalid; allowed: a "
+            "datasets.Dataset or a tensor of images"
+        )
+    if num_samples is not None:
+        images = images[:num_samples]
+    if images.dim() != 4 or len(images) == 0:
+        raise ValueError(
+            f"calibration images of shape {tuple(images.shape)} are invalid; allowed: "
+            "a non-empty [N, C, H, W] batch"
+        )
+    return images.float()
+
+
+class MetaAugQuantizer(OptimumQuantizer):
+    """Block-reconstruction PTQ (``method = "brecq" | "qdrop" | "metaaug"``) of an image model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.result: ReconstructionResult | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls, model_or_path: nn.Module | str | Path, file_name: str | None = None, **kwargs: Any
+    ) -> MetaAugQuantizer:
+        """Wrap a model, or load one with ``AutoModelForImageClassification.from_pretrained``."""
+        if isinstance(model_or_path, nn.Module):
+            return cls(model_or_path)
+        if file_name is not None:
+            raise ValueError(
+                f"file_name={file_name!r} is invalid; allowed: None (transformers picks the file)"
+            )
+        return cls(AutoModelForImageClassification.from_pretrained(model_or_path, **kwargs))
+
+    def quantize(
+        self,
+        save_dir: str | Path | None = None,
+        file_prefix: str | None = None,
+        calibration_dataset: Dataset | torch.Tensor | None = None,
+        quantization_config: MetaAugConfig | dict | None = None,
+        image_column: str = "pixel_values",
+        num_samples: int | None = None,
+        accelerator: Any = None,
+        progress: bool = True,
+        **kwargs: Any,
+    ) -> nn.Module:
+        """Calibrate on ``calibration_dataset``, quantize ``self.model`` in place, save, return it.
+
+        ``file_prefix`` is refused (the file names are transformers' own); unknown keyword
+        arguments are refused too.
+        """
+        if kwargs:
+            raise ValueError(f"unknown arguments {sorted(kwargs)}; see MetaAugQuantizer.quantize")
+        if file_prefix is not None:
+            raise ValueError(f"file_prefix={file_prefix!r} is invalid; allowed: None")
+        if calibration_dataset is None:
+            raise ValueError(
+                "calibration_dataset=None is invalid; allowed: a datasets.Dataset of images"
+            )
+        config = quantization_config if quantization_config is not None else MetaAugConfig()
+        if isinstance(config, dict):
+            config = MetaAugConfig.from_dict(config)
+        if not isinstance(config, MetaAugConfig):
+            raise ValueError(
+                f"quantization_config={type(config).__name__} is invalid; allowed: MetaAugConfig"
+            )
+        if accelerator is None:
+            from accelerate import Accelerator
+
+            accelerator = Accelerator()
+        images = calibration_images(calibration_dataset, image_column, num_samples)
+        self.model.to(accelerator.device)
+        images = images.to(accelerator.device)
+        self.result = reconstruct_model(
+            self.model, images, config, accelerator=accelerator, progress=progress
+        )
+        self.config = config
+        if save_dir is not None and accelerator.is_main_process:
+            self.save(save_dir)
+        return self.model
+
+    def save(self, save_dir: str | Path) -> Path:
+        """``save_pretrained`` for a transformers model; safetensors + JSON config otherwise."""
+        save_dir = Path(save_dir)
+        if isinstance(self.model, PreTrainedModel):
+            self.model.save_pretrained(save_dir)
+            return save_dir
+        save_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.contiguous() for k, v in self.model.state_dict().items()}
+        save_file(state, str(save_dir / WEIGHTS_NAME), metadata={"quant_method": QUANT_METHOD})
+        (save_dir / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2))
+        return save_dir
+
+
+def load_quantized(model: nn.Module, save_dir: str | Path) -> nn.Module:
+    """Load a quantized non-transformers model saved by :meth:`MetaAugQuantizer.save`.
+
+    ``model`` is the float architecture; it is converted with the stored config (validated as a
+    user-given one) and loaded strictly.
+    """
+    save_dir = Path(save_dir)
+    data = json.loads((save_dir / CONFIG_NAME).read_text())
+    if data.get("quant_method") != QUANT_METHOD:
+        raise ValueError(
+            f"quant_method={data.get('quant_method')!r} is invalid; allowed: {QUANT_METHOD!r}"
+        )
+    config = MetaAugConfig.from_dict(data)
+    replace_with_quant_modules(model, config)
+    model.load_state_dict(load_file(str(save_dir / WEIGHTS_NAME)), strict=True)
+    return model.eval()

@@ -1,0 +1,202 @@
+"""Post-training quantization recipe: BRECQ / QDrop / MetaAug through ``MetaAugQuantizer``.
+
+MetaAug: Pham et al., "MetaAug: Meta-Data Augmentation for Post-Training Quantization", ECCV 2024
+(arXiv 2407.14726). One script, one YAML per setting:
+
+- ``digits.yaml`` -- the embedded default: the script trains a small ResNet-style CNN on
+  scikit-learn's digits itself (offline), then quantizes it at W4A4 and W2A4 from 128
+  calibration images, and reports calibration and held-out accuracy;
+- ``resnet18_imagenet.yaml``, ``resnet50_imagenet.yaml``, ``mobilenetv2_imagenet.yaml`` -- the
+  paper's models from the Hub (``microsoft/resnet-18``, ``microsoft/resnet-50``,
+  ``google/mobilenet_v2_1.0_224``) calibrated on ImageNet (``ILSVRC/imagenet-1k``, gated: accept
+  its terms and log in first), for a GPU.
+
+Launch (Accelerate places the model and data on the device; progress is shown per block)::
+
+    accelerate launch --config_file recipes/accelerate_configs/multi_gpu.yaml \
+        recipes/quantization/train.py --config recipes/quantization/digits.yaml
+
+Every setting (``--settings w4a4 w2a4``) is saved under ``output_dir/<setting>``: a transformers
+model with ``save_pretrained`` (reload: ``AutoModelForImageClassification.from_pretrained`` after
+``import hf_extensions``), the embedded CNN as safetensors + ``quantization_config.json``
+(``load_quantized``), each with an integer export (``model_int.safetensors``) and a model card.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from hf_extensions.cli import RecipeArgumentParser
+from hf_extensions.hub import build_model_card, save_model_card
+from hf_extensions.quantization import MetaAugConfig, MetaAugQuantizer, export_integer
+from hf_extensions.quantization.models import digits_tensors, evaluate_accuracy, train_digits_cnn
+
+RECIPE_DIR = Path(__file__).resolve().parent
+_SETTING = re.compile(r"^w([2-8])a([2-8]|16)$")
+
+
+@dataclass
+class QuantizationRecipeArguments:
+    """What to quantize, on which images, at which bit widths."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id or path of an image classifier (e.g. microsoft/resnet-18). Empty: "
+            "the embedded CNN, trained on digits by this script (offline)."
+        },
+    )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Hub dataset of the calibration/evaluation images. Empty: digits."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Dataset config."})
+    image_column: str = field(default="image", metadata={"help": "Column of the images."})
+    label_column: str = field(default="label", metadata={"help": "Column of the labels."})
+    calibration_split: str = field(default="train", metadata={"help": "Calibration split."})
+    eval_split: str = field(default="validation", metadata={"help": "Held-out split."})
+    num_calibration: int = field(default=128, metadata={"help": "Calibration images."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Held-out cap."})
+    settings: list[str] = field(
+        default_factory=lambda: ["w4a4", "w2a4"],
+        metadata={"help": "Bit settings 'w<bits>a<bits>' (a16: weight-only)."},
+    )
+    train_epochs: int = field(default=20, metadata={"help": "Embedded CNN: training epochs."})
+    output_dir: str = field(default="outputs/quantization", metadata={"help": "Where to save."})
+    integer_export: bool = field(default=True, metadata={"help": "Also write the int export."})
+
+    def __post_init__(self) -> None:
+        for setting in self.settings:
+            if not _SETTING.match(setting):
+                raise ValueError(
+                    f"settings={self.settings!r} is invalid; allowed: entries like 'w4a4', "
+                    "'w2a4', 'w8a16' (weight bits 2-8, activation bits 2-8 or 16 = float)"
+                )
+        if self.num_calibration < 1:
+            raise ValueError(f"num_calibration={self.num_calibration!r} is invalid; allowed: >= 1")
+        if self.dataset_name is not None and self.model_name_or_path is None:
+            raise ValueError(
+                "dataset_name needs model_name_or_path (its image processor prepares the images)"
+            )
+
+
+def _bits(setting: str) -> tuple[int, int | None]:
+    weight, act = _SETTING.match(setting).groups()
+    return int(weight), None if act == "16" else int(act)
+
+
+def _hub_images(args: QuantizationRecipeArguments, split: str, count: int | None, seed: int):
+    from datasets import load_dataset
+    from transformers import AutoImageProcessor
+
+    data = load_dataset(args.dataset_name, args.dataset_config_name, split=split)
+    data = data.shuffle(seed=seed)
+    if count is not None:
+        data = data.select(range(min(count, len(data))))
+    processor = AutoImageProcessor.from_pretrained(args.model_name_or_path)
+    images, labels = [], []
+    for start in range(0, len(data), 64):
+        batch = data[start : start + 64]
+        rgb = [image.convert("RGB") for image in batch[args.image_column]]
+        images.append(processor(rgb, return_tensors="pt")["pixel_values"])
+        labels.append(torch.tensor(batch[args.label_column]))
+    return torch.cat(images), torch.cat(labels)
+
+
+def load_setting(args: QuantizationRecipeArguments, seed: int):
+    """The float model, calibration images/labels and held-out images/labels."""
+    if args.model_name_or_path is None:
+        data = digits_tensors(seed)
+        model = train_digits_cnn(*data["train"], seed=seed, epochs=args.train_epochs)
+        pick = torch.randperm(len(data["train"][1]), generator=torch.Generator().manual_seed(seed))
+        pick = pick[: args.num_calibration]
+        calib = (data["train"][0][pick], data["train"][1][pick])
+        held = data["test"]
+        if args.max_eval_samples is not None:
+            held = (held[0][: args.max_eval_samples], held[1][: args.max_eval_samples])
+        return model, calib, held
+    from transformers import AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(args.model_name_or_path).eval()
+    calib = _hub_images(args, args.calibration_split, args.num_calibration, seed)
+    held = _hub_images(args, args.eval_split, args.max_eval_samples, seed)
+    return model, calib, held
+
+
+def main(argv: list[str] | None = None) -> tuple[dict[str, torch.nn.Module], dict[str, float]]:
+    """Quantize at every setting; return ``({setting: model}, metrics)``."""
+    parser = RecipeArgumentParser((QuantizationRecipeArguments, MetaAugConfig))
+    args, config = parser.parse(argv)
+    torch.manual_seed(config.seed)
+    fp_model, calib, held = load_setting(args, config.seed)
+    metrics = {
+        "fp_calib_acc": evaluate_accuracy(fp_model, *calib),
+        "fp_heldout_acc": evaluate_accuracy(fp_model, *held),
+    }
+    models = {}
+    for setting in args.settings:
+        weight_bits, activation_bits = _bits(setting)
+        setting_config = dataclasses.replace(
+            config, weight_bits=weight_bits, activation_bits=activation_bits
+        )
+        save_dir = Path(args.output_dir) / setting
+        quantizer = MetaAugQuantizer.from_pretrained(copy.deepcopy(fp_model))
+        model = quantizer.quantize(
+            save_dir, calibration_dataset=calib[0], quantization_config=setting_config
+        )
+        models[setting] = model
+        prefix = f"{setting}_{config.method}"
+        metrics[f"{prefix}_calib_acc"] = evaluate_accuracy(model, *calib)
+        metrics[f"{prefix}_heldout_acc"] = evaluate_accuracy(model, *held)
+        metrics[f"{prefix}_seconds"] = quantizer.result.total_seconds
+        if args.integer_export:
+            export_integer(model, save_dir, config=setting_config)
+        card = build_model_card(
+            method=f"ptq-{config.method}",
+            paper="MetaAug: Meta-Data Augmentation for Post-Training Quantization",
+            arxiv_id="2407.14726",
+            hyperparameters=setting_config.to_dict(),
+            metrics={k: v for k, v in metrics.items() if k.startswith(("fp_", prefix))},
+            base_model=args.model_name_or_path,
+            tags=["quantization", config.method],
+            datasets=[args.dataset_name or "scikit-learn digits"],
+        )
+        save_model_card(card, save_dir)
+        if not isinstance(model, PreTrainedModel):
+            print(f"{setting}: saved to {save_dir} (reload with load_quantized)")
+    for key, value in metrics.items():
+        print(f"{key}: {value:.4g}")
+    return models, metrics
+
+
+def demo() -> dict[str, float]:
+    """The embedded default, quick: CNN (10 epochs) on digits, MetaAug at W4A4 and W2A4 (short)."""
+    with tempfile.TemporaryDirectory() as output_dir:
+        _, metrics = main(
+            [
+                "--config",
+                str(RECIPE_DIR / "digits.yaml"),
+                "--output_dir",
+                output_dir,
+                "--train_epochs",
+                "10",
+                "--iterations",
+                "100",
+                "--meta_iterations",
+                "10",
+            ]
+        )
+    return {k: v for k, v in metrics.items() if k.endswith("_acc")}
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
