@@ -35,6 +35,10 @@ REGISTRY: dict[str, tuple[str, str]] = {
         "recipes.bnn_mutual.train",
         "BNN mutual learning (DML + parameter/feature diversity), two tiny ViT BNNs on digits",
     ),
+    "prompt_dsi": (
+        "recipes.prompt_dsi.train",
+        "PromptDSI: MiniLM DSI on stdlib docstrings, a topic-keyed prompt pool indexes new documents",
+    ),
     "fhbi": (
         "recipes.fhbi.train",
         "FHBI: 4 LoRA particles (+ heads) of a tiny ViT on digits, SAM ascent + SVGD repulsion",

@@ -16,6 +16,8 @@ from trainers.perturbation_config import PerturbationConfig
 from trainers.perturbation_trainer import PerturbationTrainer
 from trainers.pga_config import PGAConfig
 from trainers.pga_trainer import PairedDomainCollator, PairedDomainDataset, PGATrainer, pga_update
+from trainers.prompt_dsi_config import PromptDSIConfig
+from trainers.prompt_dsi_trainer import PromptDSITrainer
 from trainers.sam_config import SAMConfig
 from trainers.sam_trainer import SAMTrainer
 
@@ -34,6 +36,8 @@ __all__ = [
     "PairedDomainDataset",
     "PerturbationConfig",
     "PerturbationTrainer",
+    "PromptDSIConfig",
+    "PromptDSITrainer",
     "SAMConfig",
     "SAMTrainer",
     "pga_update",

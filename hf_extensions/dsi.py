@@ -1,0 +1,373 @@
+"""A classification differentiable search index (DSI) whose docid rows grow, and IncDSI's solver.
+
+Classification DSI (Tay et al. 2022, "atomic docids"; the form used by IncDSI and PromptDSI's
+classification variant): a query ``q`` is encoded by a transformer encoder, pooled to a feature
+``f(q)`` (masked mean of the last hidden states, L2-normalised by default), and every document
+``d`` has one row ``w_d`` of a linear layer; the score is ``s_d(q) = logit_scale * w_d . f(q)``
+and retrieval ranks documents by score. :class:`DSIModel` keeps the rows in blocks, one per
+indexing step, so :meth:`DSIModel.add_documents` appends a block and leaves the old rows
+bit-identical (and frozen when wanted).
+
+:func:`incdsi_rows` is IncDSI (Kishore, Wan, Lovelace, Artzi, Weinberger, "IncDSI: Incrementally
+Updatable Document Retrieval", ICML 2023, Sec. 3): each new document's row ``x`` is the solution
+of the constrained problem
+
+    min ||x||^2  s.t.  x . q_new >= max_{d old} w_d . q_new + m1     (its queries pick it)
+                       x . q_old <  max_{d old} w_d . q_old - m2     (old queries keep their argmax)
+
+solved, as in the official code, as a penalised problem with L-BFGS (hinge terms weighted
+``lam`` / ``1 - lam``, an L2 term), one document at a time, each added document's mean query
+joining the old-query bank. Departures: (1) the second constraint uses each old query's current
+*maximum* score (its argmax) rather than the score of its own document; the two agree whenever
+the old query is retrieved correctly, and the max form is what "keeps every old query's argmax"
+means; (2) after L-BFGS, violated old-query constraints are removed exactly by cyclic projection
+onto their half-spaces (the penalty alone does not guarantee them), so the argmax of every old
+query in the bank is provably unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from hf_extensions.encoders import mean_pool
+
+__all__ = ["DSIModel", "fit_docid_head", "incdsi_add_documents", "incdsi_rows"]
+
+POOLINGS = ("mean", "cls")
+DSI_FORMAT = "hf-extensions-dsi-1"
+ROWS_FILE = "docid_rows.safetensors"
+CONFIG_FILE = "dsi_config.json"
+
+
+class DSIModel(nn.Module):
+    """Encoder -> pooled feature -> docid rows (a linear layer without bias that can grow).
+
+    Args:
+        encoder: a ``transformers`` encoder returning ``last_hidden_state`` (``BertModel``, the
+            bundled MiniLM), or a ``PeftModel`` around one (a prompt pool); extra forward keywords
+            (``prompt_ids``) are passed to it.
+        num_docs: rows of the initial corpus ``D0``.
+        pooling: ``"mean"`` (masked mean, the MiniLM sentence embedding) or ``"cls"``.
+        normalize: L2-normalise the pooled feature (cosine scores).
+        logit_scale: fixed factor on the scores (a temperature for the cross-entropy).
+        init_std: standard deviation of freshly initialised rows.
+
+    ``forward(input_ids, attention_mask, labels=None, **encoder_kwargs)`` returns a
+    ``SequenceClassifierOutput`` with ``logits [B, num_docs]`` and, with ``labels`` (docids), the
+    cross-entropy ``loss``.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        num_docs: int,
+        pooling: str = "mean",
+        normalize: bool = True,
+        logit_scale: float = 10.0,
+        init_std: float = 0.02,
+    ):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"`pooling` must be one of {POOLINGS}, got {pooling!r}.")
+        if num_docs < 1:
+            raise ValueError(f"`num_docs` must be >= 1, got {num_docs}.")
+        if logit_scale <= 0:
+            raise ValueError(f"`logit_scale` must be > 0, got {logit_scale}.")
+        self.encoder = encoder
+        self.pooling = pooling
+        self.normalize = normalize
+        self.logit_scale = float(logit_scale)
+        self.init_std = float(init_std)
+        self.hidden_size = int(encoder.config.hidden_size)
+        self.docid_blocks = nn.ParameterList()
+        self.add_documents(num_docs)
+
+    @property
+    def config(self):
+        """The encoder's config (so ``Trainer`` and model cards find a name and sizes)."""
+        return self.encoder.config
+
+    @property
+    def num_docs(self) -> int:
+        return sum(block.shape[0] for block in self.docid_blocks)
+
+    @property
+    def docid_weight(self) -> torch.Tensor:
+        """All rows ``[num_docs, hidden]`` (a concatenation: differentiable w.r.t. each block)."""
+        return torch.cat(list(self.docid_blocks), dim=0)
+
+    def add_documents(
+        self,
+        num_new: int,
+        rows: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> range:
+        """Append ``num_new`` docid rows (``rows`` if given, else N(0, init_std)); return their ids.
+
+        Existing blocks are not touched (bit-identical); the new block is trainable.
+        """
+        if num_new < 1:
+            raise ValueError(f"`num_new` must be >= 1, got {num_new}.")
+        start = self.num_docs if len(self.docid_blocks) else 0
+        reference = self.docid_blocks[0] if len(self.docid_blocks) else None
+        if rows is None:
+            rows = torch.randn(num_new, self.hidden_size, generator=generator) * self.init_std
+        elif tuple(rows.shape) != (num_new, self.hidden_size):
+            raise ValueError(
+                f"`rows` must have shape {(num_new, self.hidden_size)}, got {tuple(rows.shape)}."
+            )
+        if reference is not None:
+            rows = rows.to(device=reference.device, dtype=reference.dtype)
+        self.docid_blocks.append(nn.Parameter(rows.detach().clone()))
+        return range(start, start + num_new)
+
+    def set_trainable(self, *, encoder: bool, old_rows: bool, new_rows: bool = True) -> None:
+        """``requires_grad`` of the encoder's own weights and of the old / newest row blocks.
+
+        Adapter (prompt-pool) parameters are not touched here: PEFT sets them trainable and
+        the encoder's base weights frozen.
+        """
+        if _is_peft_model(self.encoder):
+            if encoder:
+                raise ValueError(
+                    "`encoder=True` with a PEFT-wrapped encoder: its base weights stay frozen "
+                    "(train the adapter, or unwrap the encoder to fine-tune it)."
+                )
+        else:
+            self.encoder.requires_grad_(encoder)
+        for index, block in enumerate(self.docid_blocks):
+            newest = index == len(self.docid_blocks) - 1
+            block.requires_grad_(new_rows if newest else old_rows)
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pooled (and normalised) feature ``[B, hidden]`` of last hidden states."""
+        pooled = mean_pool(hidden, attention_mask) if self.pooling == "mean" else hidden[:, 0]
+        return F.normalize(pooled, dim=-1) if self.normalize else pooled
+
+    def encode(self, input_ids, attention_mask, **encoder_kwargs) -> torch.Tensor:
+        """The query feature ``f(q)`` ``[B, hidden]``."""
+        output = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **encoder_kwargs)
+        return self.pool(output.last_hidden_state, attention_mask)
+
+    def scores(self, features: torch.Tensor) -> torch.Tensor:
+        """``logit_scale * features @ W^T``: ``[B, num_docs]``."""
+        return self.logit_scale * features @ self.docid_weight.T
+
+    def forward(self, input_ids, attention_mask=None, labels=None, **encoder_kwargs):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        logits = self.scores(self.encode(input_ids, attention_mask, **encoder_kwargs))
+        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    # ----------------------------------------------------------------------------- save / load
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write the encoder (a PEFT adapter, or the full encoder) and the rows (safetensors).
+
+        Layout: ``encoder/`` (``save_pretrained`` of the encoder: a PEFT model writes only its
+        adapter), ``docid_rows.safetensors`` (one tensor per block) and ``dsi_config.json``.
+        """
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.encoder.save_pretrained(str(directory / "encoder"))
+        blocks = {
+            f"block_{i}": b.detach().cpu().contiguous() for i, b in enumerate(self.docid_blocks)
+        }
+        save_file(blocks, str(directory / ROWS_FILE))
+        config = {
+            "format": DSI_FORMAT,
+            "pooling": self.pooling,
+            "normalize": self.normalize,
+            "logit_scale": self.logit_scale,
+            "init_std": self.init_std,
+            "block_sizes": [int(b.shape[0]) for b in self.docid_blocks],
+            "peft": _is_peft_model(self.encoder),
+        }
+        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, save_directory: str | os.PathLike, encoder: nn.Module) -> DSIModel:
+        """Rebuild a saved DSI around ``encoder`` (the base encoder: a saved PEFT adapter is
+        loaded onto it with ``PeftModel.from_pretrained``; a saved full encoder replaces it).
+
+        Raises:
+            ValueError: the folder is not a DSI of this format, or its rows do not match.
+        """
+        directory = Path(save_directory)
+        config = json.loads((directory / CONFIG_FILE).read_text())
+        if config.get("format") != DSI_FORMAT:
+            raise ValueError(
+                f"{directory} holds DSI format {config.get('format')!r}; this version reads "
+                f"{DSI_FORMAT!r}."
+            )
+        if config["peft"]:
+            from peft import PeftModel
+
+            encoder = PeftModel.from_pretrained(encoder, str(directory / "encoder"))
+        else:
+            encoder = type(encoder).from_pretrained(str(directory / "encoder"))
+        blocks = load_file(str(directory / ROWS_FILE))
+        sizes = config["block_sizes"]
+        if len(blocks) != len(sizes) or any(
+            tuple(blocks[f"block_{i}"].shape) != (n, int(encoder.config.hidden_size))
+            for i, n in enumerate(sizes)
+        ):
+            raise ValueError(f"{directory / ROWS_FILE} does not match block sizes {sizes}.")
+        model = cls(
+            encoder,
+            sizes[0],
+            pooling=config["pooling"],
+            normalize=config["normalize"],
+            logit_scale=config["logit_scale"],
+            init_std=config["init_std"],
+        )
+        with torch.no_grad():
+            model.docid_blocks[0].copy_(blocks["block_0"])
+        for i, n in enumerate(sizes[1:], start=1):
+            model.add_documents(n, rows=blocks[f"block_{i}"])
+        return model
+
+
+def _is_peft_model(module: nn.Module) -> bool:
+    from peft import PeftModel
+
+    return isinstance(module, PeftModel)
+
+
+def fit_docid_head(
+    model: DSIModel,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    block: int = -1,
+    steps: int = 300,
+    lr: float = 1e-2,
+    seed: int = 0,
+) -> float:
+    """Fit one row block of a frozen-encoder DSI on precomputed features (full-batch AdamW, CE).
+
+    The cheap way to index ``D0`` when the encoder stays frozen (the features are ``model.encode``
+    of the training inputs, computed once). Only block ``block`` moves; the loss is over all rows.
+    Returns the final training loss.
+    """
+    torch.manual_seed(seed)
+    target = model.docid_blocks[block]
+    others = [b for i, b in enumerate(model.docid_blocks) if b is not target]
+    optimizer = torch.optim.AdamW([target], lr=lr, weight_decay=0.0)
+    features = features.to(target.device, target.dtype)
+    labels = labels.to(target.device)
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        optimizer.zero_grad()
+        logits = model.scores(features)
+        loss = F.cross_entropy(logits, labels)
+        loss.backward()
+        optimizer.step()
+    for b in others:
+        b.grad = None
+    target.grad = None
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def _enforce_old_argmax(x, old_queries, limits, margin, max_rounds):
+    """Cyclic projection of ``x`` onto ``{x: x . q_i <= limit_i - margin}`` (most violated first)."""
+    for _ in range(max_rounds):
+        violation = old_queries @ x - (limits - margin)
+        worst = int(torch.argmax(violation))
+        if violation[worst] < 0:
+            return x, True
+        q = old_queries[worst]
+        x = x - (violation[worst] + 1e-6) / (q @ q).clamp_min(1e-12) * q
+    return x, bool((old_queries @ x < limits).all())
+
+
+def _solve_one_document(qs, bank, max_new, limits, lam, m1, m2, l2_reg, iterations, lr):
+    """L-BFGS on IncDSI's penalised objective for one document (init: mean of its queries)."""
+    x = qs.mean(dim=0).clone().requires_grad_(True)  # IncDSI's "mean_dpr" initialisation
+    optimizer = torch.optim.LBFGS([x], lr=lr, max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        pick = F.relu(max_new + m1 - qs @ x).sum()
+        keep = F.relu(bank @ x - limits + m2).sum()
+        loss = lam * pick + (1 - lam) * keep + l2_reg * (x * x).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return x.detach()
+
+
+def incdsi_rows(
+    weight: torch.Tensor,
+    old_queries: torch.Tensor,
+    new_queries: Sequence[torch.Tensor],
+    *,
+    lam: float = 0.5,
+    m1: float = 0.1,
+    m2: float = 0.1,
+    l2_reg: float = 1e-3,
+    iterations: int = 20,
+    lr: float = 1.0,
+    max_projection_rounds: int = 1000,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """IncDSI: rows for new documents that keep the argmax of every old query.
+
+    Args:
+        weight: existing rows ``[N, d]``.
+        old_queries: the bank of old query features ``[M, d]`` (IncDSI: one mean training-query
+            feature per indexed document).
+        new_queries: per new document, its query features ``[n_j, d]``.
+        lam, m1, m2, l2_reg: the official code's hinge weight, margins and L2 weight.
+        iterations, lr: L-BFGS steps (strong-Wolfe line search) per document.
+
+    Returns:
+        ``(rows [len(new_queries), d], bank)``: the new rows, and the old-query bank extended
+        with each new document's mean query. Every bank query's argmax over ``[weight; rows]``
+        equals its argmax over ``weight`` (exact, by the final projection), unless the
+        constraints are infeasible, which raises ``RuntimeError``.
+    """
+    weight = weight.detach().float()
+    bank = old_queries.detach().float()
+    rows = []
+    for qs in new_queries:
+        qs = qs.detach().float()
+        if qs.ndim != 2 or qs.shape[1] != weight.shape[1]:
+            raise ValueError(f"each new query block must be [n, {weight.shape[1]}], got {qs.shape}")
+        current = torch.cat([weight, *[r[None] for r in rows]]) if rows else weight
+        max_new = (qs @ current.T).max(dim=1).values
+        limits = (bank @ current.T).max(dim=1).values
+        x = _solve_one_document(qs, bank, max_new, limits, lam, m1, m2, l2_reg, iterations, lr)
+        x, ok = _enforce_old_argmax(x, bank, limits, m2 / 2, max_projection_rounds)
+        if not ok:
+            raise RuntimeError("IncDSI: could not satisfy every old query's argmax constraint.")
+        rows.append(x)
+        bank = torch.cat([bank, qs.mean(dim=0, keepdim=True)])
+    return torch.stack(rows), bank
+
+
+def incdsi_add_documents(
+    model: DSIModel, old_queries: torch.Tensor, new_queries: Sequence[torch.Tensor], **kwargs
+) -> tuple[range, torch.Tensor]:
+    """Solve :func:`incdsi_rows` against ``model``'s rows and append them as a frozen block.
+
+    ``new_queries`` are features (``model.encode``) of each new document's training inputs;
+    returns ``(new docids, extended old-query bank)``. Scores carry ``logit_scale``, a positive
+    factor, so argmax constraints in feature space hold for the model's logits.
+    """
+    with torch.no_grad():
+        weight = model.docid_weight.detach()
+    rows, bank = incdsi_rows(weight, old_queries, new_queries, **kwargs)
+    ids = model.add_documents(len(rows), rows=rows)
+    model.docid_blocks[-1].requires_grad_(False)
+    return ids, bank

@@ -1,0 +1,1 @@
+"""PromptDSI incremental-indexing recipe (see README.md)."""
