@@ -40,6 +40,7 @@ from benchmarks.harness import (
     mean_std,
     quiet_training_arguments,
     save_plot,
+    torch_threads,
     trainer_step_fn,
 )
 from hf_extensions.data import add_label_noise, load_digits
@@ -221,12 +222,8 @@ def main(argv: list[str] | None = None) -> BenchmarkReport:
     )
     parser.add_argument("--quick", action="store_true", help="2 epochs, one seed: a smoke run")
     args = parser.parse_args(argv)
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(1)  # steadier timings on a shared machine; recorded in the JSON
-    try:
+    with torch_threads(1):  # steadier timings on a shared machine; recorded in the JSON
         return _run(args)
-    finally:
-        torch.set_num_threads(threads_before)
 
 
 def _accuracy_part(args, settings: Settings, seeds: list[int]) -> tuple[dict, dict, Settings]:

@@ -50,6 +50,7 @@ from benchmarks.harness import (
     mean_std,
     quiet_training_arguments,
     save_plot,
+    torch_threads,
     trainer_step_fn,
 )
 from hf_extensions.bayesian import PeerEnsemble, convert_to_bayesian, peer_distance
@@ -318,12 +319,8 @@ def main(argv: list[str] | None = None) -> BenchmarkReport:
     )
     parser.add_argument("--quick", action="store_true", help="2 epochs, one seed, no selection")
     args = parser.parse_args(argv)
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(1)  # steadier timings on a shared machine; recorded in the JSON
-    try:
+    with torch_threads(1):  # steadier timings on a shared machine; recorded in the JSON
         return _run(args)
-    finally:
-        torch.set_num_threads(threads_before)
 
 
 def _claims(summary: dict[str, dict[str, tuple[float, float]]], ratios) -> dict[str, Any]:

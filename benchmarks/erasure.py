@@ -39,6 +39,7 @@ from benchmarks.harness import (
     make_parser,
     mean_std,
     save_plot,
+    torch_threads,
 )
 from hf_extensions.pipelines import (
     ConceptEraser,
@@ -217,13 +218,8 @@ def main(argv: list[str] | None = None) -> BenchmarkReport:
         args.seeds, args.steps, args.eval_samples = [0], 3, 2
         args.timing_repeats, args.timing_warmup, args.num_heldout = 3, 1, 4
         args.k_closest, args.num_centers = 40, 4
-    threads = torch.get_num_threads()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return _run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(args) -> BenchmarkReport:

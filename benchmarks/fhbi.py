@@ -42,6 +42,7 @@ from benchmarks.harness import (
     quiet_training_arguments,
     save_plot,
     time_callable,
+    torch_threads,
 )
 from hf_extensions.data import load_digits
 from hf_extensions.metrics.functional import (
@@ -292,10 +293,14 @@ def _plot(results, timing, settings, results_dir, name):
 
 
 def main(argv: list[str] | None = None) -> BenchmarkReport:
+    with torch_threads(1):  # tiny models: extra threads only wait for a busy core here
+        return _main(argv)
+
+
+def _main(argv: list[str] | None = None) -> BenchmarkReport:
     parser = make_parser(__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)  # tiny models: extra threads only wait for a core here
     settings = QUICK if args.quick else Settings()
     name = NAME + ("_quick" if args.quick else "")
     timing = run_timing(settings)

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import gc
 import json
 import os
 import platform
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -375,6 +376,22 @@ def trainer_step_fn(trainer, num_training_steps: int) -> Callable[[dict[str, Any
         return loss
 
     return step
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` torch intra-op threads (``<= 0``: leave as is), then restore.
+
+    Benchmarks of tiny models use one thread: on a small shared machine a second thread waiting
+    for a busy core only adds noise. Restoring keeps ``python -m benchmarks`` runs independent.
+    """
+    before = torch.get_num_threads()
+    if count > 0:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def quiet_training_arguments(output_dir: str, **overrides: Any) -> dict[str, Any]:

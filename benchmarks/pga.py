@@ -58,6 +58,7 @@ from benchmarks.harness import (
     mean_std,
     quiet_training_arguments,
     save_plot,
+    torch_threads,
     trainer_step_fn,
 )
 from hf_extensions.clip_prompts import (
@@ -245,6 +246,11 @@ def plot(per_seed, curves, ratios, results_dir):
 
 
 def main(argv: list[str] | None = None) -> BenchmarkReport:
+    with torch_threads(1):  # tiny models: extra threads only wait for a busy core here
+        return _main(argv)
+
+
+def _main(argv: list[str] | None = None) -> BenchmarkReport:
     parser = make_parser(__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run of seconds")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -268,7 +274,6 @@ def main(argv: list[str] | None = None) -> BenchmarkReport:
     if opts.quick:
         opts.seeds, opts.steps, opts.eval_every = [0], 6, 3
         opts.clip_steps, opts.repeats, opts.align_grid = 20, 3, []
-    torch.set_num_threads(1)
     start = time.perf_counter()
 
     domains = digit_domains(0, target_shift=opts.shift, severity=opts.severity)

@@ -41,6 +41,7 @@ from benchmarks.harness import (
     make_parser,
     mean_std,
     save_plot,
+    torch_threads,
 )
 from hf_extensions.schedulers import (
     GaussianMixture,
@@ -385,13 +386,8 @@ def main(argv: list[str] | None = None) -> BenchmarkReport:
     args = parser.parse_args(argv)
     if 50 not in args.steps or 1.0 not in args.rhos or 0.0 not in args.rhos:
         parser.error("--steps must include 50 and --rhos must include 0 and 1 (the claims).")
-    threads_before = torch.get_num_threads()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return _run(args)
-    finally:
-        torch.set_num_threads(threads_before)
 
 
 def _run(args) -> BenchmarkReport:

@@ -42,6 +42,7 @@ from benchmarks.harness import (
     make_parser,
     mean_std,
     save_plot,
+    torch_threads,
 )
 from hf_extensions.data import load_digits
 from hf_extensions.testing import tiny_vit_classifier
@@ -388,13 +389,8 @@ def main(argv: list[str] | None = None) -> BenchmarkReport:
     parser.add_argument("--quick", action="store_true", help="a smoke run of seconds")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: as is)")
     args = parser.parse_args(argv)
-    threads_before = torch.get_num_threads()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return _run(args)
-    finally:
-        torch.set_num_threads(threads_before)
 
 
 def _run(args) -> BenchmarkReport:

@@ -31,6 +31,7 @@ from benchmarks.harness import (
     make_parser,
     quiet_training_arguments,
     save_plot,
+    torch_threads,
     trainer_step_fn,
 )
 from hf_extensions.data import load_digits
@@ -139,16 +140,11 @@ def main(argv: list[str] | None = None) -> BenchmarkReport:
         "--threads", type=int, default=1, help="torch intra-op threads (0: leave as is)"
     )
     args = parser.parse_args(argv)
-    threads_before = torch.get_num_threads()
-    if args.threads > 0:
-        # A 64x256 matmul gains nothing from intra-op threads, and on a shared small machine a
-        # second thread waiting for a busy core only adds noise to what is measured: Python-side
-        # overhead per step.
-        torch.set_num_threads(args.threads)
-    try:
+    # A 64x256 matmul gains nothing from intra-op threads, and on a shared small machine a
+    # second thread waiting for a busy core only adds noise to what is measured: Python-side
+    # overhead per step.
+    with torch_threads(args.threads):
         return _run(args)
-    finally:
-        torch.set_num_threads(threads_before)  # later benchmarks of `python -m benchmarks`
 
 
 def _run(args) -> BenchmarkReport:

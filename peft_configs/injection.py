@@ -57,6 +57,7 @@ __all__ = [
     "find_self_attention_modules",
     "get_prefix_site",
     "prefix_attention_forward",
+    "unwrap_attention_layers",
 ]
 
 #: Name under which :func:`prefix_attention_forward` is registered with transformers.
@@ -471,3 +472,17 @@ def detach_prefix_site(module: nn.Module) -> None:
     site = module.__dict__.pop(_SITE_ATTRIBUTE, None)
     if site is not None:
         module.config = site.config
+
+
+def unwrap_attention_layers(model: nn.Module, layer_type: type[nn.Module]) -> None:
+    """Put back every attention module wrapped by a ``layer_type`` tuner layer and detach its site.
+
+    A wrapped attention module holds no weight of its own to merge, so PEFT's generic unload
+    (which copies ``weight``/``bias``) does not apply; the prefix tuners call this instead.
+    """
+    for name, module in list(model.named_modules()):
+        if isinstance(module, layer_type):
+            parent_name, _, child_name = name.rpartition(".")
+            base_layer = module.get_base_layer()
+            detach_prefix_site(base_layer)
+            setattr(model.get_submodule(parent_name), child_name, base_layer)

@@ -19,6 +19,7 @@ from benchmarks.harness import (
     machine_info,
     mean_std,
     time_callable,
+    torch_threads,
 )
 
 SLEEP_S = 0.005
@@ -181,3 +182,18 @@ def test_trainer_step_fn_matches_a_plain_sgd_loop(tmp_path):
     plain_loss, trainer_loss = sgd_losses(seed=0, steps=3, lr=0.1, output_dir=str(tmp_path))
     assert math.isfinite(plain_loss)
     assert trainer_loss == plain_loss
+
+
+def test_torch_threads_sets_and_restores_even_on_error():
+    import torch
+
+    before = torch.get_num_threads()
+    target = 2 if before == 1 else 1
+    with torch_threads(target):
+        assert torch.get_num_threads() == target
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), torch_threads(target):
+        raise RuntimeError("boom")
+    assert torch.get_num_threads() == before
+    with torch_threads(0):
+        assert torch.get_num_threads() == before

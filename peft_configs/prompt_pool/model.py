@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from peft_configs.injection import PrefixSite, attach_prefix_sites, detach_prefix_site
+from peft_configs.injection import PrefixSite, attach_prefix_sites, unwrap_attention_layers
 from peft_configs.prompt_pool.config import PromptPoolConfig
 from peft_configs.prompt_pool.layer import PromptPoolLayer
 from peft_configs.prompt_pool.selection import (
@@ -234,12 +234,7 @@ class PromptPoolModel(BaseTuner):
                 "prompts selected per input cannot be merged into the weights; use "
                 "model.unload() to remove the pool"
             )
-        for name, module in list(self.model.named_modules()):
-            if isinstance(module, PromptPoolLayer):
-                parent_name, _, child_name = name.rpartition(".")
-                base_layer = module.get_base_layer()
-                detach_prefix_site(base_layer)
-                setattr(self.model.get_submodule(parent_name), child_name, base_layer)
+        unwrap_attention_layers(self.model, PromptPoolLayer)
         for handle in [*self._hooks, *self._block_hooks.values()]:
             handle.remove()
         self._hooks, self._block_hooks = [], {}

@@ -24,8 +24,8 @@ from torch import nn
 from peft_configs.injection import (
     PrefixSite,
     attach_prefix_sites,
-    detach_prefix_site,
     find_self_attention_modules,
+    unwrap_attention_layers,
 )
 from peft_configs.shared_prefix.config import SharedPrefixTuningConfig
 from peft_configs.shared_prefix.layer import GlobalPrefixSlice, SharedPrefixLayer, init_latent_
@@ -243,14 +243,7 @@ class SharedPrefixModel(BaseTuner):
                 "a prefix cannot be merged into the attention weights: use model.materialize() "
                 "for the inference form, or model.unload() to remove the prefixes"
             )
-        # A wrapped attention module is not a weight-holding layer: PEFT's generic replacement
-        # (which copies `weight`/`bias`) does not apply; put the module back and detach its site.
-        for name, module in list(self.model.named_modules()):
-            if isinstance(module, SharedPrefixLayer):
-                parent_name, _, child_name = name.rpartition(".")
-                base_layer = module.get_base_layer()
-                detach_prefix_site(base_layer)
-                setattr(self.model.get_submodule(parent_name), child_name, base_layer)
+        unwrap_attention_layers(self.model, SharedPrefixLayer)
         if self._position_hook is not None:
             self._position_hook.remove()
             self._position_hook = None
