@@ -58,6 +58,7 @@ __all__ = [
     "get_prefix_site",
     "prefix_attention_forward",
     "unwrap_attention_layers",
+    "without_base_layer",
 ]
 
 #: Name under which :func:`prefix_attention_forward` is registered with transformers.
@@ -486,3 +487,10 @@ def unwrap_attention_layers(model: nn.Module, layer_type: type[nn.Module]) -> No
             base_layer = module.get_base_layer()
             detach_prefix_site(base_layer)
             setattr(model.get_submodule(parent_name), child_name, base_layer)
+
+
+def without_base_layer(name: str) -> str:
+    """A module name without PEFT's trailing ``.base_layer`` parts (the name before wrapping)."""
+    while name.endswith(".base_layer"):
+        name = name.removesuffix(".base_layer")
+    return name

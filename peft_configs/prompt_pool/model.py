@@ -24,7 +24,12 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from peft_configs.injection import PrefixSite, attach_prefix_sites, unwrap_attention_layers
+from peft_configs.injection import (
+    PrefixSite,
+    attach_prefix_sites,
+    unwrap_attention_layers,
+    without_base_layer,
+)
 from peft_configs.prompt_pool.config import PromptPoolConfig
 from peft_configs.prompt_pool.layer import PromptPoolLayer
 from peft_configs.prompt_pool.selection import (
@@ -45,12 +50,6 @@ from peft_configs.prompt_pool.selection import (
 __all__ = ["PromptPoolModel"]
 
 _BATCH_INPUTS = ("input_ids", "inputs_embeds", "pixel_values")
-
-
-def _strip_base_layer(name: str) -> str:
-    while name.endswith(".base_layer"):
-        name = name.removesuffix(".base_layer")
-    return name
 
 
 class PromptPoolModel(BaseTuner):
@@ -124,7 +123,7 @@ class PromptPoolModel(BaseTuner):
                     f"`query_layer`={peft_config.query_layer!r} must be <= the first prompted "
                     f"layer ({first}): the query must not see the prompts."
                 )
-        self._prefix_targets = {_strip_base_layer(name): site for name, site in sites.items()}
+        self._prefix_targets = {without_base_layer(name): site for name, site in sites.items()}
 
     def _check_target_module_exists(self, peft_config, key: str) -> bool:
         return key in self._prefix_targets

@@ -26,6 +26,7 @@ from peft_configs.injection import (
     attach_prefix_sites,
     find_self_attention_modules,
     unwrap_attention_layers,
+    without_base_layer,
 )
 from peft_configs.shared_prefix.config import SharedPrefixTuningConfig
 from peft_configs.shared_prefix.layer import GlobalPrefixSlice, SharedPrefixLayer, init_latent_
@@ -39,12 +40,6 @@ _GLOBAL_CONTAINERS = (
     "shared_prefix_global_up",
     "shared_prefix_global_down",
 )
-
-
-def _strip_base_layer(name: str) -> str:
-    while name.endswith(".base_layer"):
-        name = name.removesuffix(".base_layer")
-    return name
 
 
 class SharedPrefixModel(BaseTuner):
@@ -112,7 +107,7 @@ class SharedPrefixModel(BaseTuner):
                 kv_dim if peft_config.share == "global_mlp" else DEFAULT_PER_LAYER_HIDDEN
             )
         self._prefix_targets = {
-            _strip_base_layer(name): (position, site)
+            without_base_layer(name): (position, site)
             for position, (name, site) in enumerate(sites.items())
         }
 
