@@ -39,6 +39,7 @@ from __future__ import annotations
 import copy
 import tempfile
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -444,35 +445,69 @@ def plot(metrics: dict, d0_start: float, results_dir) -> None:
     save_plot(fig, NAME, results_dir)
 
 
+def aggregate(per_seed: list[dict]) -> dict:
+    """Per method: the mean over seeds of every number and every curve, plus ``<key>_per_seed``."""
+    metrics: dict[str, dict[str, Any]] = {}
+    for method in per_seed[0]:
+        row: dict[str, Any] = {}
+        for key, first in per_seed[0][method].items():
+            values = [result[method][key] for result in per_seed]
+            if isinstance(first, (int, float)) and not isinstance(first, bool):
+                row[key] = float(np.mean(values))
+                row[f"{key}_per_seed"] = values
+            elif isinstance(first, list) and all(isinstance(v, (int, float)) for v in first):
+                row[key] = np.mean(np.asarray(values, dtype=float), axis=0).tolist()
+                row[f"{key}_per_seed"] = values
+            else:
+                row[f"{key}_per_seed"] = values
+        metrics[method] = row
+    return metrics
+
+
 def main(argv: list[str] | None = None) -> BenchmarkReport:
     parser = make_parser(__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
+    seeds = args.seeds[:1] if args.quick else args.seeds
     start = time.perf_counter()
-    metrics, ratios, extra = run(cfg, seed=args.seed)
+    runs = [run(cfg, seed=seed) for seed in seeds]
+    metrics = aggregate([metrics for metrics, _, _ in runs])
+    ratios = {name: float(np.median([r[name] for _, r, _ in runs])) for name in runs[0][1]}
+    d0_start = {
+        key: float(np.mean([extra["d0_start"][key] for _, _, extra in runs]))
+        for key in runs[0][2]["d0_start"]
+    }
     report = BenchmarkReport(
         name=NAME,
         metrics=metrics,
         ratios=ratios,
-        config={**cfg, "seed": args.seed, "quick": args.quick, **extra},
+        config={
+            **cfg,
+            "seeds": seeds,
+            "quick": args.quick,
+            "d0_start": d0_start,
+            "ratios_per_seed": [r for _, r, _ in runs],
+            "per_seed": [{"seed": seed, **extra} for seed, (_, _, extra) in zip(seeds, runs)],
+        },
         notes=(
+            "Means over seeds (each seed: its own corpus split, training order and key k-means; "
+            "per-seed values beside every mean). "
             "Hits@k / MRR@10 of held-out pseudo-queries (disjoint spans of stdlib docstrings), "
             "ranked over all documents indexed so far. d0_hits10_final: D0 queries after the "
             "last increment (start value in config.d0_start); new_hits10: mean over increments "
             "of Hits@10 on D_t right after indexing D_t; mrr10: MRR@10 over all test queries at "
             "the end; usage_entropy: normalised prompt-usage entropy on all test queries at the "
-            "end. ratios.one_pass_vs_two_pass: median inference latency of the PromptDSI pool "
-            "(input_embed_mean query, one encoder pass) over the L2P pool (frozen_cls query, two "
-            "passes), timed interleaved on one batch. Encoder frozen at D0 (the paper fine-tunes "
-            f"it). Total wall time {time.perf_counter() - start:.0f} s."
+            "end. ratios.one_pass_vs_two_pass: median over seeds of the median inference latency "
+            "of the PromptDSI pool (input_embed_mean query, one encoder pass) over the L2P pool "
+            "(frozen_cls query, two passes), timed interleaved on one batch. Encoder frozen at D0 "
+            f"(the paper fine-tunes it). Total wall time {time.perf_counter() - start:.0f} s."
         ),
     )
-    results_dir = args.results_dir
     if not args.quick:
-        report.write(results_dir)
-        plot(metrics, extra["d0_start"]["hits10"], results_dir)
+        report.write(args.results_dir)
+        plot(metrics, d0_start["hits10"], args.results_dir)
     report.print_table()
     return report
 
