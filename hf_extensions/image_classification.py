@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from datasets import ClassLabel, DatasetDict, load_dataset
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
@@ -170,3 +172,38 @@ def build_datasets(args: ImageClassificationArguments, seed: int) -> DatasetDict
         return {"pixel_values": pixels, "labels": batch["labels"]}
 
     return data.with_transform(preprocess)
+
+
+def pretrain_classifier(
+    model,
+    pixel_values: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    epochs: int = 30,
+    learning_rate: float = 3e-3,
+    batch_size: int = 64,
+    weight_decay: float = 0.05,
+    seed: int = 0,
+):
+    """Train every weight of an image classifier from scratch (AdamW, cosine schedule).
+
+    Not a method of this project: it stands in for upstream pretraining (ImageNet-21k for a
+    ViT-B/16) when a recipe or benchmark needs a *pretrained* frozen backbone offline.
+    Deterministic for a seed, so every process of a distributed launch builds the same
+    backbone. Returns ``model`` in eval mode.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    steps = max(1, epochs * -(-len(labels) // batch_size))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(labels), generator=generator)
+        for start in range(0, len(labels), batch_size):
+            rows = order[start : start + batch_size]
+            loss = F.cross_entropy(model(pixel_values=pixel_values[rows]).logits, labels[rows])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return model.eval()

@@ -147,6 +147,33 @@ class LabelTree:
         }
         return cls(tree)
 
+    @classmethod
+    def from_coarse_labels(
+        cls,
+        fine: Sequence[int] | np.ndarray,
+        coarse: Sequence[int] | np.ndarray,
+        coarse_names: Sequence[str] | None = None,
+    ) -> LabelTree:
+        """A one-level tree from a dataset's coarse labels (e.g. CIFAR-100's 20 superclasses).
+
+        Each fine class goes to the leaf of its coarse label; a fine class seen under two coarse
+        labels is refused.
+        """
+        fine, coarse = np.asarray(fine), np.asarray(coarse)
+        if fine.shape != coarse.shape or fine.ndim != 1:
+            raise ValueError(
+                f"fine and coarse labels must be 1-D of one length, got {fine.shape}, {coarse.shape}."
+            )
+        parent: dict[int, int] = {}
+        for f, c in zip(fine.tolist(), coarse.tolist()):
+            if parent.setdefault(int(f), int(c)) != int(c):
+                raise ValueError(f"fine class {f} appears under coarse labels {parent[f]} and {c}.")
+        tree: dict[str, list[int]] = {}
+        for f, c in sorted(parent.items()):
+            name = coarse_names[c] if coarse_names is not None else f"coarse_{c}"
+            tree.setdefault(name, []).append(f)
+        return cls(tree)
+
     def leaf_groups(self, classes: Iterable[int] | None = None) -> list[list[int]]:
         """Leaf groups as id lists, restricted to ``classes`` when given (empty groups dropped)."""
         keep = None if classes is None else {int(c) for c in classes}
@@ -333,16 +360,43 @@ def grouped_supervised_contrastive_loss(
 ) -> torch.Tensor:
     """The paper's ``L_sub``: SupCon within each leaf group, summed and divided by the groups.
 
-    Groups with fewer than two samples in the batch contribute 0 but still count in the
-    denominator (as in the official ``subsup_loss``).
+    Computed in one pass: the similarity logits between samples of different groups are masked
+    out, so each row's softmax runs over its own group only, and the per-group means of the
+    positive-pair terms are gathered with ``scatter_add`` (equal to calling
+    :func:`supervised_contrastive_loss` on each group's samples, which the tests check). Groups
+    with fewer than two samples (or no positive pair) in the batch contribute 0 but still count
+    in the denominator (as in the official ``subsup_loss``). Samples of classes outside every
+    group are ignored.
     """
     if not groups:
         raise ValueError("`groups` is empty.")
+    labels = labels.long()
+    size = int(max(labels.max().item(), max(max(g) for g in groups if g))) + 1
+    group_of = torch.full((size,), -1, dtype=torch.long, device=labels.device)
+    for index, group in enumerate(groups):
+        group_of[torch.as_tensor(list(group), dtype=torch.long, device=labels.device)] = index
+    sample_group = group_of[labels]
+    keep = sample_group >= 0
+    features, labels, sample_group = features[keep], labels[keep], sample_group[keep]
     total = features.sum() * 0.0
-    for group in groups:
-        mask = torch.isin(labels, torch.as_tensor(list(group), device=labels.device))
-        if int(mask.sum()) > 1:
-            total = total + supervised_contrastive_loss(
-                features[mask], labels[mask], temperature, gamma, include_self
-            )
-    return total / len(groups)
+    if len(labels) < 2:
+        return total / len(groups)
+    z = F.normalize(features, dim=1)
+    logits = z @ z.T / temperature
+    if gamma is not None:
+        logits = logits * gamma.to(logits)[labels][:, labels]
+    eye = torch.eye(len(labels), dtype=torch.bool, device=features.device)
+    allowed = sample_group[:, None] == sample_group[None, :]
+    if not include_self:
+        allowed = allowed & ~eye
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    positives = (labels[:, None] == labels[None, :]) & ~eye
+    per_anchor = -(log_prob.masked_fill(~positives, 0.0)).sum(1)
+    count = positives.sum(1).to(per_anchor.dtype)
+    group_sum = torch.zeros(len(groups), dtype=per_anchor.dtype, device=features.device)
+    group_count = torch.zeros_like(group_sum)
+    group_sum = group_sum.scatter_add(0, sample_group, per_anchor)
+    group_count = group_count.scatter_add(0, sample_group, count)
+    per_group = torch.where(group_count > 0, group_sum / group_count.clamp(min=1), group_sum * 0)
+    return total + per_group.sum() / len(groups)

@@ -10,6 +10,8 @@ from trainers.bnn_mutual_config import BayesianMutualLearningConfig
 from trainers.bnn_mutual_trainer import BayesianMutualLearningTrainer
 from trainers.fhbi_config import FHBIConfig
 from trainers.fhbi_trainer import FHBITrainer
+from trainers.hierarchical_cl_config import HierarchicalPromptCLConfig
+from trainers.hierarchical_cl_trainer import HierarchicalPromptCLTrainer
 from trainers.method_config import MethodConfig
 from trainers.method_trainer import MethodTrainer
 from trainers.perturbation_config import PerturbationConfig
@@ -28,6 +30,8 @@ __all__ = [
     "BayesianMutualLearningTrainer",
     "FHBIConfig",
     "FHBITrainer",
+    "HierarchicalPromptCLConfig",
+    "HierarchicalPromptCLTrainer",
     "MethodConfig",
     "MethodTrainer",
     "PGAConfig",

@@ -1,0 +1,610 @@
+"""Class-incremental prompt learning with a label taxonomy and optimal transport.
+
+Tran et al., "Leveraging Hierarchical Taxonomies in Prompt-based Continual Learning" (arXiv
+2410.04327; official code tranquyenbk173/HierC) on the HiDe-Prompt learner (Wang et al.,
+"Hierarchical Decomposition of Prompt-Based Continual Learning", NeurIPS 2023). The model is a
+classification model (e.g. ``ViTForImageClassification``) wrapped in a task-indexed prompt pool,
+``get_peft_model(model, PromptPoolConfig(pool_size=num_tasks, top_k=1, layers=[0..4],
+modules_to_save=["classifier"]))``; PEFT freezes the backbone.
+
+:meth:`HierarchicalPromptCLTrainer.train_task` learns one task of a stream:
+
+1. at the start, the frozen (prompt-free) features of the new classes are summarised as k-means
+   mixtures; the OT distances ``W`` between all seen classes are updated (cached per pair) and
+   the taxonomy's leaf groups are restricted to the seen classes (the tree grows);
+2. prompt ``t`` starts from prompt ``t − 1`` and trains with the loss of
+   :class:`trainers.HierarchicalPromptCLConfig` (CE masked to the task's classes, HiDe's
+   regulariser, the global and per-group SupCon terms over current + replayed pseudo-features);
+3. at the end, the prompted features of the new classes are summarised as mixtures, the
+   classifier is re-trained on pseudo-features of every seen class (classifier alignment) and
+   the task-identity inference (TII) head on frozen features.
+
+At test time (:meth:`predict`) the TII head on the frozen features picks a class, hence a task,
+hence the prompt; the prompted forward gives the logits over all seen classes.
+
+Departures from the official code, named: the pseudo-features replayed in the SupCon terms are
+really drawn from the stored mixtures (the official ``train_task_adaptive_prediction`` assigns
+``old_data`` as a local variable, so the global it means to fill stays empty and the replay is
+a no-op); the TII head is a linear head trained after each task on the task's frozen features
+plus pseudo-features of the earlier classes (HiDe trains it in a separate run); statistics are
+computed on every process over the whole task (no all-gather), so all ranks hold the same
+mixtures; the evaluation re-scoring is vectorised.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader
+
+from hf_extensions.data.streams import TaskStream
+from hf_extensions.metrics.functional import average_forgetting, final_average_accuracy
+from hf_extensions.taxonomy import (
+    ClassDistances,
+    ClassMixture,
+    LabelTree,
+    fit_class_mixture,
+    grouped_supervised_contrastive_loss,
+    supervised_contrastive_loss,
+)
+from trainers.hierarchical_cl_config import HierarchicalPromptCLConfig
+from trainers.method_trainer import MethodTrainer
+
+__all__ = ["HierarchicalPromptCLTrainer", "hide_regulariser", "same_group_cosine"]
+
+STATE_FILE = "continual_state.safetensors"
+STATE_CONFIG = "continual_state.json"
+
+
+def hide_regulariser(
+    features: torch.Tensor, old_centroids: torch.Tensor | None, temperature: float = 0.8
+) -> torch.Tensor:
+    """HiDe-Prompt's contrastive regulariser (the official ``orth_loss``).
+
+    ``M = [old centroids; features]``, ``S = M Mᵀ / τ``, loss = ``CE(S, identity)``: each
+    current feature is pushed away from the other features of the batch and from every stored
+    centroid of the earlier classes (raw, unnormalised features, as in the official code).
+    """
+    rows = features if old_centroids is None else torch.cat([old_centroids.to(features), features])
+    similarity = rows @ rows.T / temperature
+    return F.cross_entropy(similarity, torch.arange(len(rows), device=rows.device))
+
+
+def same_group_cosine(
+    new_features: Mapping[int, torch.Tensor],
+    old_means: Mapping[int, torch.Tensor],
+    groups: list[list[int]],
+) -> float | None:
+    """Mean cosine between new-class features and the means of old classes in the same group.
+
+    The mechanism of the paper: with the hierarchical terms, new classes move away from the
+    earlier classes they are confusable with. ``None`` when no group holds both.
+    """
+    values = []
+    for group in groups:
+        old = [c for c in group if c in old_means]
+        for c in group:
+            if c in new_features and old:
+                means = F.normalize(torch.stack([old_means[o] for o in old]), dim=1)
+                feats = F.normalize(new_features[c], dim=1)
+                values.append((feats @ means.T).flatten())
+    if not values:
+        return None
+    return float(torch.cat(values).mean())
+
+
+def _mixture_mean(mixture: ClassMixture) -> torch.Tensor:
+    return (mixture.weights[:, None] * mixture.means).sum(0)
+
+
+class HierarchicalPromptCLTrainer(MethodTrainer):
+    """``Trainer`` for class-incremental learning over a task stream (:meth:`fit_stream`).
+
+    Example::
+
+        pool = get_peft_model(vit, PromptPoolConfig(pool_size=5, top_k=1, layers=[0, 1, 2],
+                                                    key_source="fixed",
+                                                    modules_to_save=["classifier"]))
+        trainer = HierarchicalPromptCLTrainer(
+            pool, HierarchicalPromptCLConfig(output_dir="out"),
+            taxonomy=LabelTree({"round": ["0", "6", "8", "9"], "straight": ["1", "4", "7"],
+                                "curvy": ["2", "3", "5"]}))
+        result = trainer.fit_stream(class_incremental_stream(load_digits(), num_tasks=5))
+        result["faa"], result["forgetting"], result["accuracy_matrix"]
+
+    Args:
+        taxonomy: the label tree; ``None`` builds a one-level tree from the frozen class means by
+            agglomerative clustering each time classes arrive (our addition).
+    """
+
+    method: ClassVar[str] = "hierarchical-prompt-cl"
+    paper: ClassVar[str | None] = (
+        "Leveraging Hierarchical Taxonomies in Prompt-based Continual Learning"
+    )
+    arxiv_id: ClassVar[str | None] = "2410.04327"
+
+    def __init__(
+        self,
+        model: PeftModel,
+        args: HierarchicalPromptCLConfig,
+        *trainer_args,
+        taxonomy: LabelTree | Mapping | None = None,
+        **kwargs,
+    ):
+        if not isinstance(args, HierarchicalPromptCLConfig):
+            raise TypeError(
+                f"`args` must be a HierarchicalPromptCLConfig, got {type(args).__name__}."
+            )
+        if not isinstance(model, PeftModel) or not hasattr(model.base_model, "copy_prompt_"):
+            raise ValueError(
+                "`model` must be a prompt-pool PEFT model: get_peft_model(model, "
+                "PromptPoolConfig(pool_size=num_tasks, top_k=1, modules_to_save=['classifier']))."
+            )
+        model.accepts_loss_kwargs = False  # the loss is a batch mean: Trainer scales accumulation
+        super().__init__(model, args, *trainer_args, **kwargs)
+        if taxonomy is not None and not isinstance(taxonomy, LabelTree):
+            taxonomy = LabelTree(taxonomy)
+        self.taxonomy: LabelTree | None = taxonomy
+        self.num_labels = int(self._head().out_features)
+        self.task_classes: list[list[int]] = []
+        self.current_task: int | None = None
+        self.frozen_mixtures: dict[int, ClassMixture] = {}
+        self.prompted_mixtures: dict[int, ClassMixture] = {}
+        self.distances = ClassDistances(
+            num_samples=args.ot_samples, solver=args.ot_solver, seed=args.seed
+        )
+        self.eval_distances = ClassDistances(
+            num_samples=args.ot_samples, solver=args.ot_solver, seed=args.seed + 1
+        )
+        self._gamma: torch.Tensor | None = None
+        self._groups: list[list[int]] = []
+        self._old_centroids: torch.Tensor | None = None
+        self._replay_table: tuple[torch.Tensor, ...] | None = None
+        self.tii_head: nn.Linear | None = None
+        self._frozen_task_features: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------------ model plumbing
+    def _pool(self):
+        return self.accelerator.unwrap_model(self.model).base_model
+
+    def _head(self) -> nn.Module:
+        """The active linear head (inside PEFT's ``modules_to_save`` wrapper when there is one)."""
+        base = self.accelerator.unwrap_model(self.model).get_base_model()
+        head = getattr(base, self.args.head_name, None)
+        if head is None:
+            raise ValueError(f"the model has no attribute `{self.args.head_name}` (head_name).")
+        active = getattr(head, "modules_to_save", None)
+        if active is not None:
+            head = active[next(iter(active))]
+        if not isinstance(head, nn.Linear):
+            raise ValueError(f"`{self.args.head_name}` must be an nn.Linear, got {type(head)}.")
+        return head
+
+    @contextmanager
+    def _head_input(self) -> Iterator[list[torch.Tensor]]:
+        """Capture the input of the head (the pooled features) during a forward."""
+        base = self.accelerator.unwrap_model(self.model).get_base_model()
+        captured: list[torch.Tensor] = []
+        hook = getattr(base, self.args.head_name).register_forward_pre_hook(
+            lambda _module, args: captured.append(args[0])
+        )
+        try:
+            yield captured
+        finally:
+            hook.remove()
+
+    def _class_mask(self, classes) -> torch.Tensor:
+        mask = torch.zeros(self.num_labels, dtype=torch.bool, device=self.args.device)
+        mask[torch.as_tensor(list(classes), dtype=torch.long)] = True
+        return mask
+
+    @property
+    def seen_classes(self) -> list[int]:
+        return [c for classes in self.task_classes for c in classes]
+
+    def _loader(self, dataset: Dataset, batch_size: int | None = None) -> DataLoader:
+        data = self._remove_unused_columns(dataset, description="continual")
+        return DataLoader(
+            data,
+            batch_size=batch_size or self.args.per_device_eval_batch_size,
+            collate_fn=self.data_collator,
+            shuffle=False,
+        )
+
+    @torch.no_grad()
+    def _features(self, dataset: Dataset, task: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head inputs over ``dataset`` with prompt ``task`` (``None``: frozen, prompt-free)."""
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        features, labels = [], []
+        for batch in self._loader(dataset):
+            labels.append(batch.pop("labels"))
+            batch = {k: v.to(self.args.device) for k, v in batch.items()}
+            with self._head_input() as captured:
+                if task is None:
+                    with model.disable_adapter():
+                        model(**batch)
+                else:
+                    model(**batch, prompt_ids=task)
+            features.append(captured[0].float().cpu())
+        model.train(was_training)
+        return torch.cat(features), torch.cat(labels)
+
+    def _fit_mixtures(self, features: torch.Tensor, labels: torch.Tensor, classes, offset: int):
+        return {
+            c: fit_class_mixture(
+                features[labels == c], self.args.num_components, seed=self.args.seed + offset + c
+            )
+            for c in classes
+        }
+
+    # ------------------------------------------------------------------------ loss
+    def _replay(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``replay_factor × batch`` pseudo-features of earlier classes.
+
+        Classes are drawn uniformly, then a centroid by its weight, then ``mean + std · N(0, I)``
+        (one multinomial over the stacked centroids of :attr:`_replay_table`).
+        """
+        count = self.args.replay_factor * batch_size
+        if self._replay_table is None or count == 0:
+            return None
+        means, stds, classes, probabilities = self._replay_table
+        generator = torch.Generator().manual_seed(
+            self.args.seed * 1_000_003 + self.state.global_step * 101 + self.args.process_index
+        )
+        picks = torch.multinomial(probabilities, count, replacement=True, generator=generator)
+        noise = torch.randn(count, means.shape[1], generator=generator)
+        features = means[picks] + stds[picks] * noise
+        return features, classes[picks]
+
+    def _build_replay_table(self) -> None:
+        old = [c for c in self.seen_classes if c in self.prompted_mixtures]
+        if not old:
+            self._replay_table = None
+            return
+        mixtures = [self.prompted_mixtures[c] for c in old]
+        self._replay_table = (
+            torch.cat([m.means for m in mixtures]),
+            torch.cat([m.variances.sqrt() for m in mixtures]),
+            torch.cat([torch.full((len(m.weights),), c) for c, m in zip(old, mixtures)]),
+            torch.cat([m.weights / m.weights.sum() / len(old) for m in mixtures]),
+        )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """CE masked to the task + HiDe regulariser + global / per-group SupCon (Sec. 4)."""
+        if self.current_task is None:
+            raise RuntimeError("train through train_task()/fit_stream(), not train().")
+        args = self.args
+        labels = inputs.pop("labels")
+        with self._head_input() as captured:
+            outputs = model(**inputs, prompt_ids=self.current_task)
+        features = captured[0]
+        mask = self._class_mask(self.task_classes[self.current_task])
+        logits = outputs.logits.masked_fill(~mask, float("-inf"))
+        ce = F.cross_entropy(logits, labels)
+        loss = ce
+        logs: dict[str, Any] = {"ce_loss": ce.detach()}
+        if args.hide_reg > 0:
+            hide = hide_regulariser(features, self._old_centroids, args.hide_temperature)
+            loss = loss + args.hide_reg * hide
+            logs["hide_loss"] = hide.detach()
+        if args.hierarchical and (args.reg_glob > 0 or args.reg_sub > 0):
+            all_features, all_labels = features, labels
+            replay = self._replay(len(labels))
+            if replay is not None:
+                all_features = torch.cat([features, replay[0].to(features)])
+                all_labels = torch.cat([labels, replay[1].to(labels.device)])
+            glob = supervised_contrastive_loss(all_features, all_labels, args.supcon_temperature)
+            sub = grouped_supervised_contrastive_loss(
+                all_features, all_labels, self._groups, args.supcon_temperature, self._gamma
+            )
+            loss = loss + args.reg_glob * glob + args.reg_sub * sub
+            logs.update(supcon_global=glob.detach(), supcon_groups=sub.detach())
+        self.record(**logs)
+        return (loss, outputs) if return_outputs else loss
+
+    # ------------------------------------------------------------------------ one task
+    def _begin_task(self, dataset: Dataset, classes: list[int]) -> None:
+        task = len(self.task_classes)
+        self.task_classes.append(classes)
+        self.current_task = task
+        frozen, labels = self._features(dataset, task=None)
+        self._frozen_task_features = (frozen, labels)
+        self.frozen_mixtures.update(self._fit_mixtures(frozen, labels, classes, offset=0))
+        seen = self.seen_classes
+        if self.taxonomy is not None:
+            self._groups = self.taxonomy.leaf_groups(seen)
+        else:
+            means = {c: _mixture_mean(self.frozen_mixtures[c]) for c in seen}
+            groups = self.args.num_groups or max(1, len(seen) // 2)
+            self._groups = LabelTree.from_embeddings(means, min(groups, len(seen))).leaf_groups()
+        self._gamma = None
+        if self.args.use_ot:
+            self._gamma = self.distances.gamma(
+                self.frozen_mixtures, self.num_labels, self.args.ot_delta
+            ).to(self.args.device)
+        old = [self.prompted_mixtures[c].means for c in seen if c in self.prompted_mixtures]
+        self._old_centroids = torch.cat(old).to(self.args.device) if old else None
+        self._build_replay_table()
+        if task > 0 and self.args.init_from_previous:
+            self._pool().copy_prompt_(task - 1, task)
+
+    def _train_head(
+        self,
+        head: nn.Module,
+        mixtures: Mapping[int, ClassMixture],
+        epochs: int,
+        real: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        """Re-train ``head`` on pseudo-features of the seen classes (+ ``real`` ones): SGD 0.9
+        momentum, weight decay 5e-4, cosine schedule (HiDe-Prompt's classifier alignment)."""
+        if epochs == 0:
+            return
+        params = [p for p in head.parameters()]
+        optimizer = torch.optim.SGD(
+            params, lr=self.args.ca_learning_rate, momentum=0.9, weight_decay=5e-4
+        )
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+        mask = self._class_mask(self.seen_classes)
+        generator = torch.Generator().manual_seed(self.args.seed + 7919 * len(self.task_classes))
+        batch = max(self.args.per_device_train_batch_size, 16)
+        requires_grad = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            for _ in range(epochs):
+                feats, labels = [], []
+                for c in self.seen_classes:
+                    if c in mixtures:
+                        n = self.args.ca_samples_per_class
+                        feats.append(mixtures[c].sample(n, generator))
+                        labels.append(torch.full((n,), c, dtype=torch.long))
+                if real is not None:
+                    feats.append(real[0])
+                    labels.append(real[1])
+                x, y = torch.cat(feats), torch.cat(labels)
+                order = torch.randperm(len(y), generator=generator)
+                x, y = x[order].to(self.args.device), y[order].to(self.args.device)
+                for start in range(0, len(y), batch):
+                    logits = head(x[start : start + batch]).masked_fill(~mask, float("-inf"))
+                    loss = F.cross_entropy(logits, y[start : start + batch])
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                schedule.step()
+        for p, flag in zip(params, requires_grad):
+            p.requires_grad_(flag)
+
+    def _end_task(self, dataset: Dataset, classes: list[int]) -> dict[str, float]:
+        task = self.current_task
+        prompted, labels = self._features(dataset, task=task)
+        old_means = {c: _mixture_mean(m) for c, m in self.prompted_mixtures.items()}
+        new = {c: prompted[labels == c] for c in classes}
+        cosine = same_group_cosine(new, old_means, self._groups)
+        self.prompted_mixtures.update(self._fit_mixtures(prompted, labels, classes, offset=10_000))
+        if task > 0:
+            self._train_head(self._head(), self.prompted_mixtures, self.args.ca_epochs)
+        if self.tii_head is None:
+            dim = self._frozen_task_features[0].shape[1]
+            self.tii_head = nn.Linear(dim, self.num_labels).to(self.args.device)
+            torch.manual_seed(self.args.seed)
+            self.tii_head.reset_parameters()
+        old_frozen = {c: m for c, m in self.frozen_mixtures.items() if c not in classes}
+        self._train_head(
+            self.tii_head, old_frozen, self.args.tii_epochs, real=self._frozen_task_features
+        )
+        self._frozen_task_features = None
+        return {} if cosine is None else {"same_group_cosine": cosine}
+
+    def train_task(self, dataset: Dataset, classes: list[int] | None = None) -> dict[str, float]:
+        """Learn the next task from ``dataset`` (its ``labels`` are the task's classes).
+
+        Returns the training metrics plus ``same_group_cosine`` (new-class features vs the stored
+        means of earlier classes in the same leaf group; from the second task on).
+        """
+        if classes is None:
+            classes = sorted({int(y) for y in dataset["labels"]})
+        classes = [int(c) for c in classes]
+        overlap = set(classes) & set(self.seen_classes)
+        if overlap:
+            raise ValueError(f"classes {sorted(overlap)} were learned by an earlier task.")
+        pool_size = self._pool().active_pool_config.pool_size
+        if len(self.task_classes) >= pool_size:
+            raise ValueError(
+                f"the prompt pool holds {pool_size} prompts: one per task; build it with "
+                "pool_size = the number of tasks."
+            )
+        self._begin_task(dataset, classes)
+        self.train_dataset = dataset
+        self.optimizer = None  # a fresh optimizer per task (HiDe-Prompt's reinit_optimizer)
+        self.lr_scheduler = None
+        self.model_wrapped = self.model
+        output = self.train()
+        metrics = dict(output.metrics)
+        metrics.update(self._end_task(dataset, classes))
+        return metrics
+
+    # ------------------------------------------------------------------------ inference
+    def _rescore(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """The official evaluation trick: group-wise re-scoring by Mahalanobis distances.
+
+        For each leaf group ``g``: ``c*`` = argmax of the logits in ``g``, ``d = Σ_{j∈g}
+        W'[c*, j] · m_j(x)`` (``m_j`` = diagonal Mahalanobis distance to the nearest centroid
+        of class ``j``'s prompted mixture, ``W'`` = OT distances in the prompted space),
+        ``E_g = exp(η0 · max_g logits − η · d)``; logits in ``g`` are multiplied by ``E_g`` and
+        all by ``1 / Σ_g E_g``; classes outside every group get −inf.
+        """
+        seen = self.seen_classes
+        distance = torch.full_like(logits, 1e12)
+        for c in seen:
+            mixture = self.prompted_mixtures[c]
+            means, var = mixture.means.to(features), mixture.variances.to(features) + 1e-6
+            diff = features[:, None, :] - means[None]
+            distance[:, c] = (diff.pow(2) / var[None]).sum(-1).sqrt().min(1).values
+        w = self.eval_distances.matrix(self.prompted_mixtures, self.num_labels).to(logits)
+        scored = torch.full_like(logits, float("-inf"))
+        total = torch.zeros(len(logits), 1, device=logits.device, dtype=logits.dtype)
+        factors = []
+        for group in self._groups:
+            index = torch.as_tensor(group, device=logits.device)
+            group_logits = logits[:, index]
+            best, arg = group_logits.max(1)
+            d = (w[index[arg]][:, index] * distance[:, index]).sum(1)
+            energy = torch.exp(self.args.rescoring_eta0 * best - self.args.rescoring_eta * d)
+            factors.append((index, group_logits, energy[:, None]))
+            total = total + energy[:, None]
+        for index, group_logits, energy in factors:
+            scored[:, index] = group_logits * energy / total
+        return scored
+
+    @torch.no_grad()
+    def predict_classes(self, dataset: Dataset) -> dict[str, np.ndarray]:
+        """``predictions`` (classes), ``task_predictions`` (TII) and ``labels`` on ``dataset``."""
+        if self.tii_head is None:
+            raise RuntimeError("no task learned yet: call train_task()/fit_stream() first.")
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        seen = self._class_mask(self.seen_classes)
+        class_to_task = torch.zeros(self.num_labels, dtype=torch.long, device=self.args.device)
+        for task, classes in enumerate(self.task_classes):
+            class_to_task[torch.as_tensor(classes)] = task
+        predictions, task_predictions, labels = [], [], []
+        for batch in self._loader(dataset):
+            labels.append(batch.pop("labels"))
+            batch = {k: v.to(self.args.device) for k, v in batch.items()}
+            with self._head_input() as captured, model.disable_adapter():
+                model(**batch)
+            frozen = captured[0].float()
+            tii = self.tii_head(frozen).masked_fill(~seen, float("-inf"))
+            tasks = class_to_task[tii.argmax(1)]
+            with self._head_input() as captured:
+                logits = model(**batch, prompt_ids=tasks).logits.float()
+            logits = logits.masked_fill(~seen, float("-inf"))
+            if self.args.eval_rescoring:
+                logits = self._rescore(logits, captured[0].float())
+            predictions.append(logits.argmax(1).cpu())
+            task_predictions.append(tasks.cpu())
+        model.train(was_training)
+        return {
+            "predictions": torch.cat(predictions).numpy(),
+            "task_predictions": torch.cat(task_predictions).numpy(),
+            "labels": torch.cat(labels).numpy(),
+        }
+
+    def evaluate_seen(self, datasets: list[Dataset]) -> dict[str, list[float]]:
+        """Accuracy and TII accuracy on each of ``datasets`` (one per seen task, in order)."""
+        accuracy, tii = [], []
+        for task, data in enumerate(datasets):
+            out = self.predict_classes(data)
+            accuracy.append(float(np.mean(out["predictions"] == out["labels"])))
+            tii.append(float(np.mean(out["task_predictions"] == task)))
+        return {"accuracy": accuracy, "tii_accuracy": tii}
+
+    def fit_stream(self, stream: TaskStream, eval_split: str = "test") -> dict[str, Any]:
+        """Learn every task of ``stream``, evaluating all seen tasks after each one.
+
+        Returns ``accuracy_matrix`` (``acc[i][j]``: task ``j`` after task ``i``; NaN above the
+        diagonal), ``faa`` (final average accuracy), ``forgetting``, ``tii_accuracy`` (per stage,
+        averaged over seen tasks) and ``same_group_cosine`` (per task from the second).
+        """
+        size = len(stream)
+        acc = np.full((size, size), np.nan)
+        tii, cosines = [], []
+        for task, data in enumerate(stream):
+            metrics = self.train_task(data["train"], stream.task_classes[task])
+            if "same_group_cosine" in metrics:
+                cosines.append(metrics["same_group_cosine"])
+            seen = self.evaluate_seen([stream[j][eval_split] for j in range(task + 1)])
+            acc[task, : task + 1] = seen["accuracy"]
+            tii.append(float(np.mean(seen["tii_accuracy"])))
+            self.log({f"stage_{task}_average_accuracy": float(np.mean(seen["accuracy"]))})
+        return {
+            "accuracy_matrix": acc.tolist(),
+            "faa": final_average_accuracy(acc),
+            "forgetting": average_forgetting(acc),
+            "tii_accuracy": tii,
+            "same_group_cosine": cosines,
+        }
+
+    # ------------------------------------------------------------------------ save / load
+    def save_continual_state(self, directory: str | Path) -> None:
+        """Write the TII head, the class mixtures and the task/taxonomy bookkeeping.
+
+        With the adapter (``save_model``) this is everything :meth:`predict_classes` needs:
+        reload with :meth:`load_continual_state` on a trainer around the reloaded adapter.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, torch.Tensor] = {}
+        if self.tii_head is not None:
+            tensors["tii.weight"] = self.tii_head.weight.detach().cpu()
+            tensors["tii.bias"] = self.tii_head.bias.detach().cpu()
+        for space, mixtures in (
+            ("frozen", self.frozen_mixtures),
+            ("prompted", self.prompted_mixtures),
+        ):
+            for c, m in mixtures.items():
+                for name in ("means", "variances", "weights"):
+                    tensors[f"{space}.{c}.{name}"] = getattr(m, name).contiguous()
+        save_file(tensors, str(directory / STATE_FILE))
+        meta = {
+            "task_classes": self.task_classes,
+            "groups": self._groups,
+            "taxonomy": None if self.taxonomy is None else self.taxonomy.to_dict(),
+            "class_names": None if self.taxonomy is None else self.taxonomy.class_names,
+            "ot_cache": [[i, j, v] for (i, j), v in self.distances.cache.items()],
+        }
+        (directory / STATE_CONFIG).write_text(json.dumps(meta, indent=2))
+
+    def load_continual_state(self, directory: str | Path) -> None:
+        """Restore what :meth:`save_continual_state` wrote."""
+        directory = Path(directory)
+        tensors = load_file(str(directory / STATE_FILE))
+        meta = json.loads((directory / STATE_CONFIG).read_text())
+        self.task_classes = [list(map(int, c)) for c in meta["task_classes"]]
+        self.current_task = len(self.task_classes) - 1 if self.task_classes else None
+        self._groups = [list(map(int, g)) for g in meta["groups"]]
+        if meta["taxonomy"] is not None:
+            self.taxonomy = LabelTree(meta["taxonomy"], meta["class_names"])
+        self.distances.cache = {(int(i), int(j)): float(v) for i, j, v in meta["ot_cache"]}
+        for space, target in (
+            ("frozen", self.frozen_mixtures),
+            ("prompted", self.prompted_mixtures),
+        ):
+            target.clear()
+            ids = {int(k.split(".")[1]) for k in tensors if k.startswith(space + ".")}
+            for c in ids:
+                target[c] = ClassMixture(
+                    *(tensors[f"{space}.{c}.{name}"] for name in ("means", "variances", "weights"))
+                )
+        if "tii.weight" in tensors:
+            weight = tensors["tii.weight"]
+            self.tii_head = nn.Linear(weight.shape[1], weight.shape[0]).to(self.args.device)
+            with torch.no_grad():
+                self.tii_head.weight.copy_(weight)
+                self.tii_head.bias.copy_(tensors["tii.bias"])
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The adapter (prompts + head), then the continual state beside it."""
+        super().save_model(output_dir, _internal_call)
+        if self.is_world_process_zero() and self.task_classes:
+            self.save_continual_state(output_dir or self.args.output_dir)
+
+    def card_hyperparameters(self) -> dict[str, Any]:
+        values = super().card_hyperparameters()
+        values["tasks_learned"] = len(self.task_classes)
+        values["taxonomy"] = "given" if self.taxonomy is not None else "agglomerative"
+        return values
