@@ -39,6 +39,10 @@ REGISTRY: dict[str, tuple[str, str]] = {
         "recipes.prompt_dsi.train",
         "PromptDSI: MiniLM DSI on stdlib docstrings, a topic-keyed prompt pool indexes new documents",
     ),
+    "hierarchical_cl": (
+        "recipes.hierarchical_cl.train",
+        "hierarchical-taxonomy prompt CL + OT: frozen tiny ViT, digits as 5 tasks x 2 classes",
+    ),
     "fhbi": (
         "recipes.fhbi.train",
         "FHBI: 4 LoRA particles (+ heads) of a tiny ViT on digits, SAM ascent + SVGD repulsion",

@@ -359,7 +359,8 @@ class HierarchicalPromptCLTrainer(MethodTrainer):
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
         mask = self._class_mask(self.seen_classes)
         generator = torch.Generator().manual_seed(self.args.seed + 7919 * len(self.task_classes))
-        batch = max(self.args.per_device_train_batch_size, 16)
+        # the global batch: every process runs this same loop, so 1 or N processes agree
+        batch = self.args.per_device_train_batch_size * self.args.world_size
         requires_grad = [p.requires_grad for p in params]
         for p in params:
             p.requires_grad_(True)

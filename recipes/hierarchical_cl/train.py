@@ -134,6 +134,10 @@ def _digits(script_args: HierarchicalCLScriptArguments, config: HierarchicalProm
 
 def _hub(script_args: HierarchicalCLScriptArguments, config: HierarchicalPromptCLConfig):
     raw = load_dataset(script_args.dataset_name)
+    if "train" not in raw or "test" not in raw:
+        raise ValueError(
+            f"{script_args.dataset_name!r} needs train and test splits, has {list(raw)}."
+        )
     raw = raw.rename_column(script_args.label_column, "labels")
     names = raw["train"].features["labels"]
     names = names.names if isinstance(names, ClassLabel) else None
@@ -189,7 +193,9 @@ def main(argv: list[str] | None = None) -> tuple[HierarchicalPromptCLTrainer, di
             modules_to_save=[config.head_name],
         ),
     )
-    config.remove_unused_columns = True
+    # digits rows carry sample_id/task_id (dropped); Hub rows are transformed on the fly, and
+    # their image column must reach the transform (the HF image-classification convention)
+    config.remove_unused_columns = script_args.dataset_name is None
     trainer = HierarchicalPromptCLTrainer(
         pool, config, taxonomy=tree, data_collator=DefaultDataCollator()
     )
