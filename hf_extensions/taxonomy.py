@@ -315,6 +315,22 @@ class ClassDistances:
         return torch.exp(-self.matrix(mixtures, num_classes) / delta)
 
 
+def _masked_log_softmax(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """Row-wise ``log_softmax`` over the ``allowed`` entries only (all entries when ``None``).
+
+    Equal to filling the other entries with −inf before ``logsumexp``, without exponentiating
+    −inf or underflowing values (CPU ``exp`` is 4-10x slower on those): the excluded entries are
+    zeroed after ``exp`` instead. A row with no allowed entry gets finite values (never NaN).
+    """
+    if allowed is None:
+        return logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    row_max = logits.masked_fill(~allowed, float("-inf")).amax(dim=1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
+    shifted = (logits - row_max).masked_fill(~allowed, 0.0)
+    total = (shifted.exp() * allowed).sum(dim=1, keepdim=True)
+    return logits - row_max - total.clamp_min(torch.finfo(logits.dtype).tiny).log()
+
+
 def supervised_contrastive_loss(
     features: torch.Tensor,
     labels: torch.Tensor,
@@ -341,9 +357,7 @@ def supervised_contrastive_loss(
     if gamma is not None:
         logits = logits * gamma.to(logits)[labels][:, labels]
     eye = torch.eye(len(labels), dtype=torch.bool, device=features.device)
-    if not include_self:
-        logits = logits.masked_fill(eye, float("-inf"))
-    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    log_prob = _masked_log_softmax(logits, ~eye if not include_self else None)
     positives = (labels[:, None] == labels[None, :]) & ~eye
     if not positives.any():
         return features.sum() * 0.0
@@ -389,8 +403,7 @@ def grouped_supervised_contrastive_loss(
     allowed = sample_group[:, None] == sample_group[None, :]
     if not include_self:
         allowed = allowed & ~eye
-    logits = logits.masked_fill(~allowed, float("-inf"))
-    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    log_prob = _masked_log_softmax(logits, allowed)
     positives = (labels[:, None] == labels[None, :]) & ~eye
     per_anchor = -(log_prob.masked_fill(~positives, 0.0)).sum(1)
     count = positives.sum(1).to(per_anchor.dtype)
