@@ -40,7 +40,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from peft import get_peft_model
 from sklearn.model_selection import train_test_split
@@ -60,6 +59,7 @@ import peft_configs  # noqa: F401  (registers the PEFT method)
 from hf_extensions.cli import RecipeArgumentParser
 from hf_extensions.data import load_digits
 from hf_extensions.hub import build_model_card, save_model_card
+from hf_extensions.image_classification import pretrain_classifier
 from hf_extensions.metrics import compute_classification_metrics
 from hf_extensions.testing import tiny_vit_classifier
 from peft_configs import SharedPrefixTuningConfig
@@ -367,24 +367,16 @@ def pretrain_tiny_vit(source, args: ScriptArguments, seed: int) -> ViTForImageCl
     )
     pixels = torch.as_tensor(np.asarray(source["train"]["pixel_values"], dtype=np.float32))
     labels = torch.as_tensor(np.asarray(source["train"]["labels"]))
-    generator = torch.Generator().manual_seed(seed)
-    batch_size = 32
-    steps = args.pretrain_epochs * -(-len(labels) // batch_size)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=args.pretrain_learning_rate, weight_decay=0.05
+    return pretrain_classifier(
+        model,
+        pixels,
+        labels,
+        epochs=args.pretrain_epochs,
+        learning_rate=args.pretrain_learning_rate,
+        batch_size=32,
+        weight_decay=0.05,
+        seed=seed,
     )
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, steps))
-    model.train()
-    for _ in range(args.pretrain_epochs):
-        order = torch.randperm(len(labels), generator=generator)
-        for start in range(0, len(labels), batch_size):
-            rows = order[start : start + batch_size]
-            loss = F.cross_entropy(model(pixel_values=pixels[rows]).logits, labels[rows])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    return model.eval()
 
 
 def _new_head(model, names: list[str]) -> None:
