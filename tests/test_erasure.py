@@ -141,6 +141,7 @@ def test_latents_at_timesteps_i_match_the_pipeline(i):
         ("num_centers", 2000),
         ("candidate_template", "a photo"),
         ("candidates", []),
+        ("adversary_reference", "stopgrad"),
     ],
 )
 def test_config_refuses_bad_values(field, value):
@@ -181,6 +182,29 @@ def _check_accumulation():
     assert sum(eraser.choices[0].values()) == 2  # two micro-cycles ran
     steps = {int(state["step"]) for state in eraser.optimizer.optimizer.state.values()}
     assert steps == {1}  # ... and the optimizer stepped once
+    # ... and so did the adversary, on the mean logit gradient of the two cycles
+    adversary_steps = {int(state["step"]) for state in eraser.adversary_optimizer.state.values()}
+    assert adversary_steps == {1}
     after = dict(eraser.unet.named_parameters())
     assert any(not torch.equal(before[n], after[n]) for n in before)
     assert eraser.accelerator.mixed_precision == "bf16"
+
+
+def test_extra_candidates_join_the_adversary_and_are_validated():
+    from hf_extensions.pipelines import ConceptEraser
+
+    pipe = tiny_stable_diffusion_pipeline()
+    target = encode_prompts(pipe, [CONCEPT])[0]
+    eraser = ConceptEraser(
+        pipe, [CONCEPT], "eap", _fast_config(), extra_candidates={"<copy>": target + 0.01}
+    )
+    candidates = eraser.adversaries[0].candidates
+    assert candidates.words[-1] == "<copy>" and len(candidates.words) == 5
+    assert candidates.distances[-1] == pytest.approx(0.01 * target.numel() ** 0.5, rel=1e-4)
+    torch.testing.assert_close(eraser.adversaries[0].embeddings[-1], target + 0.01)
+    with pytest.raises(ValueError, match="extra_candidates"):
+        ConceptEraser(pipe, [CONCEPT], "eap", _fast_config(), extra_candidates={"x": target[0]})
+    with pytest.raises(ValueError, match="extra_candidates"):
+        ConceptEraser(
+            pipe, [CONCEPT], "eap", _fast_config(), extra_candidates={candidates.words[0]: target}
+        )

@@ -20,6 +20,8 @@ from hf_extensions.pipelines.artifacts import (
     save_erased,
 )
 from hf_extensions.pipelines.config import (
+    ADVERSARY_ESTIMATORS,
+    ADVERSARY_REFERENCES,
     LOSS_SPACES,
     METHODS,
     PARAMETER_GROUPS,
@@ -39,6 +41,8 @@ from hf_extensions.pipelines.parameter_groups import in_group, select_parameters
 from hf_extensions.pipelines.vocabulary import common_words
 
 __all__ = [
+    "ADVERSARY_ESTIMATORS",
+    "ADVERSARY_REFERENCES",
     "LOSS_SPACES",
     "METHODS",
     "PARAMETER_GROUPS",

@@ -16,22 +16,30 @@ One training cycle (paper Alg. 1; ``pgd_num_steps`` = 1 model step + the adversa
 3. model step: ``L = || ε_θ'(z_e, c_e) − [ε_θ(z_e, "") − η (ε_θ(z_e, c_e) − ε_θ(z_e, ""))] ||²
    + λ || ε_θ'(z_a, c_a) − ε_θ(z_a, c_a) ||²`` (paper Eq. 7; x0 space by default);
 4. adversary steps: ascend ``|| ε_θ'(z_a, c_a) − ε_θ(z_a, c_a) ||²`` in the Gumbel logits with
-   the updated θ'.
+   the updated θ' (straight-through, differentiated through both models by default).
 
 Departures from the official ``train_adversarial_gumbel.py``, and why:
 
 - z and t agree: the official (CompVis ESD) loop samples z for ``t_enc`` DDIM steps from noise
   but queries the UNet at the DDPM step ``≈ 1000 t_enc / ddim_steps`` (the opposite end of the
   trajectory) and takes ᾱ from that index; here z is at ``timesteps[i]`` and so is the query.
-- The adversary step reuses the cycle's draw (z_a, t, frozen ε_θ(z_a, c_a), the Gumbel noise)
-  instead of drawing and sampling everything again: the two samplings and the frozen forwards
-  run once per cycle (the official loop runs them for every model and every adversary step, ~4x
-  an ESD step). Its gradient is the official one (frozen outputs and z carry no gradient there).
+- The adversary's straight-through step differentiates the frozen model's ε_θ(z_a, c_a) in c_a
+  too (``adversary_reference="differentiable"``, the gradient of the paper's L_preserve); the
+  official code detaches it, which measurably finds the most damaged concept far more slowly
+  (``adversary_reference="detached"`` keeps the official gradient).
+- The adversary step reuses the cycle's draw (z_a, t, the Gumbel noise) instead of drawing and
+  sampling everything again: the two samplings and the frozen forwards of the model step run
+  once per cycle (the official loop runs them for every model and every adversary step, ~4x an
+  ESD step). z carries no gradient, as officially.
 - z_e and z_a are sampled in one batch (the official code runs two sampling loops; the same
   start noise is used for both, as there).
 - Several erased concepts: one adversary (candidate set, logits) per concept, as officially.
-- Data-parallel (Accelerate): each process draws its own cycle (seed + process index); UNet
-  gradients are averaged by DDP and the adversary's logit gradients by ``accelerator.reduce``.
+- Data-parallel (Accelerate) and gradient accumulation: every cycle of a step's global batch
+  draws from its own seeded generator (:meth:`ConceptEraser.cycle_generator`), UNet gradients
+  are averaged by DDP / accumulation, and the adversary takes its steps after the model step
+  on the mean logit gradient over all the step's cycles (``accelerator.reduce``): N processes
+  with accumulation A give the 1-process run with accumulation N·A (tested with 2 processes).
+  With accumulation, the official one-adversary-step-per-cycle becomes one per model step.
 """
 
 from __future__ import annotations
@@ -39,10 +47,11 @@ from __future__ import annotations
 import copy
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from hf_extensions.pipelines.adversary import CandidateSet, GumbelAdversary, select_candidates
@@ -188,8 +197,8 @@ class LatentSampler:
 class ErasureResult:
     """What an erasure did; kept on the pipeline as ``pipe.erasure_result``.
 
-    ``adversarial_concepts``: per erased concept, the adversary's final argmax word and the
-    words it chose most often; ``metrics``: measured figures (see :func:`evaluate_erasure`).
+    ``adversarial_concepts``: per erased concept, the adversary's final argmax word, the
+    words it chose most often and the final ``softmax(logits)`` by candidate; ``metrics``: measured figures (see :func:`evaluate_erasure`).
     """
 
     method: str
@@ -203,11 +212,13 @@ class ErasureResult:
 
 
 class ConceptEraser:
-    """The training state of one erasure; :meth:`step` runs one cycle (model + adversary steps).
+    """The training state of one erasure; :meth:`step` runs one model step (its
+    ``gradient_accumulation_steps`` cycles) and then the adversary steps.
 
     Use :func:`erase_concepts` unless you need the steps one by one (the benchmark times them).
     ``method``: ``"eap"`` (adversarial preservation), ``"esd"`` (no preservation: λ = 0) or
-    ``"fixed"`` (preserve ``config.preserve_concepts``).
+    ``"fixed"`` (preserve ``config.preserve_concepts``). ``extra_candidates``: see
+    :func:`erase_concepts`.
     """
 
     def __init__(
@@ -217,6 +228,7 @@ class ConceptEraser:
         method: str = "eap",
         config: ErasureConfig | None = None,
         accelerator=None,
+        extra_candidates: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         from accelerate import Accelerator
 
@@ -233,8 +245,6 @@ class ConceptEraser:
         )
         acc = self.accelerator
         self.device = acc.device
-        self.generator = torch.Generator().manual_seed(config.seed + 1000 * acc.process_index)
-        self.adversary_generator = torch.Generator().manual_seed(config.seed + 7)
 
         pipe.text_encoder.to(self.device)
         unet = pipe.unet.to(self.device)
@@ -264,10 +274,15 @@ class ConceptEraser:
                 )
                 index = {word: n for n, word in enumerate(words)}
                 rows = torch.tensor([index[word] for word in chosen.words])
+                candidate_embeddings = word_embeddings[rows.to(word_embeddings.device)]
+                if extra_candidates:
+                    chosen, candidate_embeddings = _with_extra_candidates(
+                        chosen, candidate_embeddings, embedding, extra_candidates
+                    )
                 self.adversaries.append(
                     GumbelAdversary(
                         chosen,
-                        word_embeddings[rows.to(word_embeddings.device)],
+                        candidate_embeddings,
                         config.gumbel_temperature,
                         config.gumbel_hard,
                     ).to(self.device)
@@ -300,28 +315,50 @@ class ConceptEraser:
     def candidate_sets(self) -> list[CandidateSet]:
         return [adversary.candidates for adversary in self.adversaries]
 
-    def _randint(self, high: int) -> int:
-        return int(torch.randint(high, (1,), generator=self.generator))
+    def cycle_generator(self, micro: int) -> torch.Generator:
+        """The RNG of micro-cycle ``micro`` of the current step on this process.
+
+        Cycles are numbered over the global batch, ``(step × accumulation + micro) × processes
+        + rank``, and each draws (concept, DDIM index, noise, Gumbel noise) from its own seeded
+        generator: N processes with accumulation A draw exactly the cycles that one process with
+        accumulation N·A draws, so data-parallel runs reproduce the 1-process run.
+        """
+        acc = self.accelerator
+        accumulation = self.config.gradient_accumulation_steps
+        index = (self.steps_done * accumulation + micro) * acc.num_processes
+        index += acc.process_index
+        # torch seeds its CPU generator with the low 32 bits only: mix (seed, index) into them.
+        state = np.random.SeedSequence([self.config.seed, index]).generate_state(1)[0]
+        return torch.Generator().manual_seed(int(state))
 
     def step(self) -> float:
-        """One model step (``gradient_accumulation_steps`` cycles), each followed by its
-        adversary steps; returns the mean model loss."""
-        total = 0.0
-        for _ in range(self.config.gradient_accumulation_steps):
-            total += self._cycle()
+        """One model step over ``gradient_accumulation_steps`` cycles, then the adversary steps
+        on the same cycles; returns the mean model loss of this process."""
+        total, pending = 0.0, []
+        for micro in range(self.config.gradient_accumulation_steps):
+            loss, work = self._cycle(self.cycle_generator(micro))
+            total += loss
+            if work is not None:
+                pending.append(work)
+        if self.adversaries:
+            self._adversary_update(pending)
         self.steps_done += 1
         loss = total / self.config.gradient_accumulation_steps
         self.losses.append(loss)
         return loss
 
-    def _cycle(self) -> float:
+    def _cycle(self, generator: torch.Generator):
         config, acc = self.config, self.accelerator
+
+        def randint(high: int) -> int:
+            return int(torch.randint(high, (1,), generator=generator))
+
         preserve = config.preservation_weight > 0
-        e = self._randint(len(self.concepts))
-        i = self._randint(config.ddim_steps)
+        e = randint(len(self.concepts))
+        i = randint(config.ddim_steps)
         t = self.sampler.timestep(i).to(self.device)
         alpha_bar = self.sampler.alpha_bar(i)
-        noise = torch.randn(self.latent_shape, generator=self.generator).to(self.device)
+        noise = torch.randn(self.latent_shape, generator=generator).to(self.device)
         c_e = self.concept_embeddings[e]
         conds = [c_e]
         adversary = gumbel = None
@@ -331,12 +368,12 @@ class ConceptEraser:
             # Two draws for the score-function estimator (leave-one-out baseline), one else.
             for _ in range(2 if config.adversary_estimator == "score_function" else 1):
                 with torch.no_grad():
-                    weights, c_a, gumbel = adversary.sample(self.adversary_generator)
+                    weights, c_a, gumbel = adversary.sample(generator)
                 self.choices[e][adversary.candidates.words[int(weights.argmax())]] += 1
                 draws.append(weights)
                 conds.append(c_a)
         elif preserve:
-            conds.append(self.preserve_embeddings[self._randint(len(self.preserve_embeddings))])
+            conds.append(self.preserve_embeddings[randint(len(self.preserve_embeddings))])
         conds_t = torch.stack(conds)
         edited = acc.unwrap_model(self.unet)
         with acc.autocast(), torch.no_grad():
@@ -377,37 +414,69 @@ class ConceptEraser:
                 acc.clip_grad_norm_(self.unet.parameters(), config.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        work = None
         if adversary is not None and config.adversary_estimator == "score_function":
             values = [float(value.detach()) for value in preserve_losses]
-            self._score_function_steps(adversary, draws, values)
+            work = (e, lambda: self._score_function_gradient(adversary, draws, values))
         elif adversary is not None:
-            self._adversary_steps(adversary, gumbel, latents[1:], t, alpha_bar, frozen_out[2:])
-        return float(loss.detach())
+            args = (adversary, gumbel, latents[1:], t, alpha_bar, frozen_out[2:])
+            work = (e, lambda: self._straight_through_gradient(*args))
+        return float(loss.detach()), work
 
-    def _adversary_steps(self, adversary, gumbel, latents, t, alpha_bar, frozen_pred) -> None:
-        """Ascend L_preserve in the logits at the cycle's draw (z_a, t, Gumbel noise).
+    def _adversary_update(self, pending) -> None:
+        """``pgd_num_steps − 1`` Adam steps of the logits, each on the mean gradient over the
+        step's cycles (all processes: one ``reduce``), so that the adversary sees the model
+        step's global batch however it is split over processes and accumulation."""
+        acc = self.accelerator
+        for _ in range(self.config.pgd_num_steps - 1):
+            sums = [torch.zeros_like(a.logits) for a in self.adversaries]
+            counts = torch.zeros(len(self.adversaries), device=self.device)
+            for index, gradient in pending:
+                sums[index] += gradient()
+                counts[index] += 1
+            flat = torch.cat([*sums, counts.to(sums[0].dtype)])
+            if acc.num_processes > 1:
+                flat = acc.reduce(flat, reduction="sum")
+            *sums, counts = flat.split([*(len(s) for s in sums), len(self.adversaries)])
+            self.adversary_optimizer.zero_grad(set_to_none=True)
+            for adversary, total, count in zip(self.adversaries, sums, counts.tolist()):
+                if count > 0:  # an adversary no cycle drew keeps its Adam state untouched
+                    adversary.logits.grad = total / count
+            self.adversary_optimizer.step()
+
+    def _straight_through_gradient(
+        self, adversary, gumbel, latents, t, alpha_bar, frozen_pred
+    ) -> torch.Tensor:
+        """Gradient of −L_preserve in the logits at a cycle's draw (z_a, t, Gumbel noise).
 
         The draw is redone with the same Gumbel noise through the current logits (the
         straight-through gradient needs the graph); its hard sample is the one z_a was
         sampled with until the logits move (then later steps use the new argmax at z_a).
+
+        ``adversary_reference="differentiable"`` (default) differentiates both sides of
+        ``L_preserve(c) = || ε_θ'(z, c) − ε_θ(z, c) ||²`` in c (one more frozen forward and
+        backward); ``"detached"`` is the official code (``e_r_org`` under ``no_grad``), whose
+        gradient ``2 (ε' − ε) ∂ε'/∂c`` omits ``− 2 (ε' − ε) ∂ε/∂c``. For a small edit the two
+        Jacobians nearly cancel in the exact gradient, so the omitted term dominates the
+        official one while the edit is small (measured on the tiny pipeline after 80 steps, a
+        planted near-copy of the target among 21 candidates: the detached gradient's sign on the
+        near-copy's logit is positive on 46% of 48 draws, the exact one on 100%; the detached
+        run leaves the near-copy below uniform probability, the exact one makes it the argmax;
+        by the paper's 1000 steps the detached gradient gets there too).
         """
         config, acc = self.config, self.accelerator
         edited = acc.unwrap_model(self.unet)
-        for _ in range(config.pgd_num_steps - 1):
-            _, c_a, _ = adversary.sample(noise=gumbel)
-            with acc.autocast():
-                prediction = _eps(edited, latents, t, c_a[None]).float()
-            objective = prediction_loss(
-                prediction, frozen_pred, latents, alpha_bar, config.loss_space
-            )
-            (grad,) = torch.autograd.grad(-objective, adversary.logits)
-            if acc.num_processes > 1:
-                grad = acc.reduce(grad, reduction="mean")
-            self.adversary_optimizer.zero_grad(set_to_none=True)
-            adversary.logits.grad = grad
-            self.adversary_optimizer.step()
+        differentiable = config.adversary_reference == "differentiable"
+        _, c_a, _ = adversary.sample(noise=gumbel)
+        with acc.autocast():
+            prediction = _eps(edited, latents, t, c_a[None]).float()
+            if differentiable:  # ε_θ(z_a, c_a) with its graph to c_a (θ stays frozen)
+                frozen_pred = _eps(self.frozen, latents, t, c_a[None]).float()
+        objective = prediction_loss(prediction, frozen_pred, latents, alpha_bar, config.loss_space)
+        (grad,) = torch.autograd.grad(-objective, adversary.logits)
+        return grad
 
-    def _score_function_steps(self, adversary, draws, values: list[float]) -> None:
+    def _score_function_gradient(self, adversary, draws, values: list[float]) -> torch.Tensor:
         """REINFORCE ascent of E[L_preserve] over Gumbel-max draws (option, not the paper's).
 
         A hard draw ``argmax(π + g)`` is a sample of ``softmax(π)``, so with two independent
@@ -418,17 +487,10 @@ class ConceptEraser:
         adversary step costs no UNet forward. Unlike the straight-through gradient it does not
         linearise L between the candidates' embeddings.
         """
-        acc = self.accelerator
         (y1, y2), (l1, l2) = draws, values
-        for _ in range(self.config.pgd_num_steps - 1):
-            probs = torch.softmax(adversary.logits.detach(), dim=0)
-            ascent = 0.5 * (l1 - l2) * ((y1 - probs) - (y2 - probs))
-            grad = -ascent / max(abs(l1) + abs(l2), 1e-30)  # scale-free: Adam sees the sign
-            if acc.num_processes > 1:
-                grad = acc.reduce(grad, reduction="mean")
-            self.adversary_optimizer.zero_grad(set_to_none=True)
-            adversary.logits.grad = grad
-            self.adversary_optimizer.step()
+        probs = torch.softmax(adversary.logits.detach(), dim=0)
+        ascent = 0.5 * (l1 - l2) * ((y1 - probs) - (y2 - probs))
+        return -ascent / max(abs(l1) + abs(l2), 1e-30)  # scale-free: Adam sees the sign
 
     def finish(self):
         """Put the edited UNet back into the pipeline (eval mode, no grads); record the result."""
@@ -441,6 +503,7 @@ class ConceptEraser:
             adversarial[concept] = {
                 "argmax": adversary.argmax_word(),
                 "most_chosen": [word for word, _ in counts.most_common(5)],
+                "probabilities": adversary.probabilities(),
             }
         self.pipe.erasure_result = ErasureResult(
             method=self.method,
@@ -452,6 +515,36 @@ class ConceptEraser:
             losses=list(self.losses),
         )
         return self.pipe
+
+
+def _with_extra_candidates(
+    chosen: CandidateSet,
+    embeddings: torch.Tensor,
+    target: torch.Tensor,
+    extra: Mapping[str, torch.Tensor],
+) -> tuple[CandidateSet, torch.Tensor]:
+    """Append ``extra`` (name -> text-encoder output ``[L, D]``) to selected candidates."""
+    names = list(extra)
+    if any(name in chosen.words for name in names):
+        raise ValueError(f"`extra_candidates` names {names} clash with the selected words.")
+    rows = []
+    for name in names:
+        value = torch.as_tensor(extra[name]).to(embeddings)
+        if value.shape != embeddings.shape[1:]:
+            raise ValueError(
+                f"`extra_candidates[{name!r}]` must have the text encoder's output shape "
+                f"{tuple(embeddings.shape[1:])}, got {tuple(value.shape)}."
+            )
+        rows.append(value)
+    extra_rows = torch.stack(rows)
+    distances = (extra_rows - target.to(extra_rows)).flatten(1).double().norm(dim=1).tolist()
+    candidates = CandidateSet(
+        target=chosen.target,
+        words=[*chosen.words, *names],
+        distances=[*chosen.distances, *distances],
+        closest=list(chosen.closest),
+    )
+    return candidates, torch.cat([embeddings, extra_rows])
 
 
 def _latent_shape(pipe, config: ErasureConfig) -> tuple[int, int, int, int]:
@@ -468,6 +561,7 @@ def erase_concepts(
     method: str = "eap",
     config: ErasureConfig | None = None,
     accelerator=None,
+    extra_candidates: Mapping[str, torch.Tensor] | None = None,
 ):
     """Erase ``concepts`` from ``pipe``'s UNet; return the same pipeline, edited in place.
 
@@ -479,11 +573,13 @@ def erase_concepts(
     parameter names, adversarial concepts found, losses) is on ``pipe.erasure_result``; save with
     ``pipe.save_pretrained`` or :func:`hf_extensions.pipelines.save_erased`. Accelerate keeps one
     state per process: to run under an existing ``Accelerator`` (or a second time with another
-    ``mixed_precision``), pass ``accelerator=``.
+    ``mixed_precision``), pass ``accelerator=``. ``extra_candidates`` (name -> text-encoder
+    output ``[L, D]``, e.g. a learned token's prompt embedding) are added to the adversary's
+    selected words for every erased concept (EAP only).
     """
     from tqdm.auto import tqdm
 
-    eraser = ConceptEraser(pipe, concepts, method, config, accelerator)
+    eraser = ConceptEraser(pipe, concepts, method, config, accelerator, extra_candidates)
     disable = not eraser.config.progress_bar or not eraser.accelerator.is_local_main_process
     bar = tqdm(range(eraser.config.num_steps), desc=f"erase ({method})", disable=disable)
     for _ in bar:
