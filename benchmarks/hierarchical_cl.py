@@ -43,7 +43,7 @@ import datasets
 import numpy as np
 from datasets import DatasetDict
 from peft import get_peft_model
-from transformers import DefaultDataCollator, PrinterCallback
+from transformers import DefaultDataCollator, PrinterCallback, set_seed
 
 import peft_configs  # noqa: F401
 from benchmarks.harness import (
@@ -93,6 +93,7 @@ def setting(seed: int):
 
 
 def make_trainer(backbone, variant: dict, seed: int, epochs: float, output_dir: str):
+    set_seed(seed)  # the prompts are drawn here: every variant of a seed starts from the same ones
     pool = get_peft_model(
         copy.deepcopy(backbone),
         PromptPoolConfig(

@@ -57,6 +57,7 @@ def backbone():
 
 
 def _trainer(tmp_path, backbone, pool_size=3, **overrides) -> HierarchicalPromptCLTrainer:
+    torch.manual_seed(0)  # the prompts are drawn from the global generator
     model = get_peft_model(
         copy.deepcopy(backbone),
         PromptPoolConfig(
