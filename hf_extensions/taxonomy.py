@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.cluster import AgglomerativeClustering, KMeans
 
+from hf_extensions.seeding import keyed_generator
+
 __all__ = [
     "ClassDistances",
     "ClassMixture",
@@ -273,8 +275,7 @@ class ClassDistances:
         self.solves = 0
 
     def _samples(self, mixture: ClassMixture, i: int, j: int, which: int) -> np.ndarray:
-        state = np.random.SeedSequence([self.seed, i, j, which]).generate_state(1)[0]
-        generator = torch.Generator().manual_seed(int(state))
+        generator = keyed_generator(self.seed, i, j, which)
         return mixture.sample(self.num_samples, generator).double().numpy()
 
     def distance(self, i: int, j: int, mixtures: Mapping[int, ClassMixture]) -> float:

@@ -51,13 +51,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from hf_extensions.pipelines.adversary import CandidateSet, GumbelAdversary, select_candidates
 from hf_extensions.pipelines.config import ErasureConfig
 from hf_extensions.pipelines.parameter_groups import set_trainable
 from hf_extensions.pipelines.vocabulary import common_words
+from hf_extensions.seeding import keyed_generator
 
 __all__ = [
     "ConceptEraser",
@@ -327,9 +327,7 @@ class ConceptEraser:
         accumulation = self.config.gradient_accumulation_steps
         index = (self.steps_done * accumulation + micro) * acc.num_processes
         index += acc.process_index
-        # torch seeds its CPU generator with the low 32 bits only: mix (seed, index) into them.
-        state = np.random.SeedSequence([self.config.seed, index]).generate_state(1)[0]
-        return torch.Generator().manual_seed(int(state))
+        return keyed_generator(self.config.seed, index)
 
     def step(self) -> float:
         """One model step over ``gradient_accumulation_steps`` cycles, then the adversary steps
