@@ -14,16 +14,12 @@ pretrained feature space, measured by optimal transport:
   "multi-centroid" option), sampled for pseudo-feature replay;
 * :class:`ClassDistances`: ``W_ij``, the earth mover's distance (POT ``ot.emd2`` on the squared
   Euclidean ``ot.dist``) between samples of two class mixtures, cached per pair; Sinkhorn
-  (``ot.sinkhorn2``) as an option; ``Γ = exp(−W/δ)`` (:meth:`ClassDistances.gamma`);
-* :func:`supervised_contrastive_loss` (Khosla et al., NeurIPS 2020, "L_out", Eq. 2) with the
-  paper's Γ weighting of the similarity logits, and :func:`grouped_supervised_contrastive_loss`,
-  its mean over leaf groups (the paper's ``L_sub``).
+  (``ot.sinkhorn2``) as an option; ``Γ = exp(−W/δ)`` (:meth:`ClassDistances.gamma`).
 
-Departures from the official code, named where they happen: the anchor is excluded from its
-own softmax denominator (as in SupCon; the official ``supervised_contrastive_loss`` keeps it;
-``include_self=True`` restores it), Γ is indexed vectorised instead of by a Python double loop,
-and the diagonal of ``W`` is exactly 0 (a distribution's distance to itself) rather than a
-sampled estimate.
+The supervised contrastive terms that use Γ live in :mod:`hf_extensions.supcon`.
+
+Departure from the official code: the diagonal of ``W`` is exactly 0 (a distribution's distance
+to itself) rather than a sampled estimate.
 """
 
 from __future__ import annotations
@@ -37,7 +33,6 @@ from typing import Any
 import numpy as np
 import ot
 import torch
-import torch.nn.functional as F
 from sklearn.cluster import AgglomerativeClustering, KMeans
 
 from hf_extensions.seeding import keyed_generator
@@ -47,8 +42,6 @@ __all__ = [
     "ClassMixture",
     "LabelTree",
     "fit_class_mixture",
-    "grouped_supervised_contrastive_loss",
-    "supervised_contrastive_loss",
 ]
 
 OT_SOLVERS = ("emd", "sinkhorn")
@@ -314,103 +307,3 @@ class ClassDistances:
         if delta <= 0:
             raise ValueError(f"`delta` must be > 0, got {delta}.")
         return torch.exp(-self.matrix(mixtures, num_classes) / delta)
-
-
-def _masked_log_softmax(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
-    """Row-wise ``log_softmax`` over the ``allowed`` entries only (all entries when ``None``).
-
-    Equal to filling the other entries with −inf before ``logsumexp``, without exponentiating
-    −inf or underflowing values (CPU ``exp`` is 4-10x slower on those): the excluded entries are
-    zeroed after ``exp`` instead. A row with no allowed entry gets finite values (never NaN).
-    """
-    if allowed is None:
-        return logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    row_max = logits.masked_fill(~allowed, float("-inf")).amax(dim=1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
-    shifted = (logits - row_max).masked_fill(~allowed, 0.0)
-    total = (shifted.exp() * allowed).sum(dim=1, keepdim=True)
-    return logits - row_max - total.clamp_min(torch.finfo(logits.dtype).tiny).log()
-
-
-def supervised_contrastive_loss(
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    temperature: float = 0.1,
-    gamma: torch.Tensor | None = None,
-    include_self: bool = False,
-) -> torch.Tensor:
-    """SupCon over L2-normalised ``features`` ``[N, D]`` with optional Γ-weighted logits.
-
-    ``s_ab = Γ[y_a, y_b] · <z_a, z_b> / τ``; the loss is the mean over positive pairs
-    ``(a, p)`` (same label, ``a ≠ p``) of ``−log softmax_a(s)_p``, the softmax over ``b ≠ a``
-    (``include_self=True``: over all ``b``, as the official code does). Γ = 1 is plain SupCon
-    (Khosla et al., Eq. 2, averaged over pairs as the official code does). Returns 0 (with a
-    gradient path) when no positive pair exists.
-    """
-    if features.dim() != 2 or labels.shape != features.shape[:1]:
-        raise ValueError(
-            f"features must be [N, D] and labels [N], got {tuple(features.shape)} and "
-            f"{tuple(labels.shape)}."
-        )
-    z = F.normalize(features, dim=1)
-    logits = z @ z.T / temperature
-    labels = labels.long()
-    if gamma is not None:
-        logits = logits * gamma.to(logits)[labels][:, labels]
-    eye = torch.eye(len(labels), dtype=torch.bool, device=features.device)
-    log_prob = _masked_log_softmax(logits, ~eye if not include_self else None)
-    positives = (labels[:, None] == labels[None, :]) & ~eye
-    if not positives.any():
-        return features.sum() * 0.0
-    return -log_prob[positives].mean()
-
-
-def grouped_supervised_contrastive_loss(
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    groups: Sequence[Sequence[int]],
-    temperature: float = 0.1,
-    gamma: torch.Tensor | None = None,
-    include_self: bool = False,
-) -> torch.Tensor:
-    """The paper's ``L_sub``: SupCon within each leaf group, summed and divided by the groups.
-
-    Computed in one pass: the similarity logits between samples of different groups are masked
-    out, so each row's softmax runs over its own group only, and the per-group means of the
-    positive-pair terms are gathered with ``scatter_add`` (equal to calling
-    :func:`supervised_contrastive_loss` on each group's samples, which the tests check). Groups
-    with fewer than two samples (or no positive pair) in the batch contribute 0 but still count
-    in the denominator (as in the official ``subsup_loss``). Samples of classes outside every
-    group are ignored.
-    """
-    if not groups:
-        raise ValueError("`groups` is empty.")
-    labels = labels.long()
-    size = int(max(labels.max().item(), max(max(g) for g in groups if g))) + 1
-    group_of = torch.full((size,), -1, dtype=torch.long, device=labels.device)
-    for index, group in enumerate(groups):
-        group_of[torch.as_tensor(list(group), dtype=torch.long, device=labels.device)] = index
-    sample_group = group_of[labels]
-    keep = sample_group >= 0
-    features, labels, sample_group = features[keep], labels[keep], sample_group[keep]
-    total = features.sum() * 0.0
-    if len(labels) < 2:
-        return total / len(groups)
-    z = F.normalize(features, dim=1)
-    logits = z @ z.T / temperature
-    if gamma is not None:
-        logits = logits * gamma.to(logits)[labels][:, labels]
-    eye = torch.eye(len(labels), dtype=torch.bool, device=features.device)
-    allowed = sample_group[:, None] == sample_group[None, :]
-    if not include_self:
-        allowed = allowed & ~eye
-    log_prob = _masked_log_softmax(logits, allowed)
-    positives = (labels[:, None] == labels[None, :]) & ~eye
-    per_anchor = -(log_prob.masked_fill(~positives, 0.0)).sum(1)
-    count = positives.sum(1).to(per_anchor.dtype)
-    group_sum = torch.zeros(len(groups), dtype=per_anchor.dtype, device=features.device)
-    group_count = torch.zeros_like(group_sum)
-    group_sum = group_sum.scatter_add(0, sample_group, per_anchor)
-    group_count = group_count.scatter_add(0, sample_group, count)
-    per_group = torch.where(group_count > 0, group_sum / group_count.clamp(min=1), group_sum * 0)
-    return total + per_group.sum() / len(groups)

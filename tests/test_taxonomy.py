@@ -5,16 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from hf_extensions.data import digits_arrays
-from hf_extensions.taxonomy import (
-    ClassDistances,
-    LabelTree,
-    fit_class_mixture,
-    grouped_supervised_contrastive_loss,
-    supervised_contrastive_loss,
-)
+from hf_extensions.taxonomy import ClassDistances, LabelTree, fit_class_mixture
 
 TREE = {
     "round": {"loops": ["zero", "six", "eight", "nine"], "open": ["two", "three", "five"]},
@@ -84,72 +77,3 @@ def test_mixture_samples_match_the_class_statistics():
     draws = mixture.sample(20000, torch.Generator().manual_seed(0))
     assert torch.allclose(draws.mean(0), torch.tensor([3.0, -1.0]), atol=0.05)
     assert torch.allclose(draws.std(0), torch.tensor([0.5, 2.0]), atol=0.05)
-
-
-def _reference_supcon(features, labels, temperature, gamma=None, include_self=False):
-    """Loop form: mean over positive pairs (a, p) of -log softmax over b != a of Γ·sim/τ."""
-    z = F.normalize(features, dim=1)
-    n = len(labels)
-    terms = []
-
-    def s(a, b):
-        w = 1.0 if gamma is None else float(gamma[labels[a], labels[b]])
-        return w * float(z[a] @ z[b]) / temperature
-
-    for a in range(n):
-        others = [b for b in range(n) if include_self or b != a]
-        log_norm = np.log(sum(np.exp(s(a, b)) for b in others))
-        terms += [log_norm - s(a, p) for p in range(n) if p != a and labels[p] == labels[a]]
-    return float(np.mean(terms))
-
-
-def test_supcon_with_unit_gamma_is_plain_supcon_and_vectorised_gamma_equals_the_loop():
-    torch.manual_seed(0)
-    features = torch.randn(12, 5, dtype=torch.float64)
-    labels = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 0, 2, 3, 1])
-    plain = supervised_contrastive_loss(features, labels, 0.1)
-    ones = supervised_contrastive_loss(features, labels, 0.1, gamma=torch.ones(4, 4))
-    assert torch.allclose(plain, ones)
-    assert float(plain) == pytest.approx(_reference_supcon(features, labels, 0.1), rel=1e-10)
-    gamma = torch.rand(4, 4, dtype=torch.float64)
-    gamma = (gamma + gamma.T) / 2
-    for include_self in (False, True):
-        value = supervised_contrastive_loss(features, labels, 0.1, gamma, include_self)
-        ref = _reference_supcon(features, labels, 0.1, gamma, include_self)
-        assert float(value) == pytest.approx(ref, rel=1e-10)
-
-
-def test_supcon_without_positives_is_zero_with_a_gradient_path():
-    features = torch.randn(3, 4, requires_grad=True)
-    loss = supervised_contrastive_loss(features, torch.tensor([0, 1, 2]))
-    assert float(loss.detach()) == 0.0
-    loss.backward()
-    assert torch.equal(features.grad, torch.zeros(3, 4))
-
-
-def test_grouped_loss_is_the_mean_of_per_group_supcon_over_all_groups():
-    torch.manual_seed(1)
-    features = torch.randn(10, 6, dtype=torch.float64)
-    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 5])
-    groups = [[0, 1], [2, 3], [4, 5]]
-    value = grouped_supervised_contrastive_loss(features, labels, groups, 0.1)
-    expected = 0.0
-    for g in groups[:2]:
-        mask = torch.isin(labels, torch.tensor(g))
-        expected += float(supervised_contrastive_loss(features[mask], labels[mask], 0.1))
-    # group [4, 5] has no positive pair: it contributes 0 and still counts
-    assert float(value) == pytest.approx(expected / 3, rel=1e-12)
-
-
-def test_gamma_weighting_pushes_close_classes_apart_harder():
-    """The gradient on a negative pair grows with Γ: close classes are repelled more."""
-    base = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.8, 0.6], [0.7, 0.7]], requires_grad=True)
-    labels = torch.tensor([0, 0, 1, 1])
-
-    def push(weight: float) -> float:
-        gamma = torch.tensor([[1.0, weight], [weight, 1.0]])
-        features = base.detach().clone().requires_grad_(True)
-        supervised_contrastive_loss(features, labels, 0.5, gamma).backward()
-        return float(features.grad.norm())
-
-    assert push(1.0) > push(0.1)

@@ -50,13 +50,13 @@ from torch.utils.data import DataLoader
 
 from hf_extensions.data.streams import TaskStream
 from hf_extensions.metrics.functional import average_forgetting, final_average_accuracy
+from hf_extensions.seeding import keyed_generator
+from hf_extensions.supcon import SupConTerms
 from hf_extensions.taxonomy import (
     ClassDistances,
     ClassMixture,
     LabelTree,
     fit_class_mixture,
-    grouped_supervised_contrastive_loss,
-    supervised_contrastive_loss,
 )
 from trainers.hierarchical_cl_config import HierarchicalPromptCLConfig
 from trainers.method_trainer import MethodTrainer
@@ -64,6 +64,7 @@ from trainers.method_trainer import MethodTrainer
 __all__ = ["HierarchicalPromptCLTrainer", "hide_regulariser", "same_group_cosine"]
 
 STATE_FILE = "continual_state.safetensors"
+REPLAY_CHUNK = 16  # training steps whose pseudo-features are drawn at once
 STATE_CONFIG = "continual_state.json"
 
 
@@ -169,8 +170,10 @@ class HierarchicalPromptCLTrainer(MethodTrainer):
         )
         self._gamma: torch.Tensor | None = None
         self._groups: list[list[int]] = []
+        self._supcon: SupConTerms | None = None  # the two SupCon terms over this task's groups
         self._old_centroids: torch.Tensor | None = None
         self._replay_table: tuple[torch.Tensor, ...] | None = None
+        self._replay_chunk: tuple | None = None  # ((chunk, block), features, classes)
         self.tii_head: nn.Linear | None = None
         self._frozen_task_features: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -255,21 +258,31 @@ class HierarchicalPromptCLTrainer(MethodTrainer):
         """``replay_factor × batch`` pseudo-features of earlier classes.
 
         Classes are drawn uniformly, then a centroid by its weight, then ``mean + std · N(0, I)``
-        (one multinomial over the stacked centroids of :attr:`_replay_table`).
+        (one multinomial over the stacked centroids of :attr:`_replay_table`). The draws of
+        :data:`REPLAY_CHUNK` steps are made at once (a step's are a fixed function of the seed,
+        task, step and process), so a step pays a slice instead of a handful of small ops.
         """
         count = self.args.replay_factor * batch_size
         if self._replay_table is None or count == 0:
             return None
-        means, stds, classes, probabilities = self._replay_table
-        generator = torch.Generator().manual_seed(
-            self.args.seed * 1_000_003 + self.state.global_step * 101 + self.args.process_index
-        )
-        picks = torch.multinomial(probabilities, count, replacement=True, generator=generator)
-        noise = torch.randn(count, means.shape[1], generator=generator)
-        features = means[picks] + stds[picks] * noise
-        return features, classes[picks]
+        block = max(count, self.args.replay_factor * self.args.per_device_train_batch_size)
+        chunk, offset = divmod(self.state.global_step, REPLAY_CHUNK)
+        key = (chunk, block)
+        if self._replay_chunk is None or self._replay_chunk[0] != key:
+            means, stds, classes, probabilities = self._replay_table
+            generator = keyed_generator(
+                self.args.seed, len(self.task_classes), chunk, self.args.process_index
+            )
+            draws = REPLAY_CHUNK * block
+            picks = torch.multinomial(probabilities, draws, replacement=True, generator=generator)
+            noise = torch.randn(draws, means.shape[1], generator=generator)
+            self._replay_chunk = (key, means[picks] + stds[picks] * noise, classes[picks])
+        _, features, classes = self._replay_chunk
+        rows = slice(offset * block, offset * block + count)
+        return features[rows], classes[rows]
 
     def _build_replay_table(self) -> None:
+        self._replay_chunk = None
         old = [c for c in self.seen_classes if c in self.prompted_mixtures]
         if not old:
             self._replay_table = None
@@ -306,10 +319,7 @@ class HierarchicalPromptCLTrainer(MethodTrainer):
             if replay is not None:
                 all_features = torch.cat([features, replay[0].to(features)])
                 all_labels = torch.cat([labels, replay[1].to(labels.device)])
-            glob = supervised_contrastive_loss(all_features, all_labels, args.supcon_temperature)
-            sub = grouped_supervised_contrastive_loss(
-                all_features, all_labels, self._groups, args.supcon_temperature, self._gamma
-            )
+            glob, sub = self._supcon(all_features, all_labels)
             loss = loss + args.reg_glob * glob + args.reg_sub * sub
             logs.update(supcon_global=glob.detach(), supcon_groups=sub.detach())
         self.record(**logs)
@@ -335,6 +345,13 @@ class HierarchicalPromptCLTrainer(MethodTrainer):
             self._gamma = self.distances.gamma(
                 self.frozen_mixtures, self.num_labels, self.args.ot_delta
             ).to(self.args.device)
+        self._supcon = SupConTerms(
+            self.num_labels,
+            [("global", False), ("groups", self._gamma is not None)],
+            self._groups,
+            self._gamma,
+            self.args.supcon_temperature,
+        )
         old = [self.prompted_mixtures[c].means for c in seen if c in self.prompted_mixtures]
         self._old_centroids = torch.cat(old).to(self.args.device) if old else None
         self._build_replay_table()
