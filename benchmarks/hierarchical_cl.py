@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> BenchmarkReport:
     parser.add_argument("--quick", action="store_true", help="1 seed, 1 epoch, no files")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--epochs", type=float, default=5.0)
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=100)
     options = parser.parse_args(argv)
     if options.quick:
         options.seeds, options.epochs, options.repeats = [0], 1.0, 3

@@ -99,8 +99,8 @@ class _SharedSimilaritySupCon(torch.autograd.Function):
         # positive pairs: ∂|S_y|²/∂z_a = 2 S_y (the −n_y and any radial part vanish below)
         positive_weight = 2.0 * (grad_losses @ anchor_h)[:, None]
         grad_z = grad_z - positive_weight * class_sums.index_select(0, labels)
-        grad_features = (grad_z - z * (z * grad_z).sum(dim=1, keepdim=True)) / norm
-        return grad_features, None, None, None, None, None, None
+        radial = torch.linalg.vecdot(z, grad_z)[:, None]  # the normalisation's Jacobian
+        return torch.addcmul(grad_z, z, radial, value=-1.0).div_(norm), *(None,) * 6
 
 
 class SupConTerms:
@@ -118,7 +118,8 @@ class SupConTerms:
         temperature: τ.
         include_self: keep the anchor in its own softmax denominator (the official code).
 
-    Calling it with ``features`` ``[N, D]`` and ``labels`` ``[N]`` returns the ``[K]`` losses.
+    Calling it with ``features`` ``[N, D]`` and ``labels`` ``[N]`` returns the ``[K]`` losses
+    (computed in float32 for half-precision features).
     Positives are pairs of one label other than the anchor itself. The ``[K, N, N]`` logit
     scales and masks are two gathers from stacked ``[C, C]`` tables; the pair weights
     (``1 / #positive pairs`` of the term's pool) come from per-class counts on the host.
@@ -179,7 +180,8 @@ class SupConTerms:
         with a constant shift, ``shift · Σ_a r_ka``.
         """
         counts = np.bincount(labels, minlength=self.num_classes).astype(np.float64)
-        pair_weight = self.member / np.maximum(self.pool @ (counts * (counts - 1)), 1.0)
+        class_pairs = counts * (counts - 1)  # 0 for a class without positives: weight 0
+        pair_weight = self.member * (class_pairs > 0) / np.maximum(self.pool @ class_pairs, 1.0)
         class_h = pair_weight * self.diagonal_scale
         class_r = pair_weight * (counts - 1)
         constant = (class_h + (self.shift or 0.0) * class_r) @ counts
@@ -196,6 +198,8 @@ class SupConTerms:
         host_labels = labels.detach().long().cpu().numpy()
         if len(host_labels) and (host_labels.max() >= self.num_classes or host_labels.min() < 0):
             raise ValueError(f"labels must lie in [0, {self.num_classes}), got {labels.tolist()}.")
+        if features.dtype in (torch.float16, torch.bfloat16):
+            features = features.float()  # the softmax sums and pair weights need fp32's range
         like = features.detach()
         key = (like.dtype, like.device)
         if key not in self._cast:

@@ -162,3 +162,14 @@ def test_supcon_validates_its_inputs():
         grouped_supervised_contrastive_loss(torch.randn(3, 2), labels, [])
     with pytest.raises(ValueError, match="gamma"):
         supervised_contrastive_loss(torch.randn(3, 2), labels, gamma=torch.ones(1, 1))
+
+
+def test_half_precision_features_are_computed_in_float32():
+    features, labels, groups, gamma = _inputs(2, n=24)
+    reference = hierarchical_supcon_losses(features.float(), labels, groups, 0.1, gamma.float())
+    half = features.detach().bfloat16().requires_grad_(True)
+    glob, sub = hierarchical_supcon_losses(half, labels, groups, 0.1, gamma)
+    assert glob.dtype == torch.float32
+    assert torch.allclose(torch.stack([glob, sub]), torch.stack(reference), rtol=2e-2)
+    (glob + sub).backward()
+    assert half.grad.dtype == torch.bfloat16 and torch.isfinite(half.grad).all()
