@@ -28,7 +28,7 @@ Overhead: one optimizer step of ``tree_ot`` vs ``base`` (interleaved, same state
 tasks, so replay and OT are active), on the benchmark's tiny ViT and on a wider ViT (width 192,
 6 layers, 32x32 inputs) where the backbone's share of a step is closer to ViT-B's.
 
-    python -m benchmarks.hierarchical_cl            # ~8 minutes on 2 CPU cores
+    python -m benchmarks.hierarchical_cl            # ~10 minutes on 2 CPU cores
     python -m benchmarks.hierarchical_cl --quick    # smoke run (1 seed, 1 epoch)
 """
 

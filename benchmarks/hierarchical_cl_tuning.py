@@ -20,7 +20,7 @@ before any run:
   r = 0 is the main benchmark's run). Paired differences to ``base`` over the 12 runs say whether
   a gap is larger than what re-drawing the training randomness alone does.
 
-    python -m benchmarks.hierarchical_cl_tuning      # ~17 minutes on 2 CPU cores
+    python -m benchmarks.hierarchical_cl_tuning      # ~15 minutes on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -167,7 +167,8 @@ def plot(faa: dict, base_faa: float, results_dir) -> Path:
     ax.set_xlabel("reg_sub")
     ax.set_ylabel("reg_glob")
     for (i, j), value in np.ndenumerate(grid):
-        ax.text(j, i, f"{value:+.3f}", ha="center", va="center", fontsize=8)
+        color = "white" if abs(value) > 0.6 * limit else "black"
+        ax.text(j, i, f"{value:+.3f}", ha="center", va="center", fontsize=8, color=color)
     ax.set_title("validation FAA − base (seed 0)")
     fig.colorbar(image, ax=ax)
     return save_plot(fig, NAME, results_dir)
