@@ -220,17 +220,18 @@ class SupConTerms:
         )
 
 
-def _num_classes(labels, groups, gamma) -> int:
-    """``C`` of the functional forms: Γ's size, else the largest label or group class + 1."""
+def _apply_once(features, labels, terms, groups, gamma, temperature, include_self):
+    """The functional forms: :class:`SupConTerms` over ``C`` = Γ's size (else the largest label
+    or group class + 1), applied to one batch."""
     largest = max([int(labels.max()) if len(labels) else 0] + [max(g) for g in groups or [] if g])
-    if gamma is None:
-        return largest + 1
-    if gamma.dim() != 2 or gamma.shape[0] <= largest:
+    if gamma is not None and (gamma.dim() != 2 or gamma.shape[0] <= largest):
         raise ValueError(
             f"gamma must be [C, C] over every label and group class (up to {largest}), got "
             f"{tuple(gamma.shape)}."
         )
-    return gamma.shape[0]
+    num_classes = largest + 1 if gamma is None else gamma.shape[0]
+    supcon = SupConTerms(num_classes, terms, groups, gamma, temperature, include_self)
+    return supcon(features, labels)
 
 
 def supervised_contrastive_loss(
@@ -247,15 +248,8 @@ def supervised_contrastive_loss(
     (``include_self=True``: over all ``b``, as the official code does). Γ = 1 is plain SupCon.
     Returns 0 (with a zero gradient) when no positive pair exists.
     """
-    terms = SupConTerms(
-        _num_classes(labels, None, gamma),
-        [("global", gamma is not None)],
-        None,
-        gamma,
-        temperature,
-        include_self,
-    )
-    return terms(features, labels)[0]
+    terms = [("global", gamma is not None)]
+    return _apply_once(features, labels, terms, None, gamma, temperature, include_self)[0]
 
 
 def grouped_supervised_contrastive_loss(
@@ -276,15 +270,8 @@ def grouped_supervised_contrastive_loss(
     """
     if not groups:
         raise ValueError("`groups` is empty.")
-    terms = SupConTerms(
-        _num_classes(labels, groups, gamma),
-        [("groups", gamma is not None)],
-        groups,
-        gamma,
-        temperature,
-        include_self,
-    )
-    return terms(features, labels)[0]
+    terms = [("groups", gamma is not None)]
+    return _apply_once(features, labels, terms, groups, gamma, temperature, include_self)[0]
 
 
 def hierarchical_supcon_losses(
@@ -302,13 +289,6 @@ def hierarchical_supcon_losses(
     sharing the similarity matrix and the backward. For many batches over the same groups,
     build a :class:`SupConTerms` once instead.
     """
-    terms = SupConTerms(
-        _num_classes(labels, groups, gamma),
-        [("global", False), ("groups", gamma is not None)],
-        groups,
-        gamma,
-        temperature,
-        include_self,
-    )
-    glob, sub = terms(features, labels)
+    terms = [("global", False), ("groups", gamma is not None)]
+    glob, sub = _apply_once(features, labels, terms, groups, gamma, temperature, include_self)
     return glob, sub
