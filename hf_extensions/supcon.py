@@ -35,6 +35,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "SupConTerms",
@@ -54,11 +55,11 @@ class _SharedSimilaritySupCon(torch.autograd.Function):
     Term ``k``: ``Σ_a r_ka log Σ_b allowed_kab exp(scale_kab u_ab − shift) − Σ_c h_kc |S_c|²
     + constant_k`` (``r``, ``h``, ``constant`` from :meth:`SupConTerms._batch_weights`).
     ``scale``, ``allowed`` (0/1) ``[K, N, N]``; ``r`` and ``h_{k, y_a}`` ``[K, N]``; ``h``
-    ``[K, C]``; ``constant`` ``[K]``: none carries a gradient. The softmax is shifted by the constant ``shift`` bounding
-    ``|scale · u|`` (``None``: by each row's allowed maximum, for tiny temperatures);
-    ``include_self=False`` drops the diagonal from the denominators. Exponentials of the
-    excluded entries are zeroed after ``exp`` rather than exponentiating −inf (CPU ``exp`` is
-    several times slower on it).
+    ``[K, C]``; ``constant`` ``[K]``: none carries a gradient. The softmax is shifted by the
+    constant ``shift`` bounding ``|scale · u|`` (``None``: by each row's allowed maximum, for
+    tiny temperatures); ``include_self=False`` drops the diagonal from the denominators.
+    Exponentials of the excluded entries are zeroed after ``exp`` rather than exponentiating
+    −inf (CPU ``exp`` is several times slower on it). Differentiable once (no double backward).
     """
 
     @staticmethod
@@ -91,6 +92,7 @@ class _SharedSimilaritySupCon(torch.autograd.Function):
         return losses
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_losses):
         z, norm, labels, class_sums, anchor_h = ctx.saved_tensors
         k, n, _ = ctx.slope.shape
