@@ -14,7 +14,8 @@ modules_to_save=["classifier"]))``; PEFT freezes the backbone.
    the taxonomy's leaf groups are restricted to the seen classes (the tree grows);
 2. prompt ``t`` starts from prompt ``t − 1`` and trains with the loss of
    :class:`trainers.HierarchicalPromptCLConfig` (CE masked to the task's classes, HiDe's
-   regulariser, the global and per-group SupCon terms over current + replayed pseudo-features);
+   regulariser, the global and per-group SupCon terms over current + replayed pseudo-features,
+   computed in one pass with an analytic backward by :class:`hf_extensions.supcon.SupConTerms`);
 3. at the end, the prompted features of the new classes are summarised as mixtures, the
    classifier is re-trained on pseudo-features of every seen class (classifier alignment) and
    the task-identity inference (TII) head on frozen features.
