@@ -83,11 +83,17 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def _sample(fn: Callable[[], Any], number: int, setup: Callable[[], Any] | None) -> float:
+def _sample(
+    fn: Callable[[], Any],
+    number: int,
+    setup: Callable[[], Any] | None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
     """Seconds per call of ``number`` calls of ``fn`` (``setup`` runs first, untimed).
 
-    The garbage collector is paused while timing (as ``timeit`` does), so a collection triggered
-    by one candidate's garbage is not charged to another.
+    ``clock`` is read once before the calls and once after them. The garbage collector is paused
+    while timing (as ``timeit`` does), so a collection triggered by one candidate's garbage is
+    not charged to another.
     """
     if setup is not None:
         setup()
@@ -95,11 +101,11 @@ def _sample(fn: Callable[[], Any], number: int, setup: Callable[[], Any] | None)
     gc.disable()
     try:
         _synchronize()
-        start = time.perf_counter()
+        start = clock()
         for _ in range(number):
             fn()
         _synchronize()
-        elapsed = time.perf_counter() - start
+        elapsed = clock() - start
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -120,12 +126,19 @@ def time_callable(
     repeats: int = 20,
     number: int = 1,
     setup: Callable[[], Any] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> TimingResult:
-    """Time ``fn()``: ``warmup`` untimed samples, then ``repeats`` samples of ``number`` calls."""
+    """Time ``fn()``: ``warmup`` untimed samples, then ``repeats`` samples of ``number`` calls.
+
+    ``setup`` (optional) runs before every sample, warm-up included, outside the timed region.
+    ``clock`` returns the current time in seconds; real benchmarks keep the default
+    ``time.perf_counter``. It is there for tests: a fake clock that advances only when the timed
+    callable says so makes every sample exact, with no sleeping and no dependence on load.
+    """
     _check_counts(warmup, repeats, number)
     for _ in range(warmup):
-        _sample(fn, number, setup)
-    return TimingResult(tuple(_sample(fn, number, setup) for _ in range(repeats)), number)
+        _sample(fn, number, setup, clock)
+    return TimingResult(tuple(_sample(fn, number, setup, clock) for _ in range(repeats)), number)
 
 
 def compare(
@@ -136,12 +149,15 @@ def compare(
     repeats: int = 20,
     number: int = 1,
     setup: Callable[[], Any] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Any]:
     """Time a baseline and candidates interleaved, and their ratios to the baseline.
 
     Samples are taken round-robin (one sample of each callable per round, the order rotated every
     round), so slow drift of the machine (frequency scaling, other load) reaches every callable
-    alike instead of biasing whichever was timed last.
+    alike instead of biasing whichever was timed last. ``warmup``, ``repeats``, ``number``,
+    ``setup`` and ``clock`` mean what they mean for :func:`time_callable` (``clock``: for tests,
+    a fake clock; real benchmarks keep ``time.perf_counter``).
 
     Returns:
         ``{"baseline": TimingResult, "candidates": {name: TimingResult},
@@ -156,7 +172,7 @@ def compare(
     for round_index in range(warmup + repeats):
         shift = round_index % len(keys)
         for key in keys[shift:] + keys[:shift]:
-            seconds = _sample(fns[key], number, setup)
+            seconds = _sample(fns[key], number, setup, clock)
             if round_index >= warmup:
                 samples[key].append(seconds)
     base = TimingResult(tuple(samples[None]), number)

@@ -11,6 +11,8 @@ and gradient accumulation:
   ``accelerator.no_sync`` (no all-reduce: the direction is the process's own, as in Foret et al.'s
   data-parallel SAM), and with a GradScaler divides by ``scaler.get_scale()`` instead of calling
   ``unscale_`` (which may be called once per optimizer step only).
+- :func:`loss_scaler` decides whether loss scaling is active by accelerate's own rule, so that a
+  local pass is scaled (and unscaled) exactly when ``Accelerator.backward`` scales the final one.
 - :func:`ascent_direction` is ``ρ · T² g / ‖T g‖`` (SAM: ``T = I``, Foret et al. 2021, Eq. 2;
   ASAM: ``T = |θ| + η``, Kwon et al. 2021, Eq. 7), computed over all tensors at once or tensor by
   tensor. A zero gradient gives a zero perturbation, not NaN; a non-finite gradient (fp16
@@ -29,6 +31,7 @@ import contextlib
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+from accelerate.utils import DistributedType
 from torch import nn
 
 PERTURBATION_NORMS = ("global", "per_tensor")
@@ -42,6 +45,35 @@ Tensors = list[torch.Tensor | None]
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters a perturbation moves: those that require gradients, in module order."""
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def loss_scaler(accelerator) -> torch.amp.GradScaler | None:
+    """The GradScaler whose scale ``accelerator.backward`` puts on the loss, or ``None``.
+
+    The rule is accelerate's own (``Accelerator.backward``): the loss is scaled whenever
+    ``accelerator.scaler`` is set, except under DeepSpeed and Megatron-LM, whose engines own the
+    backward pass. ``Accelerator.unscale_gradients`` (called by ``clip_grad_norm_`` before
+    Trainer's clipping) divides the scale out again only when ``native_amp`` is on and
+    ``mixed_precision == "fp16"``. Every accelerator that accelerate sets up for fp16 satisfies
+    both (accelerate creates the scaler only on a device that supports fp16 autocast: from 1.16 on,
+    ``mixed_precision="fp16"`` on the CPU gives no scaler and no autocast, i.e. fp32, and older
+    releases refuse it). An accelerator with a scaler but not in that state would clip and log
+    scaled gradients; it is refused, naming the fix.
+    """
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is None:
+        return None
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        return None
+    if not (accelerator.native_amp and accelerator.mixed_precision == "fp16"):
+        raise ValueError(
+            "`accelerator.scaler` is set but the Accelerator is not in fp16 mixed precision "
+            f"(native_amp={accelerator.native_amp}, mixed_precision="
+            f"{accelerator.mixed_precision!r}): accelerate would scale the loss in `backward` "
+            "but not unscale before clipping. Create the Accelerator (or Trainer) with "
+            "`mixed_precision='fp16'` / `fp16=True` instead of assigning a scaler."
+        )
+    return scaler
 
 
 def _present(tensors: Tensors) -> list[int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import inspect
 import json
 import math
 import sys
@@ -22,26 +24,76 @@ from benchmarks.harness import (
     torch_threads,
 )
 
-SLEEP_S = 0.005
+MS = 1e-3
 
 
-def test_time_callable_measures_a_known_sleep():
-    calls = []
-    result = time_callable(
-        lambda: time.sleep(SLEEP_S), warmup=1, repeats=7, setup=lambda: calls.append(1)
-    )
-    assert len(result.samples) == 7
-    assert len(calls) == 8  # setup runs before every sample, warm-up included
-    # sleep never returns early; scheduling can only add time
-    assert SLEEP_S <= result.median < SLEEP_S * 2.5
+class FakeClock:
+    """A clock for the harness's ``clock=`` that moves only when told to (no sleeping, no load).
+
+    Starts far from zero, so a sample that returned an absolute reading instead of a difference
+    would show.
+    """
+
+    def __init__(self, start: float = 1000.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_time_callable_times_the_calls_only_and_drops_the_warmup():
+    clock = FakeClock()
+    events = []
+    # the warm-up sample is far longer than the rest: keeping it would show in the samples
+    durations = iter([9.0, 4 * MS, 1 * MS, 7 * MS, 3 * MS, 2 * MS, 6 * MS, 5 * MS])
+
+    def setup():
+        events.append("setup")
+        clock.advance(100.0)  # would swamp every sample if it were timed
+
+    def fn():
+        events.append(("fn", gc.isenabled()))
+        clock.advance(next(durations))
+
+    gc_was_enabled = gc.isenabled()
+    result = time_callable(fn, warmup=1, repeats=7, setup=setup, clock=clock)
+    assert result.number == 1
+    assert result.samples == pytest.approx([4 * MS, 1 * MS, 7 * MS, 3 * MS, 2 * MS, 6 * MS, 5 * MS])
+    # setup runs before every sample, warm-up included; the collector is paused while timing
+    assert events == ["setup", ("fn", False)] * 8
+    assert gc.isenabled() == gc_was_enabled
+    assert result.median == pytest.approx(4 * MS)
+    assert result.q1 == pytest.approx(2.5 * MS) and result.q3 == pytest.approx(5.5 * MS)
+    assert result.iqr == pytest.approx(3 * MS)
+    assert result.min == pytest.approx(1 * MS)
     assert result.min <= result.q1 <= result.median <= result.q3
-    assert result.iqr == pytest.approx(result.q3 - result.q1)
 
 
 def test_time_callable_divides_by_number_of_calls():
-    result = time_callable(lambda: time.sleep(SLEEP_S / 4), warmup=0, repeats=3, number=4)
+    clock = FakeClock()
+    # sample i: four calls of (1, 2, 3, 6) ms times (i + 1), i.e. 12 (i + 1) ms, 3 (i + 1) per call
+    durations = iter([c * k * MS for k in (1, 2, 3) for c in (1, 2, 3, 6)])
+    calls = []
+
+    def fn():
+        calls.append(1)
+        clock.advance(next(durations))
+
+    result = time_callable(fn, warmup=0, repeats=3, number=4, clock=clock)
     assert result.number == 4
-    assert SLEEP_S / 4 <= result.median < SLEEP_S / 4 * 3
+    assert len(calls) == 12
+    assert result.samples == pytest.approx([3 * MS, 6 * MS, 9 * MS])
+
+
+def test_the_default_clock_is_perf_counter_and_times_real_calls():
+    for timer in (time_callable, compare):
+        assert inspect.signature(timer).parameters["clock"].default is time.perf_counter
+    calls = []
+    result = time_callable(lambda: calls.append(1), warmup=1, repeats=2, number=3)
+    assert len(calls) == 9 and len(result.samples) == 2  # no assertion on how long it took
 
 
 def test_timing_result_summaries_against_hand_computed_values():
@@ -53,24 +105,64 @@ def test_timing_result_summaries_against_hand_computed_values():
     )
 
 
-def test_compare_interleaves_and_finds_a_twice_slower_function():
+def test_compare_interleaves_and_its_rotation_cancels_a_linear_drift():
+    clock = FakeClock()
     order = []
 
-    def fast():
-        order.append("fast")
-        time.sleep(SLEEP_S)
+    def timed(name, cost):
+        def run():
+            order.append(name)
+            # the machine slows down call after call: the n-th call costs `cost * n` ms
+            clock.advance(cost * len(order) * MS)
 
-    def slow():
-        order.append("slow")
-        time.sleep(2 * SLEEP_S)
+        return run
 
-    result = compare(fast, {"slow": slow}, warmup=1, repeats=6)
+    result = compare(timed("fast", 1), {"slow": timed("slow", 2)}, warmup=1, repeats=6, clock=clock)
     assert set(result) == {"baseline", "candidates", "ratios"}
-    assert len(result["baseline"].samples) == len(result["candidates"]["slow"].samples) == 6
-    assert 1.5 < result["ratios"]["slow"] < 3.0
+    assert list(result["candidates"]) == list(result["ratios"]) == ["slow"]
     # round-robin, the order rotated every round: fast slow | slow fast | fast slow | ...
-    assert order[:6] == ["fast", "slow", "slow", "fast", "fast", "slow"]
-    assert order.count("fast") == order.count("slow") == 7
+    assert order == ["fast", "slow", "slow", "fast"] * 3 + ["fast", "slow"]
+    # round 0 (calls 1, 2) is the warm-up; fast ran as calls 4 5 8 9 12 13, slow as 3 6 7 10 11 14
+    fast, slow = result["baseline"], result["candidates"]["slow"]
+    assert fast.number == slow.number == 1
+    assert fast.samples == pytest.approx([n * MS for n in (4, 5, 8, 9, 12, 13)])
+    assert slow.samples == pytest.approx([2 * n * MS for n in (3, 6, 7, 10, 11, 14)])
+    # both medians are at call 8.5: the drift cancels and the ratio is exactly the cost ratio
+    # (timing fast first in every round would give 18 / 8 = 2.25)
+    assert result["ratios"]["slow"] == pytest.approx(2.0)
+
+
+def test_compare_runs_setup_untimed_before_every_sample_and_divides_by_number():
+    clock = FakeClock()
+    events = []
+
+    def setup():
+        events.append("setup")
+        clock.advance(100.0)
+
+    def timed(name, cost):
+        def run():
+            events.append(name)
+            clock.advance(cost * MS)
+
+        return run
+
+    result = compare(
+        timed("a", 1.0),
+        {"b": timed("b", 3.0), "c": timed("c", 0.5)},
+        warmup=2,
+        repeats=3,
+        number=2,
+        setup=setup,
+        clock=clock,
+    )
+    rounds = [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"], ["b", "c", "a"]]
+    assert events == [event for keys in rounds for k in keys for event in ("setup", k, k)]
+    assert result["baseline"].samples == pytest.approx([1 * MS] * 3)
+    assert result["candidates"]["b"].samples == pytest.approx([3 * MS] * 3)
+    assert result["candidates"]["c"].samples == pytest.approx([0.5 * MS] * 3)
+    assert result["baseline"].number == result["candidates"]["c"].number == 2
+    assert result["ratios"] == pytest.approx({"b": 3.0, "c": 0.5})
 
 
 def test_compare_refuses_no_candidates_and_bad_counts():

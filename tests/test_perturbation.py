@@ -1,5 +1,7 @@
 """The weight-perturbation core: directions, local gradients, exact restore, BatchNorm, GradScaler."""
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -11,10 +13,12 @@ from hf_extensions.perturbation import (
     direction_norm,
     frozen_batchnorm_statistics,
     local_gradients,
+    loss_scaler,
     perturbed_weights,
     trainable_parameters,
 )
 from hf_extensions.testing import tiny_mlp_classifier
+from hf_extensions.testing.mixed_precision import fp16_loss_scaling
 
 
 def _batch(rows=16, seed=0):
@@ -173,3 +177,54 @@ def test_batchnorm_statistics_frozen_at_perturbed_weights(momentum):
     with frozen_batchnorm_statistics(model, enabled=True):
         model(features, labels)
     assert int(batchnorm.num_batches_tracked) == 1
+
+
+def _accelerated_gradients(accelerator, model, features, labels):
+    for p in model.parameters():
+        p.grad = None
+    accelerator.backward(model(features, labels)["loss"])
+    grads = [p.grad.clone() for p in trainable_parameters(model)]
+    for p in model.parameters():
+        p.grad = None
+    return grads
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_loss_scaler_decides_as_accelerate_backward_does(fp16):
+    """The core scales (and unscales) a local pass exactly when ``accelerator.backward`` scales
+    the loss: its gradients are the true ones whether or not loss scaling is active."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model = tiny_mlp_classifier()
+    features, labels = _batch()
+    params = trainable_parameters(model)
+    true = _gradients(model, features, labels)
+    with (
+        fp16_loss_scaling(accelerator, init_scale=2.0**8, autocast=False)
+        if fp16
+        else contextlib.nullcontext()
+    ):
+        scaler = loss_scaler(accelerator)
+        assert (scaler is not None) == fp16
+        # what accelerate's backward puts in p.grad: the gradient times the active scale
+        factor = 2.0**8 if fp16 else 1.0
+        for g, t in zip(_accelerated_gradients(accelerator, model, features, labels), true):
+            torch.testing.assert_close(g, t * factor, rtol=1e-6, atol=1e-9)
+        _, grads = local_gradients(
+            _loss_fn(model, features, labels), params, accelerator=accelerator, scaler=scaler
+        )
+    for g, t in zip(grads, true):
+        torch.testing.assert_close(g, t, rtol=1e-6, atol=1e-9)
+
+
+def test_loss_scaler_refuses_a_scaler_accelerate_would_not_unscale():
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu")
+    try:
+        with pytest.raises(ValueError, match=r"fp16=True"):
+            loss_scaler(accelerator)
+    finally:
+        accelerator.scaler = None

@@ -7,6 +7,7 @@ import torch
 
 from hf_extensions.clip_prompts import CLIPPromptLearner
 from hf_extensions.testing import launch, tiny_clip
+from hf_extensions.testing.mixed_precision import fp16_loss_scaling
 from trainers.pga_config import PGAConfig
 from trainers.pga_trainer import PairedDomainCollator, PairedDomainDataset, PGATrainer, pga_update
 
@@ -274,6 +275,21 @@ def test_trainer_step_equals_pga_update_and_caching_changes_nothing(tmp_path):
         torch.testing.assert_close(grads[cache]["domain_ctx.source"], step.domain_grads["source"])
     for name in grads[True]:
         torch.testing.assert_close(grads[True][name], grads[False][name])
+
+
+def test_fp16_loss_scaling_step_equals_the_fp32_step(tmp_path):
+    """PGA writes its own gradients into p.grad: under accelerate's fp16 loss scaling they must
+    carry the scale the GradScaler divides out (fp32 compute, so the steps are equal)."""
+    knobs = dict(pga_rho=1e-2, pga_align=1.0, max_grad_norm=1.0)
+    reference = _trainer(tmp_path / "fp32", **knobs)
+    reference.train()
+    scaled = _trainer(tmp_path / "fp16", **knobs)
+    with fp16_loss_scaling(scaled.accelerator, init_scale=2.0**10, autocast=False) as scaler:
+        scaled.train()
+        assert scaler.get_scale() == 2.0**10
+    for (name, p), q in zip(reference.model.named_parameters(), scaled.model.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_source_only_baseline_ignores_the_target(tmp_path):

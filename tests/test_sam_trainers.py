@@ -14,6 +14,7 @@ from hf_extensions.data import load_digits
 from hf_extensions.hub import check_model_card_method
 from hf_extensions.perturbation import trainable_parameters
 from hf_extensions.testing import fake_hub, tiny_mlp_classifier, tiny_vit_classifier
+from hf_extensions.testing.mixed_precision import fp16_loss_scaling
 from trainers import AgnosticSAMConfig, AgnosticSAMTrainer, SAMConfig, SAMTrainer
 
 DEFAULTS = dict(
@@ -240,31 +241,43 @@ def test_resume_from_checkpoint_is_exact_and_checkpoints_do_not_grow(tmp_path):
     assert set(weights) == set(_model("mlp").state_dict())
 
 
-def _with_scaler(trainer, init_scale):
-    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
-    return trainer
-
-
 @pytest.mark.parametrize("method", ["sam", "agnostic_sam"])
-def test_gradscaler_step_equals_the_fp32_step(tmp_path, method):
-    """The fp16 loss-scaling path on CPU (fp32 compute): scaled gradients, same SAM step."""
+def test_fp16_loss_scaling_step_equals_the_fp32_step(tmp_path, method):
+    """accelerate's fp16 loss scaling (fp32 compute): scaled backward passes, accelerate's
+    unscale before Trainer's clipping, ``scaler.step``: the same SAM step as plain fp32."""
     trainer_cls, config_cls, knobs = METHODS[method]
-    overrides = dict(per_device_train_batch_size=16, max_steps=3, **knobs)
+    overrides = dict(per_device_train_batch_size=16, max_steps=3, max_grad_norm=0.5, **knobs)
     reference = _train(trainer_cls, config_cls, "mlp", tmp_path / "fp32", **overrides)
     args = config_cls(output_dir=str(tmp_path / "scaled"), **{**DEFAULTS, **overrides})
     scaled = trainer_cls(model=_model("mlp"), args=args, train_dataset=_data("mlp", 32))
-    _with_scaler(scaled, 2.0**10).train()
-    assert scaled.accelerator.scaler.get_scale() == 2.0**10  # no overflow, no skipped step
+    with fp16_loss_scaling(scaled.accelerator, init_scale=2.0**10, autocast=False) as scaler:
+        scaled.train()
+        assert scaler.get_scale() == 2.0**10  # no overflow, no skipped step
     assert _max_diff(_params(scaled), _params(reference)) < 1e-6
 
 
-def test_overflowing_scaled_gradients_skip_the_step_without_nan(tmp_path):
+def test_an_fp16_overflow_skips_the_step_and_applies_no_perturbation(tmp_path, monkeypatch):
+    """Real float16 autocast and a scale that overflows the scaled backward: the local pass's
+    overflow is recognised (no perturbation, zero direction), the GradScaler skips the step and
+    halves its scale, and the weights do not move."""
     args = SAMConfig(output_dir=str(tmp_path), **{**DEFAULTS, "max_steps": 1, "rho": 0.05})
     trainer = SAMTrainer(model=_model("mlp"), args=args, train_dataset=_data("mlp", 32))
     before = _params(trainer)
-    _with_scaler(trainer, 2.0**127).train()  # loss * scale overflows float32
-    assert trainer.accelerator.optimizer_step_was_skipped
-    assert trainer.accelerator.scaler.get_scale() == 2.0**126
+    directions = []
+    original = SAMTrainer.perturbed
+
+    def spy(self, model, direction):
+        directions.append([d.clone() for d in direction if d is not None])
+        return original(self, model, direction)
+
+    monkeypatch.setattr(SAMTrainer, "perturbed", spy)
+    # float16 overflows at 65504: 2**24 times any gradient entry above 0.004 is infinite.
+    with fp16_loss_scaling(trainer.accelerator, init_scale=2.0**24) as scaler:
+        trainer.train()
+        assert trainer.accelerator.optimizer_step_was_skipped
+        assert scaler.get_scale() == 2.0**23
+    assert len(directions) == 1 and directions[0]
+    assert all(torch.count_nonzero(d) == 0 for d in directions[0])
     _assert_equal(_params(trainer), before)
 
 
@@ -411,10 +424,11 @@ def test_an_overflowing_local_pass_makes_the_scaler_skip_the_step(tmp_path, monk
         return loss, grads
 
     monkeypatch.setattr(AgnosticSAMTrainer, "local_gradients", overflow_second_pass)
-    _with_scaler(trainer, 2.0**10).train()
+    with fp16_loss_scaling(trainer.accelerator, init_scale=2.0**10, autocast=False) as scaler:
+        trainer.train()
+        assert trainer.accelerator.optimizer_step_was_skipped
+        assert scaler.get_scale() == 2.0**9
     assert calls == [0, 1]
-    assert trainer.accelerator.optimizer_step_was_skipped
-    assert trainer.accelerator.scaler.get_scale() == 2.0**9
     _assert_equal(_params(trainer), before)
 
 

@@ -15,6 +15,7 @@ from hf_extensions.perturbation import (
     ascent_direction,
     direction_norm,
     gradients_finite,
+    loss_scaler,
     trainable_parameters,
 )
 from trainers.fhbi_config import FHBIConfig
@@ -127,7 +128,7 @@ class FHBITrainer(PerturbationTrainer):
 
     def particle_direction(self, model: nn.Module, grads: Tensors) -> Tensors:
         """ε_i = ρ g_i / ‖g_i‖ for every particle i (its slice of each stacked tensor)."""
-        if self.accelerator.scaler is not None and not gradients_finite(grads):
+        if loss_scaler(self.accelerator) is not None and not gradients_finite(grads):
             self._overflow = True
         params = trainable_parameters(model)
         m = self.args.num_particles

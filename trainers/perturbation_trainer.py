@@ -22,6 +22,7 @@ from hf_extensions.perturbation import (
     ascent_direction,
     gradients_finite,
     local_gradients,
+    loss_scaler,
     perturbed_weights,
     trainable_parameters,
 )
@@ -199,7 +200,7 @@ class PerturbationTrainer(MethodTrainer):
             trainable_parameters(model),
             model=model,
             accelerator=self.accelerator,
-            scaler=self.accelerator.scaler,
+            scaler=loss_scaler(self.accelerator),
         )
 
     def direction(self, model: nn.Module, grads: Tensors, rho: float) -> Tensors:
@@ -207,7 +208,7 @@ class PerturbationTrainer(MethodTrainer):
 
         Under an fp16 GradScaler, a non-finite local gradient marks the step to be skipped.
         """
-        if self.accelerator.scaler is not None and not gradients_finite(grads):
+        if loss_scaler(self.accelerator) is not None and not gradients_finite(grads):
             self._overflow = True
         return ascent_direction(
             grads,

@@ -23,6 +23,7 @@ from hf_extensions.perturbation import (
     RandomState,
     ascent_direction,
     combine_directions,
+    loss_scaler,
     perturbed_weights,
 )
 from trainers.method_trainer import MethodTrainer
@@ -340,14 +341,17 @@ class PGATrainer(MethodTrainer):
 
     def _add_gradients(self, params: list[nn.Parameter], grads: list[torch.Tensor]) -> None:
         """Average over processes, weight for accumulation (and the fp16 loss scale, which
-        the GradScaler divides out again), and add into ``p.grad``."""
+        the GradScaler divides out again), and add into ``p.grad``.
+
+        The scale goes on through ``scaler.scale``, which also initialises a GradScaler that no
+        backward has used yet (its ``unscale_`` before clipping fails otherwise)."""
         flat = torch.cat([g.reshape(-1).float() for g in grads])
         if self.accelerator.num_processes > 1:
             flat = self.accelerator.reduce(flat, reduction="mean")
         flat = flat / self.current_gradient_accumulation_steps
-        scaler = self.accelerator.scaler
+        scaler = loss_scaler(self.accelerator)
         if scaler is not None:
-            flat = flat * scaler.get_scale()
+            flat = scaler.scale(flat)
         offset = 0
         for p in params:
             piece = flat[offset : offset + p.numel()].view_as(p).to(p.dtype)
