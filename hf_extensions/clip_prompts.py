@@ -52,9 +52,9 @@ def encode_text_embeddings(
     ``CLIPModel.get_text_features`` with embeddings in place of ids."""
     text = clip.text_model
     hidden = text.embeddings(inputs_embeds=inputs_embeds)
-    mask = create_causal_mask(
-        config=text.config, inputs_embeds=hidden, attention_mask=None, cache=None
-    )
+    # Positional: the fourth parameter (no cache here) is `past_key_values` before transformers
+    # 5.24 and `cache` from 5.24 on.
+    mask = create_causal_mask(text.config, hidden, None, None)
     hidden = text.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True)
     hidden = text.final_layer_norm(hidden.last_hidden_state)
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), eos_positions]

@@ -2,7 +2,7 @@
 
 accelerate sets an ``Accelerator`` up for fp16 only on a device with fp16 autocast support: in
 ``Accelerator.__init__``'s fp16 branch it turns ``native_amp`` on and creates a GradScaler
-(``accelerate.utils.get_grad_scaler``). On the CPU it skips that branch (1.16: fp16 silently
+(``torch.amp.GradScaler`` for the device). On the CPU it skips that branch (1.16: fp16 silently
 becomes fp32; earlier releases raise). :func:`fp16_loss_scaling` performs the same assignments on
 an existing accelerator, so that everything after them is accelerate's own public fp16 code:
 ``accelerator.autocast`` / the prepared model's forward in float16 autocast, ``backward`` scaling
@@ -19,7 +19,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from accelerate.utils import AutocastKwargs, get_grad_scaler
+import torch
+from accelerate.utils import AutocastKwargs
 
 
 @contextlib.contextmanager
@@ -49,7 +50,7 @@ def fp16_loss_scaling(
     saved = {
         name: getattr(accelerator, name) for name in ("native_amp", "scaler", "autocast_handler")
     }
-    scaler = get_grad_scaler(accelerator.distributed_type, init_scale=init_scale)
+    scaler = torch.amp.GradScaler(accelerator.device.type, init_scale=init_scale)
     state._mixed_precision = "fp16"
     accelerator.native_amp = True
     accelerator.scaler = scaler
