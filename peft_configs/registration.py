@@ -48,8 +48,10 @@ def extend_peft_type(name: str) -> PeftType:
     existing = PeftType.__members__.get(member_name)
     if existing is not None:
         return existing
+    # `in vars(PeftType)`, not hasattr: enum.Enum itself has empty tables that hasattr would find
+    # (and this would then write members into every enum's shared tables).
     if PeftType._member_type_ is not str or not all(
-        hasattr(PeftType, attribute)
+        attribute in vars(PeftType)
         for attribute in ("_member_names_", "_member_map_", "_value2member_map_")
     ):
         raise TypeError(
