@@ -1,5 +1,5 @@
 # The two commands a new user needs: `make demo` and `make test`. Each creates .venv if missing,
-# installs torch (TORCH_SPEC, a CPU wheel by default) and then the project with the exact versions
+# installs torch (TORCH_SPEC, a CPU wheel by default) with the project, at the exact versions
 # of requirements/lock.txt (pip constraints), and runs.
 #   make test-latest   the newest releases of everything (.venv-latest)
 #   make test-min      pyproject.toml's lower bounds (requirements/min.txt, .venv-min)
@@ -20,8 +20,7 @@ $(PY):
 
 $(STAMP): $(PY) pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PIP_INSTALL) $(PIP_UPGRADE) -e ".[dev]"
+	$(PIP_INSTALL) $(UPGRADE_FLAGS) "$(TORCH_SPEC)" -e ".[dev]"
 	$(PY) -m pip check
 	$(PY) -m pip freeze --exclude-editable > $(VENV)/installed-versions.txt
 	touch $(STAMP)
@@ -39,7 +38,7 @@ test-all: install
 
 # Not part of CI (time): run both before a submission that touches dependencies.
 test-latest:
-	$(MAKE) test VENV=.venv-latest CONSTRAINTS= PIP_UPGRADE="--upgrade --upgrade-strategy eager"
+	$(MAKE) test VENV=.venv-latest CONSTRAINTS= UPGRADE_FLAGS="--upgrade --upgrade-strategy eager"
 
 test-min:
 	$(MAKE) test VENV=.venv-min CONSTRAINTS=requirements/min.txt

@@ -8,6 +8,7 @@ import torch
 from hf_extensions.quantization import (
     ActivationQuantizer,
     WeightQuantizer,
+    clamp_ste,
     fake_quantize,
     lp_error,
     minmax_scale_zero_point,
@@ -47,6 +48,14 @@ def test_fake_quantize_round_trips_representable_values_exactly():
     y = torch.randn(100)
     once = fake_quantize(y, scale, zero_point, 0, 15)
     assert torch.equal(fake_quantize(once, scale, zero_point, 0, 15), once)
+
+
+def test_clamp_ste_passes_the_gradient_on_the_closed_range_only():
+    """Values on the end points keep gradient 1 (torch 2.14's clamp gives 0 or 1/2 there)."""
+    q = torch.tensor([-1.0, 0.0, 1.5, 3.0, 3.5], requires_grad=True)
+    clamp_ste(q, 0, 3).sum().backward()
+    assert torch.equal(q.grad, torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0]))
+    assert torch.equal(clamp_ste(q, 0, 3), q.detach().clamp(0, 3))
 
 
 def test_ste_gradient_is_one_inside_and_zero_outside_range():

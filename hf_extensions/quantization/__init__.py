@@ -23,6 +23,7 @@ from hf_extensions.quantization.modules import (
 from hf_extensions.quantization.quantizers import (
     ActivationQuantizer,
     WeightQuantizer,
+    clamp_ste,
     fake_quantize,
     grad_scale,
     lp_error,
@@ -70,6 +71,7 @@ __all__ = [
     "WeightQuantizer",
     "block_output_error",
     "calibration_images",
+    "clamp_ste",
     "export_integer",
     "fake_quantize",
     "find_blocks",

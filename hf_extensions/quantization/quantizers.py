@@ -25,6 +25,7 @@ from torch import nn
 __all__ = [
     "ActivationQuantizer",
     "WeightQuantizer",
+    "clamp_ste",
     "fake_quantize",
     "grad_scale",
     "lp_error",
@@ -74,6 +75,18 @@ def _expand(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
     return t.reshape(shape)
 
 
+def clamp_ste(q: torch.Tensor, qmin: float, qmax: float) -> torch.Tensor:
+    """``clip(q, q_min, q_max)`` whose gradient is 1 on the closed range and 0 outside it.
+
+    The STE's clipping (LSQ / BRECQ) passes the gradient for every value on the grid, the two
+    end points included. ``torch.clamp`` gave exactly that up to torch 2.13; torch 2.14 gives 0
+    (scalar bounds) or 1/2 (tensor bounds) at a value equal to a bound, which is where
+    quantized values sit. The explicit mask keeps one behaviour on every release.
+    """
+    inside = (q >= qmin) & (q <= qmax)
+    return torch.where(inside, q, q.detach().clamp(qmin, qmax))
+
+
 def fake_quantize(
     x: torch.Tensor,
     scale: torch.Tensor | float,
@@ -92,7 +105,7 @@ def fake_quantize(
     """
     s = _expand(scale, x, axis)
     z = _expand(zero_point, x, axis)
-    q = torch.clamp(round_ste(x / s) + z, qmin, qmax)
+    q = clamp_ste(round_ste(x / s) + z, qmin, qmax)
     return (q - z) * s
 
 
@@ -267,7 +280,7 @@ class WeightQuantizer(nn.Module):
         h = self.rectified_sigmoid()
         if self.mode == "hard":
             h = (h >= 0.5).to(weight.dtype)
-        q = torch.clamp(w_floor + h + z, self.qmin, self.qmax)
+        q = clamp_ste(w_floor + h + z, self.qmin, self.qmax)
         return (q - z) * s
 
     def extra_repr(self) -> str:
