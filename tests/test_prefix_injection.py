@@ -13,9 +13,14 @@ import contextlib
 import pytest
 import torch
 from peft import PrefixTuningConfig, get_peft_model
-from transformers import RobertaConfig, RobertaModel
 
-from hf_extensions.testing import tiny_bert_classifier, tiny_gpt2, tiny_llama, tiny_vit_classifier
+from hf_extensions.testing import (
+    tiny_bert_classifier,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_roberta,
+    tiny_vit_classifier,
+)
 from peft_configs.injection import (
     PREFIX_ATTENTION,
     attach_prefix_sites,
@@ -28,21 +33,6 @@ from peft_configs.injection import (
 
 IMPLEMENTATIONS = ["eager", "sdpa"]
 ATOL = 2e-6
-
-
-def tiny_roberta(attn_implementation: str = "eager", seed: int = 0) -> RobertaModel:
-    config = RobertaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=40,
-        attn_implementation=attn_implementation,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return RobertaModel(config).eval()
 
 
 @contextlib.contextmanager

@@ -55,8 +55,6 @@ from transformers import (
     BertModel,
     GPT2Config,
     GPT2LMHeadModel,
-    RobertaConfig,
-    RobertaModel,
     Trainer,
     TrainingArguments,
 )
@@ -88,6 +86,7 @@ from hf_extensions.testing import (
     tiny_clip,
     tiny_gpt2,
     tiny_llama,
+    tiny_roberta,
     tiny_vit_classifier,
 )
 from peft_configs import (
@@ -566,25 +565,10 @@ def test_prefix_tuning_adapter_file_layout():
 INJECTION = "peft_configs/injection.py"
 
 
-def _tiny_roberta(implementation: str) -> RobertaModel:
-    config = RobertaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=40,
-        attn_implementation=implementation,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return RobertaModel(config).eval()
-
-
 #: the model families peft_configs' prefix methods support (see injection.py's docstring).
 FAMILIES: dict[str, Callable[[str], nn.Module]] = {
     "bert": lambda impl: tiny_bert_classifier(attn_implementation=impl),
-    "roberta": _tiny_roberta,
+    "roberta": tiny_roberta,
     "vit": lambda impl: tiny_vit_classifier(attn_implementation=impl),
     "gpt2": lambda impl: tiny_gpt2(attn_implementation=impl),
     "llama": lambda impl: tiny_llama(impl),

@@ -18,6 +18,7 @@ from hf_extensions.testing.models import (
     tiny_gpt2,
     tiny_llama,
     tiny_mlp_classifier,
+    tiny_roberta,
     tiny_stable_diffusion_pipeline,
     tiny_vit_classifier,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "tiny_gpt2",
     "tiny_llama",
     "tiny_mlp_classifier",
+    "tiny_roberta",
     "tiny_stable_diffusion_pipeline",
     "tiny_vit_classifier",
 ]

@@ -31,6 +31,8 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    RobertaConfig,
+    RobertaModel,
     ViTConfig,
     ViTForImageClassification,
 )
@@ -246,6 +248,21 @@ def tiny_llama(
     )
     with _seeded(seed):
         return LlamaForCausalLM(config).eval()
+
+
+def tiny_roberta(attn_implementation: AttnImplementation = "eager", seed: int = 0) -> RobertaModel:
+    """A ``RobertaModel`` (no head) of 2 layers, width 32, 4 heads; vocabulary of 100."""
+    config = RobertaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=40,
+        attn_implementation=attn_implementation,
+    )
+    with _seeded(seed):
+        return RobertaModel(config).eval()
 
 
 def byte_level_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
