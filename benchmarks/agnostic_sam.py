@@ -45,7 +45,7 @@ from benchmarks.harness import (
 )
 from hf_extensions.data import add_label_noise, load_digits
 from hf_extensions.metrics.functional import accuracy
-from hf_extensions.testing import tiny_mlp_classifier, tiny_vit_classifier
+from hf_extensions.models import tiny_mlp_classifier, tiny_vit_classifier
 from trainers import AgnosticSAMConfig, AgnosticSAMTrainer, SAMConfig, SAMTrainer
 
 NAME = "agnostic_sam"

@@ -53,11 +53,11 @@ from benchmarks.harness import (
     torch_threads,
     trainer_step_fn,
 )
-from hf_extensions.bayesian import PeerEnsemble, convert_to_bayesian, peer_distance
+from hf_extensions.bnn import PeerEnsemble, convert_to_bayesian, peer_distance
 from hf_extensions.data import load_digits
 from hf_extensions.metrics import accuracy, expected_calibration_error, negative_log_likelihood
 from hf_extensions.metrics.reliability import reliability_diagram
-from hf_extensions.testing import tiny_mlp_classifier, tiny_vit_classifier
+from hf_extensions.models import tiny_mlp_classifier, tiny_vit_classifier
 from trainers.bnn_mutual_config import BayesianMutualLearningConfig
 from trainers.bnn_mutual_trainer import BayesianMutualLearningTrainer
 

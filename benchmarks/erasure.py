@@ -44,6 +44,7 @@ from benchmarks.harness import (
     save_plot,
     torch_threads,
 )
+from hf_extensions.models import tiny_stable_diffusion_pipeline
 from hf_extensions.pipelines import (
     ConceptEraser,
     ErasureConfig,
@@ -52,7 +53,6 @@ from hf_extensions.pipelines import (
     evaluate_erasure,
     select_candidates,
 )
-from hf_extensions.testing import tiny_stable_diffusion_pipeline
 
 NAME = "erasure"
 CONCEPT = "a red circle"

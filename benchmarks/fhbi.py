@@ -45,13 +45,13 @@ from benchmarks.harness import (
     torch_threads,
 )
 from hf_extensions.data import load_digits
+from hf_extensions.fhbi.particles import ParticleEnsemble
 from hf_extensions.metrics.functional import (
     accuracy,
     expected_calibration_error,
     negative_log_likelihood,
 )
-from hf_extensions.particles import ParticleEnsemble
-from hf_extensions.testing import tiny_mlp_classifier, tiny_vit_classifier
+from hf_extensions.models import tiny_mlp_classifier, tiny_vit_classifier
 from trainers.fhbi_config import FHBIConfig
 from trainers.fhbi_trainer import FHBITrainer
 

@@ -14,7 +14,7 @@ and ``tree_ot_paper_weights`` (a sensitivity row); ``tree_ot_eval_rescoring`` is
 regulariser weights of the official CIFAR-100 script (``reg`` 0.1, ``reg_glob`` 0.05,
 ``reg_sub`` 0.1; the paper's text gives 0.001 / 0.01: the sensitivity row), δ = 100, τ = 0.1,
 10 centroids per class, 5 epochs per task at Adam 0.03, batch 32, 5 prompt tokens on layers
-0-3, the taxonomy ``recipes/hierarchical_cl/digits_taxonomy.json``.
+0-3, the taxonomy ``hf_extensions/hierarchical_cl/digits_taxonomy.json``.
 
 The frozen backbone stands in for ImageNet-21k pretraining: a tiny ViT (4 layers, width 32)
 trained here on a held-out 30% of the images (``load_digits(validation_size=0.3)``'s validation
@@ -58,10 +58,10 @@ from benchmarks.harness import (
     trainer_step_fn,
 )
 from hf_extensions.data import CLASS_NAMES, class_incremental_stream, load_digits
-from hf_extensions.taxonomy import LabelTree
-from hf_extensions.testing import tiny_vit_classifier
+from hf_extensions.hierarchical_cl.taxonomy import DIGITS_TAXONOMY, LabelTree
+from hf_extensions.models import tiny_vit_classifier
+from hf_extensions.models.image_classification import digits_backbone
 from peft_configs.prompt_pool import PromptPoolConfig
-from recipes.hierarchical_cl.train import RECIPE_DIR, HierarchicalCLScriptArguments, digits_backbone
 from trainers.hierarchical_cl_config import HierarchicalPromptCLConfig
 from trainers.hierarchical_cl_trainer import HierarchicalPromptCLTrainer
 
@@ -79,13 +79,13 @@ PROMPT = {"prompt_length": 5, "layers": [0, 1, 2, 3]}
 
 def taxonomy() -> LabelTree:
     ids = {name: i for i, name in enumerate(CLASS_NAMES)}
-    return LabelTree.from_json(RECIPE_DIR / "digits_taxonomy.json", ids)
+    return LabelTree.from_json(DIGITS_TAXONOMY, ids)
 
 
 def setting(seed: int):
     """(frozen backbone with a fresh head, 5-task stream) of one seed."""
     data = load_digits(seed, validation_size=0.3)
-    backbone = digits_backbone(data["validation"], HierarchicalCLScriptArguments(), seed)
+    backbone = digits_backbone(data["validation"], seed=seed)  # the recipe's digits defaults
     stream = class_incremental_stream(
         DatasetDict(train=data["train"], test=data["test"]), 5, seed=seed
     )

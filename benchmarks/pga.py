@@ -78,15 +78,15 @@ from benchmarks.harness import (
     torch_threads,
     trainer_step_fn,
 )
-from hf_extensions.clip_prompts import (
+from hf_extensions.metrics import compute_classification_metrics
+from hf_extensions.models import tiny_clip
+from hf_extensions.pga.clip_prompts import (
     DIGIT_WORDS,
     CLIPPromptLearner,
     as_tensors,
     digit_domains,
     pretrain_clip_on_labels,
 )
-from hf_extensions.metrics import compute_classification_metrics
-from hf_extensions.testing import tiny_clip
 from trainers.pga_config import PGAConfig
 from trainers.pga_trainer import PairedDomainCollator, PairedDomainDataset, PGATrainer
 

@@ -2,9 +2,9 @@
 
 Huynh et al., "PromptDSI: Prompt-based Rehearsal-free Instance-wise Incremental Learning for
 Document Retrieval" (arXiv 2406.12593). Setting (embedded, offline, CPU): the standard-library
-docstring corpus (``hf_extensions.data.retrieval``: D0 + 3 increments, pseudo-queries as
+docstring corpus (``hf_extensions.prompt_dsi.retrieval``: D0 + 3 increments, pseudo-queries as
 disjoint spans), the bundled pretrained all-MiniLM-L6-v2 as the encoder of a classification DSI
-(``hf_extensions.dsi.DSIModel``: masked-mean feature, L2-normalised, docid rows).
+(``hf_extensions.prompt_dsi.dsi.DSIModel``: masked-mean feature, L2-normalised, docid rows).
 
 1. **D0.** As in the paper, the whole DSI (encoder + D0's rows) is fine-tuned on D0
    (``d0_epochs`` = 10, encoder 5e-5, rows 1e-2), then frozen; every method starts from this
@@ -59,11 +59,11 @@ from benchmarks.harness import (
     quiet_training_arguments,
     save_plot,
 )
-from hf_extensions.data.retrieval import select_splits, stdlib_retrieval_corpus
-from hf_extensions.dsi import DSIModel, fit_docid_head, incdsi_add_documents
-from hf_extensions.encoders import load_minilm, minilm_path
 from hf_extensions.metrics import hits_at_k, mrr_at_k, rank_from_scores
-from hf_extensions.testing import tiny_bert_classifier
+from hf_extensions.models import tiny_bert_classifier
+from hf_extensions.models.encoders import load_minilm, minilm_path
+from hf_extensions.prompt_dsi.dsi import DSIModel, fit_docid_head, incdsi_add_documents
+from hf_extensions.prompt_dsi.retrieval import select_splits, stdlib_retrieval_corpus
 from peft_configs.prompt_pool import (
     PromptPoolConfig,
     cosine_top_k,

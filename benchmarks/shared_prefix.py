@@ -45,7 +45,7 @@ from benchmarks.harness import (
     torch_threads,
 )
 from hf_extensions.data import load_digits
-from hf_extensions.testing import tiny_vit_classifier
+from hf_extensions.models import tiny_vit_classifier
 from peft_configs import SharedPrefixTuningConfig
 from peft_configs.shared_prefix import SharedPrefixLayer
 

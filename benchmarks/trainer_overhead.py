@@ -35,7 +35,7 @@ from benchmarks.harness import (
     trainer_step_fn,
 )
 from hf_extensions.data import load_digits
-from hf_extensions.testing import MLPClassifier, tiny_mlp_classifier
+from hf_extensions.models import MLPClassifier, tiny_mlp_classifier
 
 NAME = "trainer_overhead"
 BATCH_SIZE = 64

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from hf_extensions.hub import check_model_card_method
-from hf_extensions.testing import tiny_vit_classifier
+from hf_extensions.models import tiny_vit_classifier
 from hf_extensions.testing.distributed import launch
 from recipes.agnostic_sam.train import main
 
@@ -101,7 +101,7 @@ def test_recipe_reads_an_image_dataset_through_the_checkpoint_processor(tmp_path
 def test_paper_scale_setting_parses_into_valid_configs(tmp_path):
     """The CIFAR-100 ViT-B/16 YAML (not run here: Hub and GPUs) is valid for the recipe's parser."""
     from hf_extensions.cli import RecipeArgumentParser
-    from hf_extensions.image_classification import ImageClassificationArguments
+    from hf_extensions.models.image_classification import ImageClassificationArguments
     from trainers import AgnosticSAMConfig
 
     parser = RecipeArgumentParser((ImageClassificationArguments, AgnosticSAMConfig))

@@ -12,7 +12,7 @@ from torch.distributions import Normal
 from torch.distributions import kl_divergence as torch_kl
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from hf_extensions.bayesian import (
+from hf_extensions.bnn import (
     BayesianConv2d,
     BayesianLinear,
     PeerEnsemble,
@@ -29,7 +29,7 @@ from hf_extensions.bayesian import (
     rho_from_sigma,
 )
 from hf_extensions.metrics import calibration_bins
-from hf_extensions.testing import tiny_mlp_classifier, tiny_vit_classifier
+from hf_extensions.models import tiny_mlp_classifier, tiny_vit_classifier
 
 
 def _randomise(layer, seed=0):

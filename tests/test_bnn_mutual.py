@@ -1,6 +1,6 @@
 """BayesianMutualLearningTrainer: the objective term by term, accumulation, baselines, effects.
 
-Weight noise is frozen with :func:`hf_extensions.bayesian.fixed_noise` wherever two runs must see
+Weight noise is frozen with :func:`hf_extensions.bnn.fixed_noise` wherever two runs must see
 the same weights (equivalences); elsewhere the Gaussian layers sample as in real training.
 """
 
@@ -13,7 +13,7 @@ from torch.distributions import Normal
 from torch.distributions import kl_divergence as torch_kl
 from transformers import TrainingArguments
 
-from hf_extensions.bayesian import (
+from hf_extensions.bnn import (
     PeerEnsemble,
     convert_to_bayesian,
     fixed_noise,
@@ -23,7 +23,7 @@ from hf_extensions.bayesian import (
 )
 from hf_extensions.data import load_digits
 from hf_extensions.hub import check_model_card_method
-from hf_extensions.testing import tiny_mlp_classifier, tiny_vit_classifier
+from hf_extensions.models import tiny_mlp_classifier, tiny_vit_classifier
 from trainers.bnn_mutual_config import BayesianMutualLearningConfig
 from trainers.bnn_mutual_trainer import BayesianMutualLearningTrainer
 

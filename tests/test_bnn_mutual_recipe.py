@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_extensions.bayesian import BayesianConv2d, PeerEnsemble, bayesian_layers
+from hf_extensions.bnn import BayesianConv2d, PeerEnsemble, bayesian_layers
 from hf_extensions.hub import read_model_card_metadata
 from recipes.bnn_mutual.train import main
 
@@ -43,7 +43,7 @@ def test_recipe_trains_saves_and_reloads_the_peers(tmp_path):
 
 
 def test_recipe_peers_start_different_and_moped_sets_sigma(tmp_path):
-    from hf_extensions.image_classification import ImageClassificationArguments
+    from hf_extensions.models.image_classification import ImageClassificationArguments
     from recipes.bnn_mutual.train import BayesianPeersArguments, build_peers
 
     peers = build_peers(
@@ -62,7 +62,7 @@ def test_recipe_peers_start_different_and_moped_sets_sigma(tmp_path):
 
 def test_paper_config_parses_into_valid_dataclasses():
     from hf_extensions.cli import RecipeArgumentParser
-    from hf_extensions.image_classification import ImageClassificationArguments
+    from hf_extensions.models.image_classification import ImageClassificationArguments
     from recipes.bnn_mutual.train import BayesianPeersArguments
     from trainers.bnn_mutual_config import BayesianMutualLearningConfig
 
@@ -104,7 +104,7 @@ def test_two_processes_match_one_process_at_the_same_global_batch(tmp_path):
     assert [r.values["num_processes"] for r in two] == [2, 2]
     reference = one[0].tensors
     assert any(name.endswith("weight_rho") for name in reference)
-    from hf_extensions.image_classification import ImageClassificationArguments
+    from hf_extensions.models.image_classification import ImageClassificationArguments
     from recipes.bnn_mutual.train import BayesianPeersArguments, build_peers
 
     initial = build_peers(

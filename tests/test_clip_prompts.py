@@ -1,10 +1,10 @@
-"""CoOp-style prompt learner over a tiny CLIPModel (hf_extensions.clip_prompts)."""
+"""CoOp-style prompt learner over a tiny CLIPModel (hf_extensions.pga.clip_prompts)."""
 
 import pytest
 import torch
 
-from hf_extensions.clip_prompts import CLIPPromptLearner, pretrain_clip_on_labels
-from hf_extensions.testing import tiny_clip
+from hf_extensions.models import tiny_clip
+from hf_extensions.pga.clip_prompts import CLIPPromptLearner, pretrain_clip_on_labels
 
 NAMES = ["zero", "one", "two"]
 

@@ -9,7 +9,7 @@ from unittest import mock
 import pytest
 import torch
 
-from hf_extensions.encoders import (
+from hf_extensions.models.encoders import (
     MINILM_EMBEDDING_DIM,
     encode_sentences,
     load_minilm,

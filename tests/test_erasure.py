@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hf_extensions.models import tiny_stable_diffusion_pipeline
 from hf_extensions.pipelines import (
     PARAMETER_GROUPS,
     ErasureConfig,
@@ -15,7 +16,6 @@ from hf_extensions.pipelines import (
     in_group,
     prediction_loss,
 )
-from hf_extensions.testing import tiny_stable_diffusion_pipeline
 
 CONCEPT = "a red circle"
 

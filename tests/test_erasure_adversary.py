@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hf_extensions.models import tiny_stable_diffusion_pipeline
 from hf_extensions.pipelines import (
     CandidateSet,
     GumbelAdversary,
@@ -13,7 +14,6 @@ from hf_extensions.pipelines import (
     gumbel_softmax,
     select_candidates,
 )
-from hf_extensions.testing import tiny_stable_diffusion_pipeline
 
 TARGET = "a red circle"
 

@@ -10,6 +10,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from hf_extensions.hub import read_model_card_metadata
+from hf_extensions.models import tiny_stable_diffusion_pipeline
 from hf_extensions.pipelines import (
     ErasureConfig,
     erase_concepts,
@@ -18,7 +19,7 @@ from hf_extensions.pipelines import (
     save_erased,
 )
 from hf_extensions.pipelines.artifacts import CONFIG_NAME, WEIGHTS_NAME
-from hf_extensions.testing import fake_hub, tiny_stable_diffusion_pipeline
+from hf_extensions.testing import fake_hub
 
 CONCEPT = "a red circle"
 

@@ -34,13 +34,13 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from transformers import AutoTokenizer, BertForSequenceClassification
 
 from hf_extensions.hub import build_model_card, read_model_card_metadata
-from hf_extensions.testing import (
+from hf_extensions.models import (
     byte_level_clip_tokenizer,
-    fake_hub,
     tiny_bert_classifier,
     tiny_gpt2,
     tiny_stable_diffusion_pipeline,
 )
+from hf_extensions.testing import fake_hub
 
 
 def _card(library_name: str, **hyperparameters):

@@ -9,9 +9,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch.func import functional_call
 
 from hf_extensions.data import load_digits
-from hf_extensions.kernels import mean_pairwise_distance
-from hf_extensions.particles import ParticleEnsemble
-from hf_extensions.testing import tiny_vit_classifier
+from hf_extensions.fhbi.kernels import mean_pairwise_distance
+from hf_extensions.fhbi.particles import ParticleEnsemble
+from hf_extensions.models import tiny_vit_classifier
 from hf_extensions.testing.distributed import launch
 from hf_extensions.testing.fake_hub import fake_hub
 from trainers.fhbi_config import FHBIConfig
@@ -283,7 +283,7 @@ def test_recipe_trains_saves_particle_adapters_and_writes_its_card(tmp_path):
 
 def test_paper_scale_setting_parses_into_valid_configs(tmp_path):
     from hf_extensions.cli import RecipeArgumentParser
-    from hf_extensions.image_classification import ImageClassificationArguments
+    from hf_extensions.models.image_classification import ImageClassificationArguments
     from recipes.fhbi.train import LoraArguments
 
     parser = RecipeArgumentParser((ImageClassificationArguments, LoraArguments, FHBIConfig))
@@ -297,7 +297,7 @@ def test_paper_scale_setting_parses_into_valid_configs(tmp_path):
 
 
 def test_likelihoods_and_prior_define_the_training_loss(tmp_path):
-    from hf_extensions.testing import tiny_mlp_classifier
+    from hf_extensions.models import tiny_mlp_classifier
 
     ensemble = ParticleEnsemble(tiny_mlp_classifier(), num_particles=3)
     ensemble.train()
@@ -323,7 +323,7 @@ def test_likelihoods_and_prior_define_the_training_loss(tmp_path):
 
 
 def test_plain_model_particles_save_and_reload_exactly(tmp_path):
-    from hf_extensions.testing import tiny_mlp_classifier
+    from hf_extensions.models import tiny_mlp_classifier
 
     ensemble = ParticleEnsemble(tiny_mlp_classifier(), num_particles=3, seed=4)
     assert ensemble.mode == "stacked"

@@ -14,10 +14,13 @@ from transformers import DefaultDataCollator, PrinterCallback
 
 import peft_configs  # noqa: F401
 from hf_extensions.data import class_incremental_stream, load_digits
-from hf_extensions.image_classification import pretrain_classifier
-from hf_extensions.supcon import grouped_supervised_contrastive_loss, supervised_contrastive_loss
-from hf_extensions.taxonomy import ClassMixture, LabelTree
-from hf_extensions.testing import tiny_vit_classifier
+from hf_extensions.hierarchical_cl.supcon import (
+    grouped_supervised_contrastive_loss,
+    supervised_contrastive_loss,
+)
+from hf_extensions.hierarchical_cl.taxonomy import ClassMixture, LabelTree
+from hf_extensions.models import tiny_vit_classifier
+from hf_extensions.models.image_classification import pretrain_classifier
 from peft_configs.prompt_pool import PromptPoolConfig
 from trainers import HierarchicalPromptCLConfig, HierarchicalPromptCLTrainer
 from trainers.hierarchical_cl_trainer import hide_regulariser, same_group_cosine

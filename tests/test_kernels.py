@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_extensions.kernels import (
+from hf_extensions.fhbi.kernels import (
     MIN_BANDWIDTH2,
     kernel_matrices,
     mean_pairwise_distance,

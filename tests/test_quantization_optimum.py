@@ -12,6 +12,7 @@ import torch
 from datasets import Dataset
 from safetensors.torch import save_file
 
+from hf_extensions.models import tiny_vit_classifier
 from hf_extensions.quantization import (
     MetaAugConfig,
     MetaAugQuantizer,
@@ -22,7 +23,6 @@ from hf_extensions.quantization import (
 )
 from hf_extensions.quantization.export import pack_bits, unpack_bits
 from hf_extensions.quantization.models import DigitsResNet
-from hf_extensions.testing import tiny_vit_classifier
 
 
 def _images(n: int, seed: int) -> torch.Tensor:

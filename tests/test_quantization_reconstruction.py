@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from hf_extensions.models import tiny_vit_classifier
 from hf_extensions.quantization import (
     MetaAugConfig,
     block_output_error,
@@ -22,7 +23,6 @@ from hf_extensions.quantization.models import (
     train_digits_cnn,
 )
 from hf_extensions.quantization.reconstruction import rounding_beta
-from hf_extensions.testing import tiny_vit_classifier
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from torch import nn
 from transformers import AutoModelForImageClassification
 
 from hf_extensions.data import load_digits
+from hf_extensions.models import tiny_vit_classifier
 from hf_extensions.quantization import (
     QUANT_METHOD,
     MetaAugConfig,
@@ -22,7 +23,6 @@ from hf_extensions.quantization import (
     fake_quantize,
     quantize_model_rtn,
 )
-from hf_extensions.testing import tiny_vit_classifier
 
 
 def _inputs(n: int = 32, seed: int = 0) -> torch.Tensor:

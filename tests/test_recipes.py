@@ -7,8 +7,10 @@ import torch
 from transformers import TrainingArguments
 
 from hf_extensions.cli import RecipeArgumentParser, use_cpu_for_multiprocess_launch
-from hf_extensions.image_classification import ImageClassificationArguments as ScriptArguments
-from hf_extensions.testing import tiny_vit_classifier
+from hf_extensions.models import tiny_vit_classifier
+from hf_extensions.models.image_classification import (
+    ImageClassificationArguments as ScriptArguments,
+)
 from hf_extensions.testing.distributed import launch
 from recipes.demo import REGISTRY, format_table
 from recipes.example.train import main

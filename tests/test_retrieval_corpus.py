@@ -1,10 +1,10 @@
-"""The embedded retrieval corpus (hf_extensions.data.retrieval): determinism, splits, disjointness."""
+"""The embedded retrieval corpus (hf_extensions.prompt_dsi.retrieval): determinism, splits, disjointness."""
 
 from __future__ import annotations
 
 import pytest
 
-from hf_extensions.data.retrieval import select_splits, stdlib_retrieval_corpus
+from hf_extensions.prompt_dsi.retrieval import select_splits, stdlib_retrieval_corpus
 
 SIZES = {"num_initial": 30, "num_increments": 3, "docs_per_increment": 10}
 

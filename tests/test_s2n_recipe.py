@@ -11,8 +11,9 @@ from diffusers import DiffusionPipeline
 
 from hf_extensions.cli import RecipeArgumentParser
 from hf_extensions.hub import read_model_card_metadata
+from hf_extensions.models import tiny_stable_diffusion_pipeline
 from hf_extensions.schedulers import S2NGeneralizedScheduler
-from hf_extensions.testing import fake_hub, tiny_stable_diffusion_pipeline
+from hf_extensions.testing import fake_hub
 from recipes.s2n.sample import S2NSampleArguments, main
 
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes" / "s2n"

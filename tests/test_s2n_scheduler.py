@@ -22,13 +22,13 @@ from diffusers import (
 )
 from scipy.stats import wasserstein_distance
 
+from hf_extensions.models import tiny_stable_diffusion_pipeline
 from hf_extensions.schedulers import (
     GaussianMixture,
     S2NGeneralizedScheduler,
     make_betas,
     run_denoising_loop,
 )
-from hf_extensions.testing import tiny_stable_diffusion_pipeline
 
 SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 BIMODAL = GaussianMixture(weights=[0.3, 0.7], means=[[-1.0], [1.0]], stds=[0.25, 0.25])

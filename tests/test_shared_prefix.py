@@ -16,13 +16,8 @@ from peft import PeftModel, PrefixTuningConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from hf_extensions.testing import (
-    launch,
-    tiny_bert_classifier,
-    tiny_gpt2,
-    tiny_llama,
-    tiny_vit_classifier,
-)
+from hf_extensions.models import tiny_bert_classifier, tiny_gpt2, tiny_llama, tiny_vit_classifier
+from hf_extensions.testing import launch
 from peft_configs import SharedPrefixTuningConfig
 from peft_configs.shared_prefix import SHARE_CHOICES, SharedPrefixLayer
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_extensions.supcon import (
+from hf_extensions.hierarchical_cl.supcon import (
     grouped_supervised_contrastive_loss,
     hierarchical_supcon_losses,
     supervised_contrastive_loss,

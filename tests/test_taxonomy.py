@@ -1,4 +1,4 @@
-"""Label trees, class mixtures, OT class distances and (Γ-weighted) SupCon (hf_extensions.taxonomy)."""
+"""Label trees, class mixtures, OT class distances and (Γ-weighted) SupCon (hf_extensions.hierarchical_cl.taxonomy)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hf_extensions.data import digits_arrays
-from hf_extensions.taxonomy import ClassDistances, LabelTree, fit_class_mixture
+from hf_extensions.hierarchical_cl.taxonomy import ClassDistances, LabelTree, fit_class_mixture
 
 TREE = {
     "round": {"loops": ["zero", "six", "eight", "nine"], "open": ["two", "three", "five"]},

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, CLIPTokenizer
 
-from hf_extensions.testing import (
+from hf_extensions.models import (
     BYTE_VOCAB_SIZE,
     byte_level_clip_tokenizer,
     count_parameters,

@@ -68,7 +68,15 @@ from transformers.quantizers.auto import (
 )
 from transformers.quantizers.base import HfQuantizer
 
-from hf_extensions.clip_prompts import (
+from hf_extensions.models import (
+    tiny_bert_classifier,
+    tiny_clip,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_roberta,
+    tiny_vit_classifier,
+)
+from hf_extensions.pga.clip_prompts import (
     _eos_positions,
     _projected,
     encode_text_embeddings,
@@ -81,14 +89,6 @@ from hf_extensions.quantization import (
 )
 from hf_extensions.schedulers import S2NGeneralizedScheduler
 from hf_extensions.schedulers.snr import BETA_SCHEDULES, make_betas
-from hf_extensions.testing import (
-    tiny_bert_classifier,
-    tiny_clip,
-    tiny_gpt2,
-    tiny_llama,
-    tiny_roberta,
-    tiny_vit_classifier,
-)
 from peft_configs import (
     PromptPoolConfig,
     PromptPoolModel,
@@ -497,7 +497,7 @@ def test_lora_layer_reset_lora_parameters():
         "peft",
         "LoraLayer.lora_A / lora_B (ModuleDicts by adapter) and "
         "LoraLayer.reset_lora_parameters(adapter_name, init_lora_weights)",
-        "hf_extensions/particles.py (_reinitialise)",
+        "hf_extensions/fhbi/particles.py (_reinitialise)",
         "re-draw the particles' LoRA weights with PEFT's new initialiser API",
     )
     with upstream(internal, "get_peft_model with LoRA raised"):
@@ -848,7 +848,7 @@ def test_config_attn_implementation_is_read_and_written():
     internal = Internal(
         "transformers",
         "PreTrainedConfig._attn_implementation (read, and set before building a model)",
-        f"{INJECTION} (PrefixSite.implementation), hf_extensions/bayesian.py (_build_peer, "
+        f"{INJECTION} (PrefixSite.implementation), hf_extensions/bnn/ (_build_peer, "
         "PeerEnsemble.save_config)",
         "read / set the attention implementation through the config's new API",
     )
@@ -899,7 +899,7 @@ def test_clip_text_tower_internals_reproduce_get_text_features():
         "attention_mask, cache) called positionally and the CLIP text tower's "
         "embeddings(inputs_embeds=) / "
         "encoder(inputs_embeds=, attention_mask=, is_causal=) / final_layer_norm",
-        "hf_extensions/clip_prompts.py (encode_text_embeddings)",
+        "hf_extensions/pga/clip_prompts.py (encode_text_embeddings)",
         "re-derive encode_text_embeddings from this release's CLIP text-model forward",
     )
     names = list(_parameters(create_causal_mask))
@@ -1066,7 +1066,7 @@ def test_model_accepts_loss_kwargs_follows_the_model_attribute(tmp_path):
         "transformers",
         "model.accepts_loss_kwargs -> Trainer.model_accepts_loss_kwargs",
         "trainers/prompt_dsi_trainer.py, trainers/hierarchical_cl_trainer.py (__init__), "
-        "hf_extensions/bayesian.py (PeerEnsemble), hf_extensions/particles.py "
+        "hf_extensions/bnn/ (PeerEnsemble), hf_extensions/fhbi/particles.py "
         "(ParticleEnsemble), recipes/shared_prefix/train.py",
         "tell Trainer that the loss is a batch mean in the way it now reads",
     )
@@ -1663,7 +1663,7 @@ def test_bytes_to_unicode_is_gpt2s_byte_alphabet():
     internal = Internal(
         "transformers",
         "transformers.convert_slow_tokenizer.bytes_to_unicode()",
-        "hf_extensions/testing/models.py (byte_level_clip_tokenizer)",
+        "hf_extensions/models/tiny.py (byte_level_clip_tokenizer)",
         "inline GPT-2's bytes_to_unicode table in byte_level_clip_tokenizer",
     )
     with upstream(internal, "bytes_to_unicode could not be imported or called"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from hf_extensions.bayesian import GAUSSIAN_DIVERGENCES
+from hf_extensions.bnn import GAUSSIAN_DIVERGENCES
 from trainers.method_config import MethodConfig, check_choice, check_range
 
 PARAMETER_DIVERGENCES = GAUSSIAN_DIVERGENCES
@@ -42,7 +42,7 @@ class BayesianMutualLearningConfig(MethodConfig):
       fused multi-stage features for ``D_feat``, ``mc_samples=20``;
     - ours (the paper's exact forms and weights could not be read offline): the bounds, the
       normalisation and scale of ``D_par``, the ``"cosine"`` form of ``D_feat``, the fusion (see
-      :func:`hf_extensions.bayesian.fuse_features`) and the two diversity weights.
+      :func:`hf_extensions.bnn.fuse_features`) and the two diversity weights.
 
     Maximising an unbounded distance diverges, so ``D_par`` is bounded per weight: with
     ``x_i = d_i / parameter_diversity_scale^2`` (``d_i`` the divergence between the peers'

@@ -5,7 +5,7 @@ NeurIPS 2023 (arXiv 2407.02721); the objective is written out in
 :class:`trainers.BayesianMutualLearningConfig`. No official code was found; every form the paper
 leaves open here is a config field.
 
-Shape: the K peers live in one :class:`hf_extensions.bayesian.PeerEnsemble` (one module), so the
+Shape: the K peers live in one :class:`hf_extensions.bnn.PeerEnsemble` (one module), so the
 stock ``Trainer`` owns one optimizer, the schedule, accumulation, mixed precision, DDP,
 checkpointing and ``push_to_hub``. Only :meth:`compute_loss` is the method (it ``record``s the
 loss terms, which :class:`~trainers.method_trainer.MethodTrainer` averages into the logs).
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_extensions.bayesian import (
+from hf_extensions.bnn import (
     FlatPosterior,
     PeerEnsemble,
     flat_posterior,
@@ -96,7 +96,7 @@ def _detached(item):
 
 
 class BayesianMutualLearningTrainer(MethodTrainer):
-    """``Trainer`` for :class:`~hf_extensions.bayesian.PeerEnsemble` models (see module docstring).
+    """``Trainer`` for :class:`~hf_extensions.bnn.PeerEnsemble` models (see module docstring).
 
     Training mode minimises ``sum_k L_k``; evaluation (``evaluate``/``predict``) scores the
     Bayesian model average over ``mc_samples`` draws of every peer, and its ``eval_loss`` is the
@@ -125,7 +125,7 @@ class BayesianMutualLearningTrainer(MethodTrainer):
         ensemble = self.model
         if not isinstance(ensemble, PeerEnsemble):
             raise TypeError(
-                f"{type(self).__name__} trains a hf_extensions.bayesian.PeerEnsemble (the peers "
+                f"{type(self).__name__} trains a hf_extensions.bnn.PeerEnsemble (the peers "
                 f"in one module), got {type(ensemble).__name__}."
             )
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from hf_extensions.kernels import KERNEL_GRAD_SIGNS, KERNEL_SCOPES
+from hf_extensions.fhbi.kernels import KERNEL_GRAD_SIGNS, KERNEL_SCOPES
 from trainers.method_config import check_choice, check_range
 from trainers.perturbation_config import PerturbationConfig
 
@@ -23,7 +23,7 @@ class FHBIConfig(PerturbationConfig):
     method: ``rho=0`` is SVGD (Liu & Wang 2016); ``kernel="none"`` is a deep ensemble (K = I, no
     repulsion; with ``rho > 0`` an ensemble of SAM models); ``num_particles=1`` is SAM.
 
-    The model trained is a :class:`hf_extensions.particles.ParticleEnsemble` of
+    The model trained is a :class:`hf_extensions.fhbi.particles.ParticleEnsemble` of
     ``num_particles`` particles. ``perturb_norm`` of the SAM family is replaced by
     ``ascent_norm`` (the radius is per particle here) and must stay ``"global"``.
 

@@ -1,4 +1,4 @@
-"""FHBI (and SVGD, deep ensembles) over a :class:`hf_extensions.particles.ParticleEnsemble`."""
+"""FHBI (and SVGD, deep ensembles) over a :class:`hf_extensions.fhbi.particles.ParticleEnsemble`."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from hf_extensions.kernels import mean_pairwise_distance, particle_sq_distances, svgd_gradients
-from hf_extensions.particles import ParticleEnsemble
+from hf_extensions.fhbi.kernels import mean_pairwise_distance, particle_sq_distances, svgd_gradients
+from hf_extensions.fhbi.particles import ParticleEnsemble
 from hf_extensions.perturbation import (
     Tensors,
     ascent_direction,
@@ -48,7 +48,7 @@ class FHBITrainer(PerturbationTrainer):
     and right before the optimizer step (a Trainer callback, after accumulation, all-reduce and
     clipping), at the *unperturbed* particles::
 
-        grad_i = (1/m) Σ_j [K_ij g_j' - ∇_{θ_j} K(θ_j, θ_i)]      (hf_extensions.kernels)
+        grad_i = (1/m) Σ_j [K_ij g_j' - ∇_{θ_j} K(θ_j, θ_i)]      (hf_extensions.fhbi.kernels)
 
     which the Trainer's optimizer and scheduler then use. Since the kernel mixing is linear in
     g' and K depends only on the (replicated) particles, mixing after the all-reduce equals
@@ -80,7 +80,7 @@ class FHBITrainer(PerturbationTrainer):
         if not isinstance(ensemble, ParticleEnsemble):
             raise TypeError(
                 f"FHBITrainer trains a ParticleEnsemble, got {type(ensemble).__name__}: wrap the "
-                "model with hf_extensions.particles.ParticleEnsemble(model, num_particles)."
+                "model with hf_extensions.fhbi.particles.ParticleEnsemble(model, num_particles)."
             )
         if ensemble.num_particles != self.args.num_particles:
             raise ValueError(

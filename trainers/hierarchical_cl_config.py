@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from hf_extensions.taxonomy import OT_SOLVERS
+from hf_extensions.hierarchical_cl.taxonomy import OT_SOLVERS
 from trainers.method_config import MethodConfig, check_choice, check_range
 
 

@@ -15,7 +15,7 @@ modules_to_save=["classifier"]))``; PEFT freezes the backbone.
 2. prompt ``t`` starts from prompt ``t − 1`` and trains with the loss of
    :class:`trainers.HierarchicalPromptCLConfig` (CE masked to the task's classes, HiDe's
    regulariser, the global and per-group SupCon terms over current + replayed pseudo-features,
-   computed in one pass with an analytic backward by :class:`hf_extensions.supcon.SupConTerms`);
+   computed in one pass with an analytic backward by :class:`hf_extensions.hierarchical_cl.supcon.SupConTerms`);
 3. at the end, the prompted features of the new classes are summarised as mixtures, the
    classifier is re-trained on pseudo-features of every seen class (classifier alignment) and
    the task-identity inference (TII) head on frozen features.
@@ -50,15 +50,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from hf_extensions.data.streams import TaskStream
-from hf_extensions.metrics.functional import average_forgetting, final_average_accuracy
-from hf_extensions.seeding import keyed_generator
-from hf_extensions.supcon import SupConTerms
-from hf_extensions.taxonomy import (
+from hf_extensions.hierarchical_cl.supcon import SupConTerms
+from hf_extensions.hierarchical_cl.taxonomy import (
     ClassDistances,
     ClassMixture,
     LabelTree,
     fit_class_mixture,
 )
+from hf_extensions.metrics.functional import average_forgetting, final_average_accuracy
+from hf_extensions.seeding import keyed_generator
 from trainers.hierarchical_cl_config import HierarchicalPromptCLConfig
 from trainers.method_trainer import MethodTrainer
 

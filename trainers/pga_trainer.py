@@ -2,7 +2,7 @@
 
 Phan, Tran, Tran, Le, "Enhancing Domain Adaptation through Prompt Gradient Alignment", NeurIPS
 2024 (arXiv 2406.09353). Each domain is one objective over CLIP prompts (a shared context and one
-context per domain, :class:`hf_extensions.clip_prompts.CLIPPromptLearner`); each domain's
+context per domain, :class:`hf_extensions.pga.clip_prompts.CLIPPromptLearner`); each domain's
 gradient is taken at a point shifted so that descending it raises the alignment of the domains'
 shared-prompt gradients and penalises their norms (:func:`pga_update`).
 """
@@ -221,7 +221,7 @@ def pga_update(
 
 
 class PGATrainer(MethodTrainer):
-    """``Trainer`` for PGA over a :class:`hf_extensions.clip_prompts.CLIPPromptLearner`.
+    """``Trainer`` for PGA over a :class:`hf_extensions.pga.clip_prompts.CLIPPromptLearner`.
 
     Batches are ``{domain: {"pixel_values", "labels"}}`` (:class:`PairedDomainDataset` +
     :class:`PairedDomainCollator`, the default collator here); target labels are zero-shot
@@ -260,7 +260,7 @@ class PGATrainer(MethodTrainer):
         for name in ("shared_ctx", "domain_ctx", "domain_loss", "image_features"):
             if not hasattr(learner, name):
                 raise TypeError(
-                    "PGATrainer trains a CLIPPromptLearner (hf_extensions.clip_prompts); the "
+                    "PGATrainer trains a CLIPPromptLearner (hf_extensions.pga.clip_prompts); the "
                     f"model has no `{name}`."
                 )
         target = self.args.target_domain

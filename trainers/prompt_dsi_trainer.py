@@ -1,7 +1,7 @@
 """Incremental indexing of a classification DSI with ``Trainer``: PromptDSI and its baselines.
 
 Huynh et al., "PromptDSI: Prompt-based Rehearsal-free Instance-wise Incremental Learning for
-Document Retrieval" (arXiv 2406.12593). The model is a :class:`hf_extensions.dsi.DSIModel`
+Document Retrieval" (arXiv 2406.12593). The model is a :class:`hf_extensions.prompt_dsi.dsi.DSIModel`
 (encoder -> pooled feature -> docid rows); for PromptDSI / L2P its encoder is a
 ``get_peft_model(encoder, PromptPoolConfig(...))`` prompt pool, whose base weights PEFT freezes.
 :meth:`PromptDSITrainer.add_documents` is one indexing step: it appends docid rows for the new
@@ -29,8 +29,8 @@ import torch
 from datasets import Dataset, concatenate_datasets
 from peft import PeftModel
 
-from hf_extensions.dsi import DSIModel
 from hf_extensions.metrics import hits_at_k, mrr_at_k, rank_from_scores
+from hf_extensions.prompt_dsi.dsi import DSIModel
 from trainers.method_trainer import MethodTrainer
 from trainers.prompt_dsi_config import PromptDSIConfig
 
@@ -120,7 +120,9 @@ class PromptDSITrainer(MethodTrainer):
         if not isinstance(args, PromptDSIConfig):
             raise TypeError(f"`args` must be a PromptDSIConfig, got {type(args).__name__}.")
         if not isinstance(model, DSIModel):
-            raise TypeError(f"`model` must be a hf_extensions.dsi.DSIModel, got {type(model)}.")
+            raise TypeError(
+                f"`model` must be a hf_extensions.prompt_dsi.dsi.DSIModel, got {type(model)}."
+            )
         has_pool = prompt_pool_of(model) is not None
         if args.uses_pool and not has_pool:
             raise ValueError(

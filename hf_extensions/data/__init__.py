@@ -4,14 +4,14 @@
   with a seeded, stratified train / validation / test split;
 - :func:`add_label_noise`: symmetric or asymmetric label noise at an exact rate;
 - :func:`shift_digits`, :func:`shifted_domains`: rotated, inverted, noisy or rescaled domains;
-- :func:`class_incremental_stream`: N tasks x k classes for continual learning;
-- :func:`stdlib_retrieval_corpus`: a retrieval corpus of standard-library docstrings (D0 +
-  increments, disjoint train/test pseudo-query spans) for incremental indexing.
+- :func:`class_incremental_stream`: N tasks x k classes for continual learning.
+
+(The standard-library retrieval corpus of PromptDSI lives in its method package,
+:mod:`hf_extensions.prompt_dsi.retrieval`.)
 """
 
 from .digits import CLASS_NAMES, NUM_CLASSES, digits_arrays, load_digits, resize_images
 from .noise import DIGITS_ASYMMETRIC, add_label_noise, noisy_labels
-from .retrieval import STDLIB_MODULES, select_splits, stdlib_documents, stdlib_retrieval_corpus
 from .shifts import SHIFTS, shift_digits, shift_images, shifted_domains
 from .streams import TaskStream, class_incremental_stream
 
@@ -20,7 +20,6 @@ __all__ = [
     "DIGITS_ASYMMETRIC",
     "NUM_CLASSES",
     "SHIFTS",
-    "STDLIB_MODULES",
     "TaskStream",
     "add_label_noise",
     "class_incremental_stream",
@@ -28,10 +27,7 @@ __all__ = [
     "load_digits",
     "noisy_labels",
     "resize_images",
-    "select_splits",
     "shift_digits",
     "shift_images",
     "shifted_domains",
-    "stdlib_documents",
-    "stdlib_retrieval_corpus",
 ]

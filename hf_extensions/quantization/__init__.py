@@ -43,11 +43,11 @@ _LAZY = {
     "MetaAugQuantizer": "optimum_quantizer",
     "calibration_images": "optimum_quantizer",
     "load_quantized": "optimum_quantizer",
-    "ReconstructionResult": "reconstruction",
+    "ReconstructionResult": "calibration",
     "block_output_error": "reconstruction",
     "find_blocks": "reconstruction",
     "reconstruct_block": "reconstruction",
-    "reconstruct_model": "reconstruction",
+    "reconstruct_model": "calibration",
 }
 
 

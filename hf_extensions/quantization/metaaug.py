@@ -204,7 +204,7 @@ def train_transform(
     """Train T for one block (``config.meta_iterations`` meta steps); returns T and a loss log.
 
     The block's layers must be the only ones switched on besides earlier blocks (as
-    :func:`~hf_extensions.quantization.reconstruction.reconstruct_model` arranges).
+    :func:`~hf_extensions.quantization.calibration.reconstruct_model` arranges).
     """
     block = model.get_submodule(block_name)
     attach_learners(block, config.drop_prob)

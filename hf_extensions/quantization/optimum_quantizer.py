@@ -9,7 +9,7 @@ Usage (as optimum-intel's quantizers)::
     )
     AutoModelForImageClassification.from_pretrained(save_dir)    # after ``import hf_extensions``
 
-The calibration runs :func:`~hf_extensions.quantization.reconstruction.reconstruct_model` (block
+The calibration runs :func:`~hf_extensions.quantization.calibration.reconstruct_model` (block
 reconstruction in forward order; MetaAug's bi-level stage before each inner block; Pham et al.,
 ECCV 2024, arXiv 2407.14726) on the device of an ``accelerate.Accelerator`` with a progress bar
 per block on the main process. A ``transformers`` model is saved with ``save_pretrained`` (its
@@ -31,9 +31,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForImageClassification, PreTrainedModel
 
+from hf_extensions.quantization.calibration import ReconstructionResult, reconstruct_model
 from hf_extensions.quantization.config import QUANT_METHOD, MetaAugConfig
 from hf_extensions.quantization.modules import replace_with_quant_modules
-from hf_extensions.quantization.reconstruction import ReconstructionResult, reconstruct_model
 
 __all__ = ["MetaAugQuantizer", "calibration_images", "load_quantized"]
 

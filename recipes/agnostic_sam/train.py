@@ -27,13 +27,13 @@ import tempfile
 from pathlib import Path
 
 from hf_extensions.cli import RecipeArgumentParser
-from hf_extensions.image_classification import (
+from hf_extensions.metrics import compute_classification_metrics
+from hf_extensions.models.image_classification import (
     ImageClassificationArguments,
     build_datasets,
     build_model,
     class_names,
 )
-from hf_extensions.metrics import compute_classification_metrics
 from trainers import AgnosticSAMConfig, AgnosticSAMTrainer
 
 RECIPE_DIR = Path(__file__).resolve().parent

@@ -2,8 +2,8 @@
 
 Pham et al., "Model and Feature Diversity for Bayesian Neural Networks in Mutual Learning",
 NeurIPS 2023 (arXiv 2407.02721). Each peer is a ``transformers`` image classifier converted to a
-mean-field Gaussian BNN (:func:`hf_extensions.bayesian.convert_to_bayesian`); the peers live in
-one :class:`hf_extensions.bayesian.PeerEnsemble`, which the stock ``Trainer`` machinery trains,
+mean-field Gaussian BNN (:func:`hf_extensions.bnn.convert_to_bayesian`); the peers live in
+one :class:`hf_extensions.bnn.PeerEnsemble`, which the stock ``Trainer`` machinery trains,
 evaluates (the Bayesian model average over ``mc_samples`` draws per peer) and saves.
 
 Embedded default (offline, CPU, about a minute): two tiny ViT BNNs on scikit-learn's digits::
@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from hf_extensions.bayesian import (
+from hf_extensions.bnn import (
     ESTIMATORS,
     PRIOR_MEANS,
     PeerEnsemble,
@@ -48,14 +48,14 @@ from hf_extensions.bayesian import (
     peer_distance,
 )
 from hf_extensions.cli import RecipeArgumentParser
-from hf_extensions.image_classification import (
+from hf_extensions.metrics import compute_classification_metrics
+from hf_extensions.models import tiny_vit_classifier
+from hf_extensions.models.image_classification import (
     ImageClassificationArguments,
     build_datasets,
     build_model,
     class_names,
 )
-from hf_extensions.metrics import compute_classification_metrics
-from hf_extensions.testing import tiny_vit_classifier
 from trainers.bnn_mutual_config import BayesianMutualLearningConfig
 from trainers.bnn_mutual_trainer import BayesianMutualLearningTrainer
 

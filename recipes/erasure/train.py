@@ -106,7 +106,7 @@ class ErasureRecipeArguments:
 def load_pipeline(args: ErasureRecipeArguments):
     """The pipeline to edit: from the Hub / a folder, or the tiny offline one."""
     if args.model_name_or_path is None:
-        from hf_extensions.testing import tiny_stable_diffusion_pipeline
+        from hf_extensions.models import tiny_stable_diffusion_pipeline
 
         pipe = tiny_stable_diffusion_pipeline(image_size=args.tiny_image_size)
     else:

@@ -3,7 +3,7 @@
 It shows the recipe convention every method of hf-extensions follows:
 
 - one ``train.py`` whose arguments are dataclasses (here ``ImageClassificationArguments``, shared
-  by the image-classification recipes in ``hf_extensions/image_classification.py``, and the Trainer's own
+  by the image-classification recipes in ``hf_extensions/models/image_classification.py``, and the Trainer's own
   ``TrainingArguments``; a method recipe uses its ``XConfig``), parsed from a YAML file plus
   command-line overrides by ``RecipeArgumentParser`` (``--help`` lists every field);
 - one YAML per setting: ``digits.yaml`` is the embedded default (a tiny ViT built from a config,
@@ -27,13 +27,13 @@ from transformers import Trainer, TrainingArguments
 
 from hf_extensions.cli import RecipeArgumentParser
 from hf_extensions.hub import build_model_card, save_model_card
-from hf_extensions.image_classification import (
+from hf_extensions.metrics import compute_classification_metrics
+from hf_extensions.models.image_classification import (
     ImageClassificationArguments,
     build_datasets,
     build_model,
     class_names,
 )
-from hf_extensions.metrics import compute_classification_metrics
 
 RECIPE_DIR = Path(__file__).resolve().parent
 

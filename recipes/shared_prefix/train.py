@@ -59,9 +59,9 @@ import peft_configs  # noqa: F401  (registers the PEFT method)
 from hf_extensions.cli import RecipeArgumentParser
 from hf_extensions.data import load_digits
 from hf_extensions.hub import build_model_card, save_model_card
-from hf_extensions.image_classification import pretrain_classifier
 from hf_extensions.metrics import compute_classification_metrics
-from hf_extensions.testing import tiny_vit_classifier
+from hf_extensions.models import tiny_vit_classifier
+from hf_extensions.models.image_classification import pretrain_classifier
 from peft_configs import SharedPrefixTuningConfig
 from peft_configs.shared_prefix import SHARE_CHOICES
 
@@ -428,7 +428,7 @@ def image_setup(args: ScriptArguments, seed: int):
 def text_setup(args: ScriptArguments, seed: int):
     """(model, tokenized data, collator, dataset name) for the text task."""
     if args.dataset_name is None:
-        from hf_extensions.encoders import minilm_path
+        from hf_extensions.models.encoders import minilm_path
 
         checkpoint = args.model_name_or_path or str(minilm_path())
         data = stdlib_docstrings(args.split_seed)

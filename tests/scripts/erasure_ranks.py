@@ -7,8 +7,9 @@ import sys
 
 import torch
 
+from hf_extensions.models import tiny_stable_diffusion_pipeline
 from hf_extensions.pipelines import ConceptEraser, ErasureConfig
-from hf_extensions.testing import report, tiny_stable_diffusion_pipeline
+from hf_extensions.testing import report
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

@@ -7,8 +7,8 @@ import sys
 
 import torch
 
-from hf_extensions.clip_prompts import CLIPPromptLearner
-from hf_extensions.testing import tiny_clip
+from hf_extensions.models import tiny_clip
+from hf_extensions.pga.clip_prompts import CLIPPromptLearner
 from hf_extensions.testing.distributed import report
 from trainers.pga_config import PGAConfig
 from trainers.pga_trainer import PairedDomainDataset, PGATrainer

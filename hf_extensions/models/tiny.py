@@ -53,6 +53,7 @@ __all__ = [
     "tiny_gpt2",
     "tiny_llama",
     "tiny_mlp_classifier",
+    "tiny_roberta",
     "tiny_stable_diffusion_pipeline",
     "tiny_vit_classifier",
 ]

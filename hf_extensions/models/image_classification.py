@@ -24,7 +24,7 @@ from datasets import ClassLabel, DatasetDict, load_dataset
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from hf_extensions.data import CLASS_NAMES, add_label_noise, load_digits
-from hf_extensions.testing import tiny_vit_classifier
+from hf_extensions.models.tiny import tiny_vit_classifier
 
 
 @dataclass
@@ -207,3 +207,18 @@ def pretrain_classifier(
             optimizer.step()
             schedule.step()
     return model.eval()
+
+
+def digits_backbone(
+    upstream, *, seed: int, num_layers: int = 4, hidden_size: int = 32, epochs: int = 30
+) -> torch.nn.Module:
+    """A tiny ViT pretrained on the ``upstream`` digits images (a ``datasets.Dataset`` with
+    ``pixel_values`` and ``labels``) by :func:`pretrain_classifier`, then given a fresh head: the
+    frozen stand-in for an ImageNet-21k backbone in the continual-learning digits setting."""
+    model = tiny_vit_classifier(num_layers=num_layers, hidden_size=hidden_size, seed=seed)
+    pixels = torch.as_tensor(np.asarray(upstream["pixel_values"], dtype=np.float32))
+    labels = torch.as_tensor(np.asarray(upstream["labels"]))
+    pretrain_classifier(model, pixels, labels, epochs=epochs, seed=seed)
+    torch.manual_seed(seed + 1)
+    model.classifier.reset_parameters()  # the stream's classes are learned from scratch
+    return model

@@ -3,7 +3,7 @@
 Tran et al., "Leveraging Hierarchical Taxonomies in Prompt-based Continual Learning" (arXiv
 2410.04327), Sec. 4: a global SupCon term over current and replayed features, and ``L_sub``,
 SupCon within each leaf group of the label tree with the similarity logits weighted by
-``Γ = exp(−W/δ)`` (:meth:`hf_extensions.taxonomy.ClassDistances.gamma`). SupCon is Khosla et al.,
+``Γ = exp(−W/δ)`` (:meth:`hf_extensions.hierarchical_cl.taxonomy.ClassDistances.gamma`). SupCon is Khosla et al.,
 NeurIPS 2020, "L_out" (Eq. 2), averaged over positive pairs as the official code does.
 
 Each term is a masked softmax cross-entropy over the same cosine similarities

@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from hf_extensions.encoders import mean_pool
+from hf_extensions.models.encoders import mean_pool
 
 __all__ = ["DSIModel", "fit_docid_head", "incdsi_add_documents", "incdsi_rows"]
 

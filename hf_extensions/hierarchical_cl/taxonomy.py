@@ -16,7 +16,7 @@ pretrained feature space, measured by optimal transport:
   Euclidean ``ot.dist``) between samples of two class mixtures, cached per pair; Sinkhorn
   (``ot.sinkhorn2``) as an option; ``Γ = exp(−W/δ)`` (:meth:`ClassDistances.gamma`).
 
-The supervised contrastive terms that use Γ live in :mod:`hf_extensions.supcon`.
+The supervised contrastive terms that use Γ live in :mod:`hf_extensions.hierarchical_cl.supcon`.
 
 Departure from the official code: the diagonal of ``W`` is exactly 0 (a distribution's distance
 to itself) rather than a sampled estimate.
@@ -38,11 +38,16 @@ from sklearn.cluster import AgglomerativeClustering, KMeans
 from hf_extensions.seeding import keyed_generator
 
 __all__ = [
+    "DIGITS_TAXONOMY",
     "ClassDistances",
     "ClassMixture",
     "LabelTree",
     "fit_class_mixture",
 ]
+
+#: A hand-written look-alike taxonomy of the ten digits (superclasses of similar shapes), for
+#: the digits setting of the recipe and the benchmark.
+DIGITS_TAXONOMY = Path(__file__).with_name("digits_taxonomy.json")
 
 OT_SOLVERS = ("emd", "sinkhorn")
 

@@ -1,0 +1,119 @@
+"""The calibration driver: quantize a model block by block in forward order (BRECQ / QDrop /
+MetaAug).
+
+:func:`reconstruct_model` initialises every quantizer by round-to-nearest, then reconstructs the
+blocks one after another with :mod:`~hf_extensions.quantization.reconstruction`, training
+MetaAug's transformation network for each block first (:mod:`~hf_extensions.quantization.metaaug`)
+when ``method="metaaug"``. It sits above both so that neither imports the other.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from hf_extensions.quantization.config import MetaAugConfig
+from hf_extensions.quantization.metaaug import train_transform
+from hf_extensions.quantization.modules import quantize_model_rtn
+from hf_extensions.quantization.reconstruction import (
+    _inside,
+    capture_block,
+    find_blocks,
+    quant_layers,
+    reconstruct_block,
+    set_quant_enabled,
+)
+
+__all__ = ["ReconstructionResult", "reconstruct_model"]
+
+
+@dataclass
+class ReconstructionResult:
+    """Per-block log of :func:`reconstruct_model` (names, seconds, losses, MetaAug history)."""
+
+    blocks: list[str]
+    seconds: dict[str, float] = field(default_factory=dict)
+    losses: dict[str, dict[str, float]] = field(default_factory=dict)
+    meta: dict[str, dict[str, float]] = field(default_factory=dict)
+    total_seconds: float = 0.0
+
+
+def reconstruct_model(
+    model: nn.Module,
+    images: torch.Tensor,
+    config: MetaAugConfig,
+    accelerator: Any = None,
+    progress: bool = True,
+    callback: Callable[[str, dict[str, float]], None] | None = None,
+) -> ReconstructionResult:
+    """Quantize ``model`` in place by block reconstruction in forward order.
+
+    1. Round-to-nearest initialisation (:func:`quantize_model_rtn`: Lp grid-searched per-channel
+       weight scales, per-tensor activation scales from the float model's layer inputs).
+    2. Every quantized layer is switched to full precision; then, block by block in forward order,
+       the block's layers are switched on and reconstructed (blocks after it stay in float, as in
+       the BRECQ / MetaAug code). ``method="metaaug"`` first trains the transformation network T
+       for the block and reconstructs on the union of ``images`` and ``T(images)``.
+
+    ``images``: calibration inputs ``[N, C, H, W]``. Seeded by ``config.seed``.
+    """
+    start = time.perf_counter()
+    device = images.device
+    generator = torch.Generator().manual_seed(config.seed)
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    fp_model = copy.deepcopy(model)
+    quantize_model_rtn(model, config, images[: max(config.batch_size, 256)])
+    for p in model.parameters():  # the quantized copies of the layers are new parameters
+        p.requires_grad_(False)
+    blocks = find_blocks(model, images[:2], config.max_block_layers, config.block_names)
+    layer_names = [n for n, _ in quant_layers(model)]
+    edge = {layer_names[0], layer_names[-1]}
+    drop_prob = 0.0 if config.method == "brecq" else config.drop_prob
+    result = ReconstructionResult(blocks=blocks)
+    set_quant_enabled(model, False)
+    show = progress and (accelerator is None or accelerator.is_local_main_process)
+    iterator = blocks
+    if show:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(
+            blocks, desc=f"{config.method} W{config.weight_bits}A{config.activation_bits}"
+        )
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+        torch.manual_seed(config.seed)
+        for name in iterator:
+            block_start = time.perf_counter()
+            block = model.get_submodule(name)
+            set_quant_enabled(block, True)
+            block_images = images
+            is_edge = any(_inside(layer, name) for layer in edge)
+            if config.method == "metaaug" and not is_edge and config.meta_iterations > 0:
+                transform, history = train_transform(
+                    model, fp_model, name, images, config, generator
+                )
+                with torch.no_grad():
+                    block_images = torch.cat([images, transform(images)])
+                result.meta[name] = history
+            q_data = capture_block(model, name, block_images, need_output=False)
+            fp_data = capture_block(fp_model, name, block_images, need_output=True)
+            losses = reconstruct_block(
+                block, q_data, fp_data, config, drop_prob, generator, accelerator
+            )
+            result.losses[name] = losses
+            result.seconds[name] = time.perf_counter() - block_start
+            if callback is not None:
+                callback(name, losses)
+    set_quant_enabled(model, True)
+    for n, p in model.named_parameters():
+        p.requires_grad_(requires_grad.get(n, False))
+    result.total_seconds = time.perf_counter() - start
+    return result
