@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from trainers.method_config import check_choice, check_range
+from hf_extensions.validation import check_choice, check_range
 from trainers.perturbation_config import PerturbationConfig
 
 FINAL_GRADIENT_SPLITS = ("full", "train", "sum")

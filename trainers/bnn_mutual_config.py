@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from hf_extensions.bnn import GAUSSIAN_DIVERGENCES
-from trainers.method_config import MethodConfig, check_choice, check_range
+from hf_extensions.validation import check_choice, check_range
+from trainers.method_config import MethodConfig
 
 PARAMETER_DIVERGENCES = GAUSSIAN_DIVERGENCES
 FEATURE_DIVERGENCES = ("cosine", "jensen_shannon", "kl")

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from hf_extensions.fhbi.kernels import KERNEL_GRAD_SIGNS, KERNEL_SCOPES
-from trainers.method_config import check_choice, check_range
+from hf_extensions.validation import check_choice, check_range
 from trainers.perturbation_config import PerturbationConfig
 
 KERNELS = ("rbf", "none")

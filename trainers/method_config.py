@@ -8,33 +8,6 @@ from typing import Any, ClassVar
 from transformers import TrainingArguments
 
 
-def check_choice(name: str, value: Any, allowed: tuple) -> None:
-    """Refuse ``value`` for field ``name`` unless it is one of ``allowed``."""
-    if value not in allowed:
-        raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}.")
-
-
-def check_range(
-    name: str,
-    value: float,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> None:
-    """Refuse a number outside ``[low, high]`` (``(`` / ``)`` with the ``*_open`` flags)."""
-    below = low is not None and (value <= low if low_open else value < low)
-    above = high is not None and (value >= high if high_open else value > high)
-    if below or above:
-        left = "(" if low_open else "["
-        right = ")" if high_open or high is None else "]"
-        interval = (
-            f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
-        )
-        raise ValueError(f"`{name}` must be in {interval}, got {value!r}.")
-
-
 @dataclass
 class MethodConfig(TrainingArguments):
     """``TrainingArguments`` of a method: subclasses add fields and list them in ``method_fields``.

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from hf_extensions.perturbation import PERTURBATION_NORMS
-from trainers.method_config import MethodConfig, check_choice, check_range
+from hf_extensions.validation import check_choice, check_range
+from trainers.method_config import MethodConfig
 
 
 @dataclass

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from trainers.method_config import MethodConfig, check_range
+from hf_extensions.validation import check_range
+from trainers.method_config import MethodConfig
 
 
 @dataclass

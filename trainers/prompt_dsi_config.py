@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from trainers.method_config import MethodConfig, check_choice, check_range
+from hf_extensions.validation import check_choice, check_range
+from trainers.method_config import MethodConfig
 
 #: How an increment of documents is learned.
 STRATEGIES = ("prompt_dsi", "l2p", "sequential", "joint")

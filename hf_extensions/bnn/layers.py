@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hf_extensions.validation import check_choice
+
 ESTIMATORS = ("reparameterization", "flipout")
 PRIOR_MEANS = ("zero", "pretrained")
 
@@ -47,11 +49,6 @@ def rho_from_sigma(sigma: torch.Tensor | float, min_sigma: float = 1e-8) -> torc
     sigma = torch.as_tensor(sigma, dtype=torch.float64).clamp_min(min_sigma)
     # log(expm1(s)) = s + log(1 - exp(-s)): finite for small and large s alike.
     return sigma + torch.log(-torch.expm1(-sigma))
-
-
-def _check_choice(name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}.")
 
 
 class BayesianLayer:
@@ -79,8 +76,8 @@ class BayesianLayer:
     ) -> None:
         if not prior_std > 0:
             raise ValueError(f"`prior_std` must be > 0, got {prior_std!r}.")
-        _check_choice("prior_mean", prior_mean, PRIOR_MEANS)
-        _check_choice("estimator", estimator, ESTIMATORS)
+        check_choice("prior_mean", prior_mean, PRIOR_MEANS)
+        check_choice("estimator", estimator, ESTIMATORS)
         self.prior_std = float(prior_std)
         self.prior_mean = prior_mean
         self.estimator = estimator
@@ -370,8 +367,8 @@ def convert_to_bayesian(
         raise ValueError(f"`moped_delta` must be > 0, got {moped_delta!r}.")
     if moped_delta is not None and not init_from_pretrained:
         raise ValueError("`moped_delta` needs `init_from_pretrained=True` (sigma = delta |w|).")
-    _check_choice("prior_mean", prior_mean, PRIOR_MEANS)
-    _check_choice("estimator", estimator, ESTIMATORS)
+    check_choice("prior_mean", prior_mean, PRIOR_MEANS)
+    check_choice("estimator", estimator, ESTIMATORS)
     uses: dict[int, int] = {}
     for _, param in model.named_parameters(remove_duplicate=False):
         uses[id(param)] = uses.get(id(param), 0) + 1

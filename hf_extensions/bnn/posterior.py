@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_extensions.bnn.layers import _check_choice, bayesian_layers
+from hf_extensions.bnn.layers import bayesian_layers
+from hf_extensions.validation import check_choice
 
 GAUSSIAN_DIVERGENCES = ("wasserstein", "kl")
 
@@ -121,7 +122,7 @@ def gaussian_divergence(
 
     Summing over the weights gives the divergence between the diagonal Gaussian posteriors.
     """
-    _check_choice("kind", kind, GAUSSIAN_DIVERGENCES)
+    check_choice("kind", kind, GAUSSIAN_DIVERGENCES)
     if kind == "wasserstein":
         return (mu_a - mu_b) ** 2 + (sigma_a - sigma_b) ** 2
     return (

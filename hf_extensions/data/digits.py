@@ -13,6 +13,8 @@ from datasets import Array3D, ClassLabel, Dataset, DatasetDict, Features, Sequen
 from sklearn.datasets import load_digits as _sklearn_digits
 from sklearn.model_selection import train_test_split
 
+from hf_extensions.validation import check_range
+
 LAYOUTS = ("image", "vector")
 NUM_CLASSES = 10
 CLASS_NAMES = [str(i) for i in range(NUM_CLASSES)]
@@ -40,8 +42,7 @@ def resize_images(images: np.ndarray, image_size: int, num_channels: int = 1) ->
 
 
 def _validate_fraction(name: str, value: float) -> None:
-    if not 0.0 < value < 1.0:
-        raise ValueError(f"`{name}` must be in (0, 1), got {value!r}.")
+    check_range(name, value, low=0.0, high=1.0, low_open=True, high_open=True)
 
 
 def load_digits(

@@ -22,6 +22,8 @@ import math
 import torch
 from torch import nn
 
+from hf_extensions.validation import check_integer, refuse
+
 __all__ = [
     "ActivationQuantizer",
     "WeightQuantizer",
@@ -39,16 +41,12 @@ MAX_BITS = 8
 
 
 def _check_bits(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not MIN_BITS <= value <= MAX_BITS:
-        raise ValueError(
-            f"{name}={value!r} is invalid; allowed: an integer in {MIN_BITS}..{MAX_BITS}"
-        )
-    return value
+    return check_integer(name, value, low=MIN_BITS, high=MAX_BITS)
 
 
 def _check(name: str, value: object, ok: bool, allowed: str) -> None:
     if not ok:
-        raise ValueError(f"{name}={value!r} is invalid; allowed: {allowed}")
+        refuse(name, allowed, value)
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,7 @@ from hf_extensions.schedulers.snr import (
     s2n_coefficients,
     s2n_second_order_coefficient,
 )
+from hf_extensions.validation import check_choice
 
 __all__ = ["S2NGeneralizedScheduler", "S2NSchedulerOutput", "run_denoising_loop"]
 
@@ -98,11 +99,6 @@ class _StepPlan:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not supported; allowed: {tuple(allowed)}.")
 
 
 class S2NGeneralizedScheduler(SchedulerMixin, ConfigMixin):
@@ -152,10 +148,10 @@ class S2NGeneralizedScheduler(SchedulerMixin, ConfigMixin):
         solver_order: int = 1,
         prev_timestep_rule: Literal["ddim", "next"] = "ddim",
     ):
-        _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        _check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-        _check_choice("prev_timestep_rule", prev_timestep_rule, PREV_TIMESTEP_RULES)
-        _check_choice("solver_order", solver_order, SOLVER_ORDERS)
+        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        check_choice("prev_timestep_rule", prev_timestep_rule, PREV_TIMESTEP_RULES)
+        check_choice("solver_order", solver_order, SOLVER_ORDERS)
         for name, value in (("rho", rho), ("s_noise", s_noise)):
             if not (_is_number(value) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name}={value!r} must be a finite number >= 0.")

@@ -1,0 +1,79 @@
+"""hf_extensions.validation: one message format, NaN / ±inf / bool refused, and the configs use it."""
+
+import math
+
+import pytest
+
+from hf_extensions.validation import (
+    check_choice,
+    check_finite,
+    check_integer,
+    check_positive,
+    check_range,
+    refuse,
+)
+from trainers import AgnosticSAMConfig, FHBIConfig, SAMConfig
+
+NOT_FINITE = [math.nan, math.inf, -math.inf]
+
+
+@pytest.mark.parametrize("value", NOT_FINITE)
+def test_range_checks_refuse_nan_and_inf_even_when_unbounded(value):
+    for check in (
+        lambda v: check_range("x", v),
+        lambda v: check_range("x", v, low=0.0),
+        lambda v: check_positive("x", v),
+        lambda v: check_finite("x", v),
+    ):
+        with pytest.raises(ValueError, match=r"^`x` must be a finite number"):
+            check(value)
+
+
+def test_the_one_message_format_names_field_allowed_and_value():
+    with pytest.raises(ValueError) as error:
+        check_range("rho", -0.5, low=0.0)
+    assert str(error.value) == "`rho` must be a finite number in [0.0, inf), got -0.5."
+    with pytest.raises(ValueError) as error:
+        check_range("p", 1.0, low=0.0, high=1.0, low_open=True, high_open=True)
+    assert str(error.value) == "`p` must be a finite number in (0.0, 1.0), got 1.0."
+    with pytest.raises(ValueError) as error:
+        check_choice("norm", "l1", ("global", "per_tensor"))
+    assert str(error.value) == "`norm` must be one of ('global', 'per_tensor'), got 'l1'."
+    with pytest.raises(ValueError) as error:
+        check_integer("bits", 9, low=2, high=8)
+    assert str(error.value) == "`bits` must be an integer in [2, 8], got 9."
+    with pytest.raises(ValueError) as error:
+        refuse("block", "a submodule name", "nope")
+    assert str(error.value) == "`block` must be a submodule name, got 'nope'."
+
+
+@pytest.mark.parametrize("value", [True, "1", None, 2.5, 2.0])
+def test_integer_check_refuses_bools_strings_and_floats(value):
+    with pytest.raises(ValueError, match="must be an integer"):
+        check_integer("n", value, low=0)
+
+
+@pytest.mark.parametrize("value", [True, "0.1", None])
+def test_number_checks_refuse_non_numbers(value):
+    with pytest.raises(ValueError, match="must be a finite number"):
+        check_range("x", value, low=0.0)
+
+
+def test_accepted_values_come_back_converted():
+    assert check_range("x", 1, low=0) == 1.0 and isinstance(check_range("x", 1, low=0), float)
+    assert check_positive("x", 0.0, allow_zero=True) == 0.0
+    assert check_integer("n", 3, low=1) == 3
+    assert check_choice("c", "a", ["a", "b"]) == "a"
+    with pytest.raises(ValueError, match=r"in \(0.0, inf\)"):
+        check_positive("x", 0.0)
+
+
+@pytest.mark.parametrize(
+    ("config_cls", "field"),
+    [(SAMConfig, "rho"), (AgnosticSAMConfig, "rho_train"), (FHBIConfig, "rho")],
+)
+@pytest.mark.parametrize("value", NOT_FINITE)
+def test_configs_refuse_non_finite_numbers_naming_the_field(tmp_path, config_cls, field, value):
+    """A NaN radius used to pass (``nan < 0`` is false) and train with NaN weights."""
+    with pytest.raises(ValueError, match=rf"^`{field}` must be a finite number"):
+        config_cls(output_dir=str(tmp_path), use_cpu=True, report_to=[], **{field: value})
