@@ -267,6 +267,8 @@ class S2NGeneralizedScheduler(SchedulerMixin, ConfigMixin):
         self._plans = self._plan_steps(values)
         self._previous = None
 
+    # Mirrors diffusers DDIMScheduler.set_timesteps (timestep_spacing "linspace" / "leading" /
+    # "trailing"); written here, kept equal by tests/test_s2n_scheduler.py (DDIM timesteps).
     def _spaced_timesteps(self, n: int) -> np.ndarray:
         num_train = self.config.num_train_timesteps
         spacing = self.config.timestep_spacing
@@ -334,6 +336,7 @@ class S2NGeneralizedScheduler(SchedulerMixin, ConfigMixin):
             c_noise=config.s_noise * c_noise,
         )
 
+    # Mirrors diffusers DDIMScheduler._threshold_sample (test_clipping_and_thresholding_follow_ddim).
     def _threshold_sample(self, sample: torch.Tensor) -> torch.Tensor:
         """Dynamic thresholding (Saharia et al. 2022, Imagen Sec. 2.3), as in DDIM.
 
@@ -446,6 +449,7 @@ class S2NGeneralizedScheduler(SchedulerMixin, ConfigMixin):
             prev_sample=prev_sample, pred_original_sample=pred_original_sample
         )
 
+    # Mirrors diffusers DDIMScheduler.add_noise / get_velocity (test_add_noise_and_velocity_match_ddim).
     def add_noise(
         self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor
     ) -> torch.Tensor:

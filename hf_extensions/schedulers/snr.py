@@ -62,6 +62,8 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "la
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
 
 
+# Mirrors the beta construction of diffusers DDPMScheduler.__init__ (tests/test_upstream_internals.py
+# checks equality for every schedule against the installed diffusers).
 def make_betas(
     num_train_timesteps: int = 1000,
     beta_start: float = 0.0001,
