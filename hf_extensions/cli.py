@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, PreTrainedModel
+from transformers.trainer_utils import get_last_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,53 @@ def use_cpu_for_multiprocess_launch() -> bool:
         logger.info("%d processes and no GPU: using CPU data parallelism (gloo).", world_size)
         return True
     return False
+
+
+def resume_checkpoint(args, model: torch.nn.Module | None = None) -> str | None:
+    """The checkpoint a recipe resumes from, for ``Trainer.train(resume_from_checkpoint=...)``.
+
+    ``args.resume_from_checkpoint`` unset: ``None``. ``true`` / ``last``: the newest
+    ``checkpoint-N`` in ``args.output_dir``. Anything else: that folder. A missing folder is
+    refused, naming it.
+
+    With ``model`` (a ``transformers.PreTrainedModel``), its weights are first restored from the
+    checkpoint through ``from_pretrained`` (which renames keys): transformers 5 writes checkpoints
+    in the original key format (ViT: ``vit.encoder.layer.N...``), while
+    ``Trainer._load_from_checkpoint`` loads them with a plain ``load_state_dict`` (transformers
+    issue #43701). Without this the resumed run restarts from the initial weights with only a
+    warning. Trainer still restores the optimizer, scheduler, RNG states and step.
+    """
+    value = getattr(args, "resume_from_checkpoint", None)
+    if value is None or value == "":
+        return None
+    if str(value).lower() in ("true", "last"):
+        path = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+        if path is None:
+            raise ValueError(
+                f"`resume_from_checkpoint={value}` but `output_dir` {args.output_dir} holds no "
+                "checkpoint-N folder; pass the checkpoint's path or train without the flag."
+            )
+    else:
+        path = str(value)
+        if not Path(path).is_dir():
+            raise ValueError(
+                f"`resume_from_checkpoint`: no checkpoint folder at {path}; pass an existing "
+                "checkpoint-N folder, or `last` for the newest one in `output_dir`."
+            )
+    if isinstance(model, PreTrainedModel):
+        restored = type(model).from_pretrained(path)
+        model.load_state_dict(restored.state_dict())
+    return path
+
+
+def refuse_resume(args, recipe: str) -> None:
+    """For recipes whose loop is not ``Trainer.train``: refuse ``--resume_from_checkpoint``
+    instead of ignoring it silently."""
+    if getattr(args, "resume_from_checkpoint", None) not in (None, ""):
+        raise ValueError(
+            f"`resume_from_checkpoint` is not supported by the {recipe} recipe yet (its loop is "
+            "not Trainer.train, so it would be silently ignored); run again without it."
+        )
 
 
 class RecipeArgumentParser(HfArgumentParser):

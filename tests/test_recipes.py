@@ -6,7 +6,12 @@ import pytest
 import torch
 from transformers import TrainingArguments
 
-from hf_extensions.cli import RecipeArgumentParser, use_cpu_for_multiprocess_launch
+from hf_extensions.cli import (
+    RecipeArgumentParser,
+    refuse_resume,
+    resume_checkpoint,
+    use_cpu_for_multiprocess_launch,
+)
 from hf_extensions.models import tiny_vit_classifier
 from hf_extensions.models.image_classification import (
     ImageClassificationArguments as ScriptArguments,
@@ -73,6 +78,47 @@ def test_example_recipe_learns_digits_and_saves_a_card(tmp_path):
     assert (tmp_path / "model.safetensors").exists()
     card = (tmp_path / "README.md").read_text()
     assert "test_accuracy" in card
+
+
+def test_resume_flag_reaches_trainer_and_resumes_exactly(tmp_path):
+    """`--resume_from_checkpoint` used to be parsed and ignored: a run resumed from its
+    checkpoint-2 must end with the weights of the uninterrupted run, bit for bit."""
+    from safetensors.torch import load_file
+
+    common = ["--config", str(DIGITS_YAML), "--max_steps", "4", "--save_strategy", "steps",
+              "--save_steps", "2", "--eval_strategy", "no", "--logging_strategy", "no"]  # fmt: skip
+    main([*common, "--output_dir", str(tmp_path / "whole")])
+    checkpoint = tmp_path / "whole" / "checkpoint-2"
+    main([*common, "--output_dir", str(tmp_path / "resumed"),
+          "--resume_from_checkpoint", str(checkpoint)])  # fmt: skip
+    whole = load_file(tmp_path / "whole" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    state = (tmp_path / "resumed" / "checkpoint-4" / "trainer_state.json").read_text()
+    assert '"global_step": 4' in state
+
+
+def test_resume_values_and_recipes_that_cannot_resume_refuse_it(tmp_path):
+    class Args:
+        resume_from_checkpoint = None
+        output_dir = str(tmp_path)
+
+    args = Args()
+    assert resume_checkpoint(args) is None
+    args.resume_from_checkpoint = "last"
+    with pytest.raises(ValueError, match="holds no checkpoint-N folder"):
+        resume_checkpoint(args)
+    for step in (2, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    assert resume_checkpoint(args) == str(tmp_path / "checkpoint-10")
+    args.resume_from_checkpoint = str(tmp_path / "checkpoint-3")
+    with pytest.raises(ValueError, match="no checkpoint folder at"):
+        resume_checkpoint(args)
+    args.resume_from_checkpoint = str(tmp_path / "checkpoint-2")
+    assert resume_checkpoint(args) == str(tmp_path / "checkpoint-2")
+    with pytest.raises(ValueError, match="not supported by the hierarchical CL recipe"):
+        refuse_resume(args, "hierarchical CL")
 
 
 def test_demo_table_lists_every_metric():

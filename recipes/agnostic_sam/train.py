@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from hf_extensions.cli import RecipeArgumentParser
+from hf_extensions.cli import RecipeArgumentParser, resume_checkpoint
 from hf_extensions.metrics import compute_classification_metrics
 from hf_extensions.models.image_classification import (
     ImageClassificationArguments,
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> tuple[AgnosticSAMTrainer, dict[str, f
         eval_dataset=data["validation"],
         compute_metrics=compute_classification_metrics,
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_checkpoint(config, trainer.model))
     metrics = trainer.finish(
         data["test"], dataset=script_args.dataset_name or "scikit-learn digits"
     )

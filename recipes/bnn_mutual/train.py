@@ -47,7 +47,7 @@ from hf_extensions.bnn import (
     convert_to_bayesian,
     peer_distance,
 )
-from hf_extensions.cli import RecipeArgumentParser
+from hf_extensions.cli import RecipeArgumentParser, resume_checkpoint
 from hf_extensions.metrics import compute_classification_metrics
 from hf_extensions.models import tiny_vit_classifier
 from hf_extensions.models.image_classification import (
@@ -162,7 +162,7 @@ def main(
         eval_dataset=data["validation"],
         compute_metrics=compute_classification_metrics,
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_checkpoint(config, trainer.model))
     metrics = trainer.finish(
         data["test"], dataset=script_args.dataset_name or "scikit-learn digits"
     )

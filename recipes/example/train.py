@@ -25,7 +25,7 @@ from pathlib import Path
 
 from transformers import Trainer, TrainingArguments
 
-from hf_extensions.cli import RecipeArgumentParser
+from hf_extensions.cli import RecipeArgumentParser, resume_checkpoint
 from hf_extensions.hub import build_model_card, save_model_card
 from hf_extensions.metrics import compute_classification_metrics
 from hf_extensions.models.image_classification import (
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> tuple[Trainer, dict[str, float]]:
         eval_dataset=data["validation"],
         compute_metrics=compute_classification_metrics,
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args, trainer.model))
     metrics = trainer.evaluate(data["test"], metric_key_prefix="test")
     trainer.save_model()
     if trainer.is_world_process_zero():

@@ -33,7 +33,7 @@ from pathlib import Path
 from peft import LoraConfig, get_peft_model
 from transformers import set_seed
 
-from hf_extensions.cli import RecipeArgumentParser
+from hf_extensions.cli import RecipeArgumentParser, resume_checkpoint
 from hf_extensions.fhbi.particles import EVALUATION_MODES, ParticleEnsemble
 from hf_extensions.metrics import compute_classification_metrics
 from hf_extensions.models.image_classification import (
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> tuple[FHBITrainer, dict[str, float]]:
         eval_dataset=data["validation"],
         compute_metrics=compute_classification_metrics,
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_checkpoint(config, trainer.model))
     metrics = trainer.finish(
         data["test"], dataset=script_args.dataset_name or "scikit-learn digits"
     )

@@ -49,7 +49,7 @@ from transformers import (
 )
 
 import peft_configs  # noqa: F401  (registers the prompt pool with PEFT)
-from hf_extensions.cli import RecipeArgumentParser
+from hf_extensions.cli import RecipeArgumentParser, refuse_resume
 from hf_extensions.data import CLASS_NAMES, class_incremental_stream, load_digits
 from hf_extensions.hierarchical_cl.taxonomy import DIGITS_TAXONOMY, LabelTree
 from hf_extensions.models.image_classification import digits_backbone
@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> tuple[HierarchicalPromptCLTrainer, di
     """Learn the stream task by task, evaluating all seen tasks after each; save."""
     parser = RecipeArgumentParser((HierarchicalCLScriptArguments, HierarchicalPromptCLConfig))
     script_args, config = parser.parse(argv)
+    refuse_resume(config, "hierarchical CL")
     set_seed(config.seed)
     build = _digits if script_args.dataset_name is None else _hub
     backbone, stream, tree, dataset_name = build(script_args, config)

@@ -35,7 +35,7 @@ import torch
 from datasets import load_dataset
 from transformers import CLIPModel, CLIPProcessor
 
-from hf_extensions.cli import RecipeArgumentParser
+from hf_extensions.cli import RecipeArgumentParser, resume_checkpoint
 from hf_extensions.metrics import compute_classification_metrics
 from hf_extensions.models import tiny_clip
 from hf_extensions.pga.clip_prompts import (
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> tuple[PGATrainer, dict[str, float]]:
         eval_dataset=_eval_dataset(target["validation"]),
         compute_metrics=compute_classification_metrics,
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_checkpoint(config, trainer.model))
     metrics = trainer.finish(test, dataset=script_args.dataset_name or "scikit-learn digits")
     metrics["test_zero_shot_accuracy"] = zero_shot_accuracy
     metrics["pseudo_label_coverage"] = float((pseudo != -100).float().mean())

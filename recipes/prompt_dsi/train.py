@@ -45,7 +45,7 @@ from peft import get_peft_model
 from transformers import AutoModel, AutoTokenizer, DataCollatorWithPadding, set_seed
 
 import peft_configs  # noqa: F401  (registers the prompt pool with PEFT)
-from hf_extensions.cli import RecipeArgumentParser
+from hf_extensions.cli import RecipeArgumentParser, refuse_resume
 from hf_extensions.hub import build_model_card, save_model_card
 from hf_extensions.prompt_dsi.dsi import DSIModel, fit_docid_head
 from hf_extensions.prompt_dsi.retrieval import select_splits, stdlib_retrieval_corpus
@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> tuple[PromptDSITrainer, dict[str, flo
     """Index D0, learn every increment, report Hits@k / MRR@10, save the DSI and its card."""
     parser = RecipeArgumentParser((ScriptArguments, PoolArguments, PromptDSIConfig))
     script_args, pool_args, training_args = parser.parse(argv)
+    refuse_resume(training_args, "PromptDSI")
     set_seed(training_args.seed)
     data, dataset_label = load_data(script_args)
     tokenizer, encoder, base_model = load_encoder(script_args)

@@ -56,7 +56,7 @@ from transformers import (
 )
 
 import peft_configs  # noqa: F401  (registers the PEFT method)
-from hf_extensions.cli import RecipeArgumentParser
+from hf_extensions.cli import RecipeArgumentParser, resume_checkpoint
 from hf_extensions.data import load_digits
 from hf_extensions.hub import build_model_card, save_model_card
 from hf_extensions.metrics import compute_classification_metrics
@@ -489,7 +489,7 @@ def main(argv: list[str] | None = None) -> tuple[Trainer, dict[str, float]]:
         data_collator=collator,
         compute_metrics=compute_classification_metrics,
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args, trainer.model))
     metrics = trainer.evaluate(data[script_args.test_split], metric_key_prefix="test")
     trainer.save_model()
     if trainer.is_world_process_zero():
