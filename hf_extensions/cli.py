@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import HfArgumentParser, PreTrainedModel
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import HfArgumentParser
+
+from hf_extensions.checkpoints import resolve_checkpoint, restore_pretrained_weights
 
 logger = logging.getLogger(__name__)
 
@@ -45,37 +46,15 @@ def use_cpu_for_multiprocess_launch() -> bool:
 def resume_checkpoint(args, model: torch.nn.Module | None = None) -> str | None:
     """The checkpoint a recipe resumes from, for ``Trainer.train(resume_from_checkpoint=...)``.
 
-    ``args.resume_from_checkpoint`` unset: ``None``. ``true`` / ``last``: the newest
-    ``checkpoint-N`` in ``args.output_dir``. Anything else: that folder. A missing folder is
-    refused, naming it.
-
-    With ``model`` (a ``transformers.PreTrainedModel``), its weights are first restored from the
-    checkpoint through ``from_pretrained`` (which renames keys): transformers 5 writes checkpoints
-    in the original key format (ViT: ``vit.encoder.layer.N...``), while
-    ``Trainer._load_from_checkpoint`` loads them with a plain ``load_state_dict`` (transformers
-    issue #43701). Without this the resumed run restarts from the initial weights with only a
-    warning. Trainer still restores the optimizer, scheduler, RNG states and step.
+    ``args.resume_from_checkpoint``: unset -> ``None``; ``true`` / ``last`` -> the newest
+    ``checkpoint-N`` in ``args.output_dir``; else that folder (refused when missing). With
+    ``model`` (a ``PreTrainedModel``), its weights are restored through ``from_pretrained``
+    first (see :mod:`hf_extensions.checkpoints`: Trainer's own resume misses transformers 5's
+    renamed keys).
     """
-    value = getattr(args, "resume_from_checkpoint", None)
-    if value is None or value == "":
-        return None
-    if str(value).lower() in ("true", "last"):
-        path = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
-        if path is None:
-            raise ValueError(
-                f"`resume_from_checkpoint={value}` but `output_dir` {args.output_dir} holds no "
-                "checkpoint-N folder; pass the checkpoint's path or train without the flag."
-            )
-    else:
-        path = str(value)
-        if not Path(path).is_dir():
-            raise ValueError(
-                f"`resume_from_checkpoint`: no checkpoint folder at {path}; pass an existing "
-                "checkpoint-N folder, or `last` for the newest one in `output_dir`."
-            )
-    if isinstance(model, PreTrainedModel):
-        restored = type(model).from_pretrained(path)
-        model.load_state_dict(restored.state_dict())
+    path = resolve_checkpoint(getattr(args, "resume_from_checkpoint", None), args.output_dir)
+    if path is not None and model is not None:
+        restore_pretrained_weights(model, path)
     return path
 
 

@@ -445,3 +445,20 @@ def test_push_to_hub_carries_an_agnostic_sam_model_card(tmp_path):
     assert metadata["hyperparameters"]["rho_val"] == 0.02
     assert metadata["hyperparameters"]["final_grad_on"] == "full"
     assert "arxiv:2406.07107" in (repo / "README.md").read_text()
+
+
+def test_resume_from_a_checkpoint_is_exact_for_a_renamed_key_model(tmp_path):
+    """A tiny ViT (transformers 5 saves its checkpoint keys in the original ViT format): a run
+    resumed from checkpoint-2 ends with the uninterrupted run's weights, bit for bit (Trainer's
+    own resume would restart from the initial weights, transformers #43701)."""
+    knobs = dict(per_device_train_batch_size=16, max_steps=4, save_strategy="steps", save_steps=2,
+                 rho_train=0.05, rho_val=0.05)  # fmt: skip
+    whole = _train(AgnosticSAMTrainer, AgnosticSAMConfig, "vit", tmp_path / "whole", 64, **knobs)
+    args = AgnosticSAMConfig(output_dir=str(tmp_path / "resumed"), **{**DEFAULTS, **knobs})
+    resumed = AgnosticSAMTrainer(model=_model("vit"), args=args, train_dataset=_data("vit", 64))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2"))
+    assert resumed.state.global_step == 4
+    _assert_equal(_params(resumed), _params(whole))
+    assert (
+        _max_diff(_params(resumed), [p.detach() for p in trainable_parameters(_model("vit"))]) > 0
+    )

@@ -9,6 +9,7 @@ from typing import ClassVar
 import torch
 from transformers import Trainer
 
+from hf_extensions.checkpoints import resolve_checkpoint, restore_pretrained_weights
 from hf_extensions.hub import build_model_card, save_model_card
 
 
@@ -28,6 +29,15 @@ class MethodTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """``Trainer.train``; a resumed ``PreTrainedModel`` first gets the checkpoint's weights
+        through ``from_pretrained`` (Trainer's own resume misses transformers 5's renamed keys:
+        see :mod:`hf_extensions.checkpoints`)."""
+        path = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        if path is not None:
+            restore_pretrained_weights(self.accelerator.unwrap_model(self.model), path)
+        return super().train(path, *args, **kwargs)
 
     def record(self, **values: torch.Tensor | float) -> None:
         """Add values to the averages logged at the next logging step."""

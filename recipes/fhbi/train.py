@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> tuple[FHBITrainer, dict[str, float]]:
         eval_dataset=data["validation"],
         compute_metrics=compute_classification_metrics,
     )
-    trainer.train(resume_from_checkpoint=resume_checkpoint(config, trainer.model))
+    trainer.train(resume_from_checkpoint=resume_checkpoint(config))
     metrics = trainer.finish(
         data["test"], dataset=script_args.dataset_name or "scikit-learn digits"
     )

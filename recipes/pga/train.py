@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> tuple[PGATrainer, dict[str, float]]:
         eval_dataset=_eval_dataset(target["validation"]),
         compute_metrics=compute_classification_metrics,
     )
-    trainer.train(resume_from_checkpoint=resume_checkpoint(config, trainer.model))
+    trainer.train(resume_from_checkpoint=resume_checkpoint(config))
     metrics = trainer.finish(test, dataset=script_args.dataset_name or "scikit-learn digits")
     metrics["test_zero_shot_accuracy"] = zero_shot_accuracy
     metrics["pseudo_label_coverage"] = float((pseudo != -100).float().mean())
