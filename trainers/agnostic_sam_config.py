@@ -5,12 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from hf_extensions.documentation import document_fields
 from hf_extensions.validation import check_choice, check_range
 from trainers.perturbation_config import PerturbationConfig
 
 FINAL_GRADIENT_SPLITS = ("full", "train", "sum")
 
 
+@document_fields
 @dataclass
 class AgnosticSAMConfig(PerturbationConfig):
     """``TrainingArguments`` for Agnostic-SAM.

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from hf_extensions.bnn import GAUSSIAN_DIVERGENCES
+from hf_extensions.documentation import document_fields
 from hf_extensions.validation import check_choice, check_range
 from trainers.method_config import MethodConfig
 
@@ -16,6 +17,7 @@ FEATURE_BOUNDS = ("none", "saturating", "log")
 PARAMETER_NORMALIZATIONS = ("dataset_size", "num_parameters")
 
 
+@document_fields
 @dataclass
 class BayesianMutualLearningConfig(MethodConfig):
     """``TrainingArguments`` for diversity-enhanced deep mutual learning of Bayesian networks.

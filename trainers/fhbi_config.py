@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from hf_extensions.documentation import document_fields
 from hf_extensions.fhbi.kernels import KERNEL_GRAD_SIGNS, KERNEL_SCOPES
 from hf_extensions.validation import check_choice, check_range
 from trainers.perturbation_config import PerturbationConfig
@@ -14,6 +15,7 @@ ASCENT_NORMS = ("block", "particle")
 LIKELIHOODS = ("per_particle", "ensemble_logits")
 
 
+@document_fields
 @dataclass
 class FHBIConfig(PerturbationConfig):
     """``TrainingArguments`` for Flat Hilbert Bayesian Inference over a particle ensemble.

@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from hf_extensions.documentation import document_fields
 from hf_extensions.hierarchical_cl.taxonomy import OT_SOLVERS
 from hf_extensions.validation import check_choice, check_range
 from trainers.method_config import MethodConfig
 
 
+@document_fields
 @dataclass
 class HierarchicalPromptCLConfig(MethodConfig):
     """``TrainingArguments`` of class-incremental prompt learning with a label taxonomy.

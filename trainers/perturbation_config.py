@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from hf_extensions.documentation import document_fields
 from hf_extensions.perturbation import PERTURBATION_NORMS
 from hf_extensions.validation import check_choice, check_range
 from trainers.method_config import MethodConfig
 
 
+@document_fields
 @dataclass
 class PerturbationConfig(MethodConfig):
     """``TrainingArguments`` plus the knobs every weight-perturbation (SAM-family) method shares.

@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from hf_extensions.documentation import document_fields
 from hf_extensions.validation import check_range
 from trainers.method_config import MethodConfig
 
 
+@document_fields
 @dataclass
 class PGAConfig(MethodConfig):
     """``TrainingArguments`` plus the settings of PGA (Phan et al., NeurIPS 2024, arXiv 2406.09353).

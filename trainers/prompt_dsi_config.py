@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from hf_extensions.documentation import document_fields
 from hf_extensions.validation import check_choice, check_range
 from trainers.method_config import MethodConfig
 
@@ -14,6 +15,7 @@ STRATEGIES = ("prompt_dsi", "l2p", "sequential", "joint")
 POOL_STRATEGIES = ("prompt_dsi", "l2p")
 
 
+@document_fields
 @dataclass
 class PromptDSIConfig(MethodConfig):
     """``TrainingArguments`` for incremental indexing of a classification DSI.

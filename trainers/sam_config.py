@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from hf_extensions.documentation import document_fields
 from hf_extensions.validation import check_range
 from trainers.perturbation_config import PerturbationConfig
 
 
+@document_fields
 @dataclass
 class SAMConfig(PerturbationConfig):
     """``TrainingArguments`` for Sharpness-Aware Minimization.

@@ -13,6 +13,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from hf_extensions.documentation import document_fields
+
 __all__ = [
     "ADVERSARY_ESTIMATORS",
     "ADVERSARY_REFERENCES",
@@ -48,6 +50,7 @@ def _integer(name: str, value: int, low: int) -> None:
         raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
 
 
+@document_fields
 @dataclass
 class ErasureConfig:
     """Hyper-parameters of :func:`hf_extensions.pipelines.erase_concepts`.

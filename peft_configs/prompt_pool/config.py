@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from hf_extensions.documentation import document_fields
 from peft_configs.registration import extend_peft_type
 
 __all__ = ["FORMAT_VERSION", "KEY_SOURCES", "QUERY_SOURCES", "PromptPoolConfig"]
@@ -25,6 +26,7 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+@document_fields
 @dataclass
 class PromptPoolConfig(PeftConfig):
     """A pool of prefix key/value prompts chosen per input by query-key cosine similarity.

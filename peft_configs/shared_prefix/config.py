@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from hf_extensions.documentation import document_fields
 from peft_configs.registration import extend_peft_type
 
 __all__ = ["FORMAT_VERSION", "SHARE_CHOICES", "SharedPrefixTuningConfig"]
@@ -21,6 +22,7 @@ _USES_LATENT = ("global_mlp", "per_layer_mlp", "per_layer_linear")
 extend_peft_type("shared_prefix")
 
 
+@document_fields
 @dataclass
 class SharedPrefixTuningConfig(PeftConfig):
     """Prefix tuning whose keys and values share a reparameterised latent structure.
