@@ -3,7 +3,7 @@
 Bui et al., "Erasing Undesirable Concepts in Diffusion Models with Adversarial Preservation"
 (NeurIPS 2024, arXiv 2410.15618). Over 3 seeds (the tiny pipeline's weights and the erasure's
 draws both follow the seed), one concept is erased from the cross-attention (``xattn``) of
-``hf_extensions.testing.tiny_stable_diffusion_pipeline`` with the same steps, learning rate and
+``hf_extensions.models.tiny_stable_diffusion_pipeline`` with the same steps, learning rate and
 draws by:
 
 - ``esd``: the ESD target, no preservation (EAP with λ = 0);
