@@ -462,3 +462,16 @@ def test_resume_from_a_checkpoint_is_exact_for_a_renamed_key_model(tmp_path):
     assert (
         _max_diff(_params(resumed), [p.detach() for p in trainable_parameters(_model("vit"))]) > 0
     )
+
+
+def test_fp16_that_accelerate_turns_into_float32_is_not_silent(tmp_path, caplog):
+    """On a CPU, accelerate >= 1.16 gives ``fp16=True`` no autocast and no scaler (float32 without
+    a word); the trainer says so. Earlier releases refuse fp16 on a CPU outright."""
+    args = SAMConfig(output_dir=str(tmp_path), fp16=True, **{**DEFAULTS, "max_steps": 1})
+    try:
+        with caplog.at_level("WARNING", logger="trainers.method_trainer"):
+            SAMTrainer(model=_model("mlp"), args=args, train_dataset=_data("mlp", 8))
+    except ValueError as error:  # accelerate < 1.16: "fp16 mixed precision requires a device"
+        assert "fp16" in str(error)
+        return
+    assert any("trains in float32" in record.getMessage() for record in caplog.records)

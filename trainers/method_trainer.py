@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import defaultdict
 from typing import ClassVar
@@ -11,6 +12,8 @@ from transformers import Trainer
 
 from hf_extensions.checkpoints import resolve_checkpoint, restore_pretrained_weights
 from hf_extensions.hub import build_model_card, save_model_card
+
+logger = logging.getLogger(__name__)
 
 
 class MethodTrainer(Trainer):
@@ -29,6 +32,14 @@ class MethodTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
+        if self.args.fp16 and not self.accelerator.native_amp and not self.is_deepspeed_enabled:
+            # accelerate >= 1.16 sets up no float16 autocast and no GradScaler on a device without
+            # fp16 support (the CPU) and trains in float32 without a word; earlier releases refuse.
+            logger.warning(
+                "fp16=True, but accelerate set up no float16 autocast or loss scaling on %s: this "
+                "run trains in float32. Use bf16=True on a CPU, or run fp16 on a GPU.",
+                self.accelerator.device,
+            )
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """``Trainer.train``; a resumed ``PreTrainedModel`` first gets the checkpoint's weights
