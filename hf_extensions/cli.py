@@ -1,11 +1,32 @@
-"""Command-line parsing for recipes: YAML file + command-line flags into dataclasses.
+"""The recipe skeleton: parse → build → train/run → finish → summary.
 
-Every recipe's ``train.py`` parses its arguments with :class:`RecipeArgumentParser`, an
-``HfArgumentParser`` that also reads ``--config path/to/setting.yaml``. Values in the YAML become
-the defaults; flags given on the command line override them, so
-``accelerate launch recipes/x/train.py --config recipes/x/digits.yaml --learning_rate 1e-3`` works
-as users of TRL's and the alignment-handbook's scripts expect. ``--help`` lists every field with
-the help text of its dataclass.
+Every ``recipes/<method>/train.py`` has the same shape::
+
+    def main(argv=None):
+        args, config = RecipeArgumentParser((ScriptArguments, MethodConfig)).parse(argv)  # parse
+        trainer = MethodTrainer(model=build_model(args), args=config, ...)                # build
+        run_training(trainer)                                      # resumes when asked to
+        return trainer, finish_training(trainer, test_split)       # test metrics, save, card
+
+    def demo():                                          # the embedded default, for `make demo`
+        return run_demo(main, RECIPE_DIR / "digits.yaml", SUMMARY)
+
+    if __name__ == "__main__":
+        run_as_script(main, SUMMARY)               # summary on the main process, then clean up
+
+* parse: :class:`RecipeArgumentParser`, an ``HfArgumentParser`` that also reads ``--config
+  path/to/setting.yaml``. Values in the YAML become the defaults; flags given on the command line
+  override them, so ``accelerate launch recipes/x/train.py --config recipes/x/digits.yaml
+  --learning_rate 1e-3`` works as users of TRL's and the alignment-handbook's scripts expect.
+  ``--help`` lists every field with the help text of its dataclass.
+* train: :func:`run_training` resumes from ``--resume_from_checkpoint`` (see
+  :func:`resume_checkpoint`); recipes whose loop is not ``Trainer.train`` call
+  :func:`refuse_resume` instead.
+* finish: :func:`finish_training` evaluates the test split, saves, and writes (or pushes) the
+  model card.
+* summary: :func:`summarize` picks the headline metrics (:data:`CLASSIFICATION_SUMMARY` for the
+  classifiers); :func:`run_demo` and :func:`run_as_script` print or return them.
+* clean-up: :func:`run_as_script` destroys the process group at the end (:func:`end_process_group`).
 """
 
 from __future__ import annotations
@@ -14,14 +35,24 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
 from transformers import HfArgumentParser
 
 from hf_extensions.checkpoints import resolve_checkpoint, restore_pretrained_weights
+from hf_extensions.hub import save_model_card
+
+#: The headline metrics of a classification recipe: label -> key of the test metrics.
+CLASSIFICATION_SUMMARY: dict[str, str] = {
+    "test accuracy": "test_accuracy",
+    "test NLL": "test_nll",
+    "test ECE": "test_ece",
+}
 
 logger = logging.getLogger(__name__)
 
@@ -110,3 +141,107 @@ class RecipeArgumentParser(HfArgumentParser):
         for name in values:
             actions[name].required = False  # given by the file; the command line may still override
         self.set_defaults(**values)
+
+
+def run_training(trainer):
+    """The train step of a recipe built on a ``Trainer``: ``trainer.train``, resuming from
+    ``trainer.args.resume_from_checkpoint`` (see :func:`resume_checkpoint`). Returns ``trainer``."""
+    # a MethodTrainer restores a resumed model's weights itself; a stock Trainer needs them here
+    model = None if hasattr(trainer, "finish") else trainer.model
+    trainer.train(resume_from_checkpoint=resume_checkpoint(trainer.args, model))
+    return trainer
+
+
+def finish_training(
+    trainer,
+    test_dataset=None,
+    *,
+    dataset: str | None = None,
+    card: Callable[[dict[str, float]], Any] | None = None,
+) -> dict[str, float]:
+    """The finish step of a recipe built on a ``Trainer``: evaluate ``test_dataset`` (metrics
+    prefixed ``test_``, returned), save, and write the model card, or push model and card.
+
+    A method trainer (one with ``finish``: :class:`trainers.MethodTrainer`) writes its own
+    card. A stock ``Trainer`` writes ``card(test_metrics)`` (a ``ModelCard``), also into the
+    pushed repository: ``Trainer.push_to_hub`` would otherwise replace it with its own card.
+    """
+    if hasattr(trainer, "finish"):
+        return trainer.finish(test_dataset, dataset=dataset)
+    metrics = {}
+    if test_dataset is not None:
+        metrics = trainer.evaluate(test_dataset, metric_key_prefix="test")
+    trainer.save_model()
+    model_card = card(metrics) if card is not None else None
+
+    def write_card(**_ignored) -> None:
+        if model_card is not None and trainer.is_world_process_zero():
+            save_model_card(model_card, trainer.args.output_dir)
+
+    write_card()
+    if trainer.args.push_to_hub:
+        # Trainer.push_to_hub writes its card with `create_model_card` before uploading
+        # `output_dir`: for this one call, that card is ours.
+        trainer.create_model_card = write_card
+        try:
+            trainer.push_to_hub()
+        finally:
+            del trainer.create_model_card
+    return metrics
+
+
+def summarize(
+    result: Any, summary: Mapping[str, str] | Callable[[Any], dict], strict: bool = True
+) -> dict[str, float]:
+    """The headline figures of a recipe's ``result`` (what ``main`` returned: ``(x, metrics)``
+    or a dict): ``summary`` maps a label to a metric key, or is a function of ``result``. A key
+    the metrics lack is refused, or skipped when not ``strict``."""
+    if callable(summary):
+        return summary(result)
+    metrics = result[1] if isinstance(result, tuple) else result
+    missing = [key for key in summary.values() if key not in metrics]
+    if missing and strict:
+        raise KeyError(
+            f"summary: the recipe returned no metric {missing}; it has {sorted(metrics)}."
+        )
+    return {label: float(metrics[key]) for label, key in summary.items() if key in metrics}
+
+
+def run_demo(
+    main: Callable[[list[str]], Any],
+    config: str | os.PathLike,
+    summary: Mapping[str, str] | Callable[[Any], dict],
+    *flags: str,
+) -> dict[str, float]:
+    """A recipe's embedded default for ``make demo``: ``main(--config config *flags)`` into a
+    temporary ``output_dir``; returns :func:`summarize`'s figures."""
+    with tempfile.TemporaryDirectory() as output_dir:
+        result = main(["--config", str(config), "--output_dir", output_dir, *flags])
+        return summarize(result, summary)
+
+
+def end_process_group() -> None:
+    """Destroy the default process group, if any (what ``Accelerator.end_training`` does).
+
+    PyTorch asks every distributed script to call ``destroy_process_group`` before it exits:
+    without it, gloo's worker threads can still hold work while the interpreter shuts down, and
+    a process that finished its run aborts at exit ("terminate called without an active
+    exception", SIGABRT; pytorch/pytorch#179291), failing the whole launch.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def run_as_script(
+    main: Callable[[list[str]], Any],
+    summary: Mapping[str, str] | Callable[[Any], dict] | None = None,
+    argv: Sequence[str] | None = None,
+) -> Any:
+    """``if __name__ == "__main__": run_as_script(main, SUMMARY)``: run ``main`` on the command
+    line's arguments, print the summary on the main process, end the process group."""
+    result = main(list(sys.argv[1:] if argv is None else argv))
+    if summary is not None and int(os.environ.get("RANK", "0")) == 0:
+        for label, value in summarize(result, summary, strict=False).items():
+            print(f"{label}: {value:.4g}")
+    end_process_group()
+    return result

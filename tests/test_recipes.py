@@ -10,12 +10,16 @@ from hf_extensions.cli import (
     RecipeArgumentParser,
     refuse_resume,
     resume_checkpoint,
+    run_as_script,
+    summarize,
     use_cpu_for_multiprocess_launch,
 )
+from hf_extensions.hub import read_model_card_metadata
 from hf_extensions.models import tiny_vit_classifier
 from hf_extensions.models.image_classification import (
     ImageClassificationArguments as ScriptArguments,
 )
+from hf_extensions.testing import fake_hub
 from hf_extensions.testing.distributed import launch
 from recipes.demo import REGISTRY, format_table
 from recipes.example.train import main
@@ -119,6 +123,48 @@ def test_resume_values_and_recipes_that_cannot_resume_refuse_it(tmp_path):
     assert resume_checkpoint(args) == str(tmp_path / "checkpoint-2")
     with pytest.raises(ValueError, match="not supported by the hierarchical CL recipe"):
         refuse_resume(args, "hierarchical CL")
+
+
+def test_stock_trainer_recipe_pushes_its_own_card(tmp_path):
+    """Trainer.push_to_hub writes transformers' card before uploading; the example recipe (a
+    stock Trainer) must push the hf-extensions card it wrote, with its test metrics."""
+    with fake_hub(tmp_path / "hub") as hub:
+        main(
+            ["--config", str(DIGITS_YAML), "--output_dir", str(tmp_path / "out"), "--max_steps",
+             "2", "--eval_strategy", "no", "--push_to_hub", "true", "--hub_model_id",
+             "fake-user/example"]
+        )  # fmt: skip
+        pushed = hub.repo_path("fake-user/example")
+    record = read_model_card_metadata(pushed)
+    assert record["method"] == "fine-tuning"
+    assert "test_accuracy" in record["metrics"] and record["hyperparameters"]["seed"] == 0
+    assert (pushed / "model.safetensors").exists()
+
+
+def test_run_as_script_prints_the_summary_and_ends_the_process_group(capsys, tmp_path):
+    """A launched process that exits with its process group alive can abort at exit (gloo's
+    threads at interpreter shutdown): the script entry point must end the group."""
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        result = run_as_script(lambda argv: (None, {"test_accuracy": 0.75, "n": len(argv)}),
+                               {"accuracy": "test_accuracy", "absent": "x"}, argv=["a", "b"])  # fmt: skip
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert result == (None, {"test_accuracy": 0.75, "n": 2})
+    assert capsys.readouterr().out == "accuracy: 0.75\n"  # a missing metric is skipped here
+
+
+def test_summary_refuses_a_missing_metric_in_the_demo():
+    metrics = {"test_accuracy": 0.5, "test_nll": 1.0}
+    assert summarize(("trainer", metrics), {"acc": "test_accuracy"}) == {"acc": 0.5}
+    assert summarize(metrics, lambda m: {"nll": m["test_nll"]}) == {"nll": 1.0}
+    with pytest.raises(KeyError, match="test_ece"):
+        summarize(metrics, {"ece": "test_ece"})
 
 
 def test_demo_table_lists_every_metric():

@@ -414,11 +414,13 @@ def test_image_recipe_trains_saves_and_reloads(tmp_path):
     backbone = pretrain_tiny_vit(data["source"], args, seed=0)
     _new_head(backbone, data["target"]["train"].features["labels"].names)
     pixels = torch.as_tensor(data["target"]["test"][:16]["pixel_values"])
-    trained = trainer.model.eval()  # materialised at the end of the run: same logits
+    trained = trainer.model.eval()  # the trained form; the materialised copy gives the same logits
     with torch.no_grad():
         expected = trained(pixel_values=pixels).logits
         for folder in (tmp_path, tmp_path / "materialized"):
             loaded = PeftModel.from_pretrained(copy.deepcopy(backbone), folder).eval()
+            # the run's adapter stays trainable; only the copy under materialized/ is not
+            assert loaded.peft_config["default"].materialized == (folder != tmp_path)
             torch.testing.assert_close(
                 loaded(pixel_values=pixels).logits, expected, atol=ATOL, rtol=0
             )
@@ -451,6 +453,7 @@ def test_text_recipe_learns_stdlib_areas(tmp_path):
 _RANKS_SCRIPT = """
 import sys
 import recipes.shared_prefix.train as recipe
+from hf_extensions.cli import end_process_group
 from hf_extensions.testing import report
 from transformers import TrainerCallback
 
@@ -479,6 +482,7 @@ report(
         **{"final/" + n: t for n, t in final.items()},
     },
 )
+end_process_group()
 """
 
 

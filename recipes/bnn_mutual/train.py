@@ -33,8 +33,6 @@ on the command line; ``--help`` lists them. The output folder holds ``model.safe
 
 from __future__ import annotations
 
-import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,7 +45,14 @@ from hf_extensions.bnn import (
     convert_to_bayesian,
     peer_distance,
 )
-from hf_extensions.cli import RecipeArgumentParser, resume_checkpoint
+from hf_extensions.cli import (
+    CLASSIFICATION_SUMMARY,
+    RecipeArgumentParser,
+    finish_training,
+    run_as_script,
+    run_demo,
+    run_training,
+)
 from hf_extensions.metrics import compute_classification_metrics
 from hf_extensions.models import tiny_vit_classifier
 from hf_extensions.models.image_classification import (
@@ -162,26 +167,23 @@ def main(
         eval_dataset=data["validation"],
         compute_metrics=compute_classification_metrics,
     )
-    trainer.train(resume_from_checkpoint=resume_checkpoint(config))
-    metrics = trainer.finish(
-        data["test"], dataset=script_args.dataset_name or "scikit-learn digits"
-    )
+    dataset = script_args.dataset_name or "scikit-learn digits"
+    run_training(trainer)
+    metrics = finish_training(trainer, data["test"], dataset=dataset)
+    metrics["test_peer_distance"] = float("nan")
     if len(model.peers) > 1:
         metrics["test_peer_distance"] = peer_distance(model.peers[0], model.peers[1])
     return trainer, metrics
 
 
+#: The classification figures of the peers' average, and how far apart two peers ended.
+SUMMARY = {**CLASSIFICATION_SUMMARY, "peer distance (W2^2 per weight)": "test_peer_distance"}
+
+
 def demo() -> dict[str, float]:
     """The embedded default: two tiny ViT BNNs on digits; test metrics of their average."""
-    with tempfile.TemporaryDirectory() as output_dir:
-        _, metrics = main(["--config", str(RECIPE_DIR / "digits.yaml"), "--output_dir", output_dir])
-    return {
-        "test accuracy": metrics["test_accuracy"],
-        "test NLL": metrics["test_nll"],
-        "test ECE": metrics["test_ece"],
-        "peer distance (W2^2 per weight)": metrics.get("test_peer_distance", float("nan")),
-    }
+    return run_demo(main, RECIPE_DIR / "digits.yaml", SUMMARY)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_as_script(main, SUMMARY)

@@ -27,16 +27,15 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from accelerate import PartialState
 
-from hf_extensions.cli import RecipeArgumentParser
+from hf_extensions.cli import RecipeArgumentParser, run_as_script, run_demo
 from hf_extensions.pipelines import (
     ErasureConfig,
     erase_concepts,
@@ -153,6 +152,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         del original
     result.metrics.update(metrics)
+    if not PartialState().is_main_process:
+        return {"metrics": metrics}  # the main process saves, checks the reload and pushes
     folder = Path(args.output_dir) / "pipeline"
     save_erased(
         pipe, folder, only_changed=args.save_mode == "changed", base_model=args.model_name_or_path
@@ -187,6 +188,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return results
 
 
+def summary(results: dict[str, Any]) -> dict[str, float]:
+    """How much the concept faded, how far the rest drifted, and whether the reload is exact."""
+    metrics = results["metrics"]
+    labels = {
+        "erasure gap (after/before)": "erasure_gap",
+        "candidate drift": "preserved_drift",
+        "held-out drift": "heldout_drift",
+        "reload generates identically": "reload_generates_identically",
+    }
+    return {label: float(metrics[key]) for label, key in labels.items() if key in metrics}
+
+
 def demo() -> dict[str, float]:
     """The embedded default: erase a prompt from the tiny pipeline with EAP, measure, reload.
 
@@ -195,18 +208,11 @@ def demo() -> dict[str, float]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with tempfile.TemporaryDirectory() as output_dir:
-            results = main(["--config", str(RECIPE_DIR / "tiny.yaml"), "--output_dir", output_dir])
+        figures = run_demo(main, RECIPE_DIR / "tiny.yaml", summary)
     finally:
         torch.set_num_threads(threads)
-    metrics = results["metrics"]
-    return {
-        "tiny SD, EAP: erasure gap (after/before)": metrics["erasure_gap"],
-        "tiny SD, EAP: candidate drift": metrics["preserved_drift"],
-        "tiny SD, EAP: held-out drift": metrics["heldout_drift"],
-        "tiny SD: reload generates identically": metrics["reload_generates_identically"],
-    }
+    return {f"tiny SD, EAP: {label}": value for label, value in figures.items()}
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_as_script(main, summary)

@@ -13,20 +13,27 @@ It shows the recipe convention every method of hf-extensions follows:
       accelerate launch --config_file recipes/accelerate_configs/multi_gpu.yaml \
           recipes/example/train.py --config recipes/example/digits.yaml
 
+- the skeleton of :mod:`hf_extensions.cli`: parse → build → train → finish (test metrics, save,
+  model card, push) → summary;
 - a ``demo()`` that runs the embedded default quickly and returns its metrics, registered in
   ``recipes/demo.py``.
 """
 
 from __future__ import annotations
 
-import sys
-import tempfile
 from pathlib import Path
 
 from transformers import Trainer, TrainingArguments
 
-from hf_extensions.cli import RecipeArgumentParser, resume_checkpoint
-from hf_extensions.hub import build_model_card, save_model_card
+from hf_extensions.cli import (
+    CLASSIFICATION_SUMMARY,
+    RecipeArgumentParser,
+    finish_training,
+    run_as_script,
+    run_demo,
+    run_training,
+)
+from hf_extensions.hub import build_model_card
 from hf_extensions.metrics import compute_classification_metrics
 from hf_extensions.models.image_classification import (
     ImageClassificationArguments,
@@ -52,11 +59,10 @@ def main(argv: list[str] | None = None) -> tuple[Trainer, dict[str, float]]:
         eval_dataset=data["validation"],
         compute_metrics=compute_classification_metrics,
     )
-    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args, trainer.model))
-    metrics = trainer.evaluate(data["test"], metric_key_prefix="test")
-    trainer.save_model()
-    if trainer.is_world_process_zero():
-        card = build_model_card(
+    dataset = script_args.dataset_name or "scikit-learn digits"
+
+    def card(metrics):
+        return build_model_card(
             method="fine-tuning",
             paper=None,
             hyperparameters={
@@ -68,24 +74,17 @@ def main(argv: list[str] | None = None) -> tuple[Trainer, dict[str, float]]:
             },
             metrics={k: float(v) for k, v in metrics.items() if k.startswith("test_")},
             base_model=script_args.model_name_or_path,
-            datasets=["scikit-learn digits"],
+            datasets=[dataset],
         )
-        save_model_card(card, training_args.output_dir)
-    if training_args.push_to_hub:
-        trainer.push_to_hub()
-    return trainer, metrics
+
+    run_training(trainer)
+    return trainer, finish_training(trainer, data["test"], card=card)
 
 
 def demo() -> dict[str, float]:
     """The embedded default, quick: tiny ViT on digits, test accuracy / NLL / ECE."""
-    with tempfile.TemporaryDirectory() as output_dir:
-        _, metrics = main(["--config", str(RECIPE_DIR / "digits.yaml"), "--output_dir", output_dir])
-    return {
-        "test accuracy": metrics["test_accuracy"],
-        "test NLL": metrics["test_nll"],
-        "test ECE": metrics["test_ece"],
-    }
+    return run_demo(main, RECIPE_DIR / "digits.yaml", CLASSIFICATION_SUMMARY)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_as_script(main, CLASSIFICATION_SUMMARY)

@@ -25,15 +25,20 @@ command line; ``--help`` lists them. The saved output holds one PEFT adapter per
 
 from __future__ import annotations
 
-import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from peft import LoraConfig, get_peft_model
 from transformers import set_seed
 
-from hf_extensions.cli import RecipeArgumentParser, resume_checkpoint
+from hf_extensions.cli import (
+    CLASSIFICATION_SUMMARY,
+    RecipeArgumentParser,
+    finish_training,
+    run_as_script,
+    run_demo,
+    run_training,
+)
 from hf_extensions.fhbi.particles import EVALUATION_MODES, ParticleEnsemble
 from hf_extensions.metrics import compute_classification_metrics
 from hf_extensions.models.image_classification import (
@@ -110,23 +115,15 @@ def main(argv: list[str] | None = None) -> tuple[FHBITrainer, dict[str, float]]:
         eval_dataset=data["validation"],
         compute_metrics=compute_classification_metrics,
     )
-    trainer.train(resume_from_checkpoint=resume_checkpoint(config))
-    metrics = trainer.finish(
-        data["test"], dataset=script_args.dataset_name or "scikit-learn digits"
-    )
-    return trainer, metrics
+    dataset = script_args.dataset_name or "scikit-learn digits"
+    run_training(trainer)
+    return trainer, finish_training(trainer, data["test"], dataset=dataset)
 
 
 def demo() -> dict[str, float]:
     """The embedded default: 4 LoRA particles of a tiny ViT on digits; test metrics."""
-    with tempfile.TemporaryDirectory() as output_dir:
-        _, metrics = main(["--config", str(RECIPE_DIR / "digits.yaml"), "--output_dir", output_dir])
-    return {
-        "test accuracy": metrics["test_accuracy"],
-        "test NLL": metrics["test_nll"],
-        "test ECE": metrics["test_ece"],
-    }
+    return run_demo(main, RECIPE_DIR / "digits.yaml", CLASSIFICATION_SUMMARY)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_as_script(main, CLASSIFICATION_SUMMARY)

@@ -34,8 +34,6 @@ with final average accuracy and forgetting.
 from __future__ import annotations
 
 import json
-import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +47,7 @@ from transformers import (
 )
 
 import peft_configs  # noqa: F401  (registers the prompt pool with PEFT)
-from hf_extensions.cli import RecipeArgumentParser, refuse_resume
+from hf_extensions.cli import RecipeArgumentParser, refuse_resume, run_as_script, run_demo
 from hf_extensions.data import CLASS_NAMES, class_incremental_stream, load_digits
 from hf_extensions.hierarchical_cl.taxonomy import DIGITS_TAXONOMY, LabelTree
 from hf_extensions.models.image_classification import digits_backbone
@@ -197,26 +195,26 @@ def main(argv: list[str] | None = None) -> tuple[HierarchicalPromptCLTrainer, di
         "test_task_identity_accuracy": result["tii_accuracy"][-1],
     }
     trainer.log(metrics)
-    trainer.save_model()
     if trainer.is_world_process_zero():
-        Path(config.output_dir, "accuracy_matrix.json").write_text(json.dumps(result, indent=2))
-    if config.push_to_hub:
-        trainer.push_to_hub(dataset=dataset_name)
-    else:
-        trainer.create_model_card(dataset=dataset_name)
+        output_dir = Path(config.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "accuracy_matrix.json").write_text(json.dumps(result, indent=2))
+    trainer.finish(dataset=dataset_name)  # save; write the card or push model, matrix and card
     return trainer, {**metrics, **result}
+
+
+#: Final average accuracy over the stream, forgetting, and task-identity accuracy at the end.
+SUMMARY = {
+    "final average accuracy": "test_final_average_accuracy",
+    "forgetting": "test_forgetting",
+    "task-identity accuracy": "test_task_identity_accuracy",
+}
 
 
 def demo() -> dict[str, float]:
     """The embedded default: digits in 5 tasks; final average accuracy and forgetting."""
-    with tempfile.TemporaryDirectory() as output_dir:
-        _, metrics = main(["--config", str(RECIPE_DIR / "digits.yaml"), "--output_dir", output_dir])
-    return {
-        "final average accuracy": metrics["test_final_average_accuracy"],
-        "forgetting": metrics["test_forgetting"],
-        "task-identity accuracy": metrics["test_task_identity_accuracy"],
-    }
+    return run_demo(main, RECIPE_DIR / "digits.yaml", SUMMARY)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_as_script(main, SUMMARY)

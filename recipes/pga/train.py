@@ -26,8 +26,6 @@ the YAML or on the command line; ``--help`` lists them.
 
 from __future__ import annotations
 
-import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +33,13 @@ import torch
 from datasets import load_dataset
 from transformers import CLIPModel, CLIPProcessor
 
-from hf_extensions.cli import RecipeArgumentParser, resume_checkpoint
+from hf_extensions.cli import (
+    RecipeArgumentParser,
+    finish_training,
+    run_as_script,
+    run_demo,
+    run_training,
+)
 from hf_extensions.metrics import compute_classification_metrics
 from hf_extensions.models import tiny_clip
 from hf_extensions.pga.clip_prompts import (
@@ -174,8 +178,8 @@ def main(argv: list[str] | None = None) -> tuple[PGATrainer, dict[str, float]]:
     pseudo = learner.pseudo_labels(
         _column(target["train"], "pixel_values").to(config.device), config.pseudo_label_threshold
     ).cpu()
-    train = {name: splits[name]["train"] for name in sources}
-    train[config.target_domain] = {
+    train_splits = {name: splits[name]["train"] for name in sources}
+    train_splits[config.target_domain] = {
         "pixel_values": _column(target["train"], "pixel_values"),
         "labels": pseudo,
     }
@@ -189,27 +193,30 @@ def main(argv: list[str] | None = None) -> tuple[PGATrainer, dict[str, float]]:
     trainer = PGATrainer(
         model=learner,
         args=config,
-        train_dataset=PairedDomainDataset(train, seed=config.seed),
+        train_dataset=PairedDomainDataset(train_splits, seed=config.seed),
         eval_dataset=_eval_dataset(target["validation"]),
         compute_metrics=compute_classification_metrics,
     )
-    trainer.train(resume_from_checkpoint=resume_checkpoint(config))
-    metrics = trainer.finish(test, dataset=script_args.dataset_name or "scikit-learn digits")
+    dataset = script_args.dataset_name or "scikit-learn digits"
+    run_training(trainer)
+    metrics = finish_training(trainer, test, dataset=dataset)
     metrics["test_zero_shot_accuracy"] = zero_shot_accuracy
     metrics["pseudo_label_coverage"] = float((pseudo != -100).float().mean())
     return trainer, metrics
 
 
+#: Target test accuracy after PGA against CLIP's zero-shot start, and the pseudo-label coverage.
+SUMMARY = {
+    "target test accuracy (PGA)": "test_accuracy",
+    "target test accuracy (zero-shot)": "test_zero_shot_accuracy",
+    "pseudo-label coverage": "pseudo_label_coverage",
+}
+
+
 def demo() -> dict[str, float]:
     """The embedded default: tiny CLIP, digits -> rotated digits; target test accuracy."""
-    with tempfile.TemporaryDirectory() as output_dir:
-        _, metrics = main(["--config", str(RECIPE_DIR / "digits.yaml"), "--output_dir", output_dir])
-    return {
-        "target test accuracy (PGA)": metrics["test_accuracy"],
-        "target test accuracy (zero-shot)": metrics["test_zero_shot_accuracy"],
-        "pseudo-label coverage": metrics["pseudo_label_coverage"],
-    }
+    return run_demo(main, RECIPE_DIR / "digits.yaml", SUMMARY)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_as_script(main, SUMMARY)

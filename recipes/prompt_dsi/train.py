@@ -33,8 +33,6 @@ method, hyper-parameters and the measured Hits@1/10 and MRR@10 on D0 and on the 
 from __future__ import annotations
 
 import dataclasses
-import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +43,7 @@ from peft import get_peft_model
 from transformers import AutoModel, AutoTokenizer, DataCollatorWithPadding, set_seed
 
 import peft_configs  # noqa: F401  (registers the prompt pool with PEFT)
-from hf_extensions.cli import RecipeArgumentParser, refuse_resume
+from hf_extensions.cli import RecipeArgumentParser, refuse_resume, run_as_script, run_demo
 from hf_extensions.hub import build_model_card, save_model_card
 from hf_extensions.prompt_dsi.dsi import DSIModel, fit_docid_head
 from hf_extensions.prompt_dsi.retrieval import select_splits, stdlib_retrieval_corpus
@@ -302,34 +300,22 @@ def main(argv: list[str] | None = None) -> tuple[PromptDSITrainer, dict[str, flo
     return trainer, metrics
 
 
+#: Retrieval of the first corpus (forgetting) and of the new documents, and the pool's usage.
+SUMMARY = {
+    "D0 Hits@10": "test_d0_hits10",
+    "new Hits@10": "test_new_hits10",
+    "new MRR@10": "test_new_mrr10",
+    "usage entropy": "test_usage_entropy",
+}
+
+
 def demo() -> dict[str, float]:
     """The embedded default, shortened: MiniLM, 60 D0 docs + 1 increment of 20, 3 epochs."""
-    with tempfile.TemporaryDirectory() as output_dir:
-        _, metrics = main(
-            [
-                "--config",
-                str(RECIPE_DIR / "embedded.yaml"),
-                "--output_dir",
-                output_dir,
-                "--num_initial",
-                "60",
-                "--num_increments",
-                "1",
-                "--docs_per_increment",
-                "20",
-                "--num_train_epochs",
-                "3",
-                "--max_length",
-                "16",
-            ]
-        )
-    return {
-        "D0 Hits@10": metrics["test_d0_hits10"],
-        "new Hits@10": metrics["test_new_hits10"],
-        "new MRR@10": metrics["test_new_mrr10"],
-        "usage entropy": metrics["test_usage_entropy"],
-    }
+    short = {"num_initial": 60, "num_increments": 1, "docs_per_increment": 20}
+    short |= {"num_train_epochs": 3, "max_length": 16}
+    flags = [item for name, value in short.items() for item in (f"--{name}", str(value))]
+    return run_demo(main, RECIPE_DIR / "embedded.yaml", SUMMARY, *flags)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_as_script(main, SUMMARY)

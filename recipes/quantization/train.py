@@ -27,15 +27,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
-import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from transformers import PreTrainedModel
 
-from hf_extensions.cli import RecipeArgumentParser
+from hf_extensions.cli import RecipeArgumentParser, run_as_script, run_demo
 from hf_extensions.hub import build_model_card, save_model_card
 from hf_extensions.quantization import MetaAugConfig, MetaAugQuantizer, export_integer
 from hf_extensions.quantization.models import digits_tensors, evaluate_accuracy, train_digits_cnn
@@ -158,6 +157,8 @@ def main(argv: list[str] | None = None) -> tuple[dict[str, torch.nn.Module], dic
         metrics[f"{prefix}_calib_acc"] = evaluate_accuracy(model, *calib)
         metrics[f"{prefix}_heldout_acc"] = evaluate_accuracy(model, *held)
         metrics[f"{prefix}_seconds"] = quantizer.result.total_seconds
+        if not PartialState().is_main_process:
+            continue  # the quantizer saved from the main process; so do the export and card
         if args.integer_export:
             export_integer(model, save_dir, config=setting_config)
         card = build_model_card(
@@ -173,30 +174,19 @@ def main(argv: list[str] | None = None) -> tuple[dict[str, torch.nn.Module], dic
         save_model_card(card, save_dir)
         if not isinstance(model, PreTrainedModel):
             print(f"{setting}: saved to {save_dir} (reload with load_quantized)")
-    for key, value in metrics.items():
-        print(f"{key}: {value:.4g}")
     return models, metrics
+
+
+def accuracies(result) -> dict[str, float]:
+    """The summary: every accuracy of ``main``'s metrics (full precision, each setting)."""
+    return {k: v for k, v in result[1].items() if k.endswith("_acc")}
 
 
 def demo() -> dict[str, float]:
     """The embedded default, quick: CNN (10 epochs) on digits, MetaAug at W4A4 and W2A4 (short)."""
-    with tempfile.TemporaryDirectory() as output_dir:
-        _, metrics = main(
-            [
-                "--config",
-                str(RECIPE_DIR / "digits.yaml"),
-                "--output_dir",
-                output_dir,
-                "--train_epochs",
-                "10",
-                "--iterations",
-                "100",
-                "--meta_iterations",
-                "10",
-            ]
-        )
-    return {k: v for k, v in metrics.items() if k.endswith("_acc")}
+    flags = ["--train_epochs", "10", "--iterations", "100", "--meta_iterations", "10"]
+    return run_demo(main, RECIPE_DIR / "digits.yaml", accuracies, *flags)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_as_script(main, lambda result: result[1])  # every metric

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hf_extensions.cli import RecipeArgumentParser
+from hf_extensions.cli import RecipeArgumentParser, run_as_script, run_demo
 from hf_extensions.hub import build_model_card, save_model_card
 from hf_extensions.schedulers import GaussianMixture, S2NGeneralizedScheduler, run_denoising_loop
 
@@ -307,6 +305,14 @@ def toy_mixture_w1(steps: int = 50, eps_scale: float = 1.1, seed: int = 0) -> di
     return out
 
 
+#: The swap's exactness against DDIM at both ends of rho, and the reload's.
+SUMMARY = {
+    "tiny SD: max |rho=0 - DDIM|": "max_abs_diff_rho0_vs_ddim",
+    "tiny SD: max |rho=1 - DDIM eta=1|": "max_abs_diff_rho1_vs_ddim_eta1",
+    "tiny SD: reload keeps class and rho": "reload_keeps_class_and_rho",
+}
+
+
 def demo() -> dict[str, float]:
     """The embedded default: the tiny pipeline sweep, its save/reload, and the toy W1.
 
@@ -316,19 +322,16 @@ def demo() -> dict[str, float]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with tempfile.TemporaryDirectory() as output_dir:
-            results = main(["--config", str(RECIPE_DIR / "tiny.yaml"), "--output_dir", output_dir])
+        figures = run_demo(main, RECIPE_DIR / "tiny.yaml", SUMMARY)
         toy = toy_mixture_w1()
     finally:
         torch.set_num_threads(threads)
     return {
-        "tiny SD: max |rho=0 - DDIM|": results["max_abs_diff_rho0_vs_ddim"],
-        "tiny SD: max |rho=1 - DDIM eta=1|": results["max_abs_diff_rho1_vs_ddim_eta1"],
-        "tiny SD: reload keeps class and rho": results["reload_keeps_class_and_rho"],
+        **figures,
         "mixture W1, eps x1.1, 50 steps: DDIM": toy["ddim"],
         "mixture W1, eps x1.1, 50 steps: rho=1": toy["rho1"],
     }
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_as_script(main, SUMMARY)

@@ -30,11 +30,10 @@ metrics.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import re
-import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,9 +55,16 @@ from transformers import (
 )
 
 import peft_configs  # noqa: F401  (registers the PEFT method)
-from hf_extensions.cli import RecipeArgumentParser, resume_checkpoint
+from hf_extensions.cli import (
+    CLASSIFICATION_SUMMARY,
+    RecipeArgumentParser,
+    finish_training,
+    run_as_script,
+    run_demo,
+    run_training,
+)
 from hf_extensions.data import load_digits
-from hf_extensions.hub import build_model_card, save_model_card
+from hf_extensions.hub import build_model_card
 from hf_extensions.metrics import compute_classification_metrics
 from hf_extensions.models import tiny_vit_classifier
 from hf_extensions.models.image_classification import pretrain_classifier
@@ -489,12 +495,16 @@ def main(argv: list[str] | None = None) -> tuple[Trainer, dict[str, float]]:
         data_collator=collator,
         compute_metrics=compute_classification_metrics,
     )
-    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args, trainer.model))
-    metrics = trainer.evaluate(data[script_args.test_split], metric_key_prefix="test")
-    trainer.save_model()
-    if trainer.is_world_process_zero():
+    run_training(trainer)
+    if prefix_args.save_materialized and trainer.is_world_process_zero():
+        # a copy: the trained form (latents + MLPs) stays the saved and pushed adapter
+        materialized = copy.deepcopy(peft_model)
+        materialized.materialize()  # in place; returns the tuner, not the PeftModel
+        materialized.save_pretrained(str(Path(training_args.output_dir) / "materialized"))
+
+    def card(metrics):
         resolved = peft_model.peft_config["default"]
-        card = build_model_card(
+        return build_model_card(
             method="shared-prefix-tuning",
             paper=PAPER,
             arxiv_id="2410.02200",
@@ -522,27 +532,14 @@ def main(argv: list[str] | None = None) -> tuple[Trainer, dict[str, float]]:
                 "`PeftModel.from_pretrained(base_model, path)`."
             ),
         )
-        save_model_card(card, training_args.output_dir)
-        if prefix_args.save_materialized:
-            peft_model.materialize()
-            peft_model.save_pretrained(str(Path(training_args.output_dir) / "materialized"))
-    if training_args.push_to_hub:
-        trainer.push_to_hub()
-    return trainer, metrics
+
+    return trainer, finish_training(trainer, data[script_args.test_split], card=card)
 
 
 def demo() -> dict[str, float]:
     """The embedded default: tiny ViT pretrained on digits 0-4, prefix-tuned on 5-9."""
-    with tempfile.TemporaryDirectory() as output_dir:
-        _, metrics = main(
-            ["--config", str(RECIPE_DIR / "digits_vit.yaml"), "--output_dir", output_dir]
-        )
-    return {
-        "test accuracy": metrics["test_accuracy"],
-        "test NLL": metrics["test_nll"],
-        "test ECE": metrics["test_ece"],
-    }
+    return run_demo(main, RECIPE_DIR / "digits_vit.yaml", CLASSIFICATION_SUMMARY)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_as_script(main, CLASSIFICATION_SUMMARY)

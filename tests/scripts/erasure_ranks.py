@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+from hf_extensions.cli import end_process_group
 from hf_extensions.models import tiny_stable_diffusion_pipeline
 from hf_extensions.pipelines import ConceptEraser, ErasureConfig
 from hf_extensions.testing import report
@@ -36,3 +37,4 @@ if __name__ == "__main__":
             },
         },
     )
+    end_process_group()  # before exit: see hf_extensions.cli.end_process_group

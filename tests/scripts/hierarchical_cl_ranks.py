@@ -5,6 +5,7 @@ python tests/scripts/hierarchical_cl_ranks.py --config ... [recipe flags]
 
 import sys
 
+from hf_extensions.cli import end_process_group
 from hf_extensions.testing.distributed import report
 from recipes.hierarchical_cl.train import main
 
@@ -23,3 +24,4 @@ if __name__ == "__main__":
         },
         tensors,
     )
+    end_process_group()  # before exit: see hf_extensions.cli.end_process_group

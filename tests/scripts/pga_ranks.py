@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+from hf_extensions.cli import end_process_group
 from hf_extensions.models import tiny_clip
 from hf_extensions.pga.clip_prompts import CLIPPromptLearner
 from hf_extensions.testing.distributed import report
@@ -52,3 +53,4 @@ if __name__ == "__main__":
         },
         {name: p for name, p in model.named_parameters() if p.requires_grad},
     )
+    end_process_group()  # before exit: see hf_extensions.cli.end_process_group

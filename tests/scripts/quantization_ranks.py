@@ -5,6 +5,7 @@ import sys
 import torch
 from accelerate import Accelerator
 
+from hf_extensions.cli import end_process_group
 from hf_extensions.quantization import MetaAugConfig, MetaAugQuantizer
 from hf_extensions.quantization.models import DigitsResNet
 from hf_extensions.testing import report
@@ -30,3 +31,4 @@ report(
     },
     tensors={k: v for k, v in qmodel.state_dict().items() if v.is_floating_point()},
 )
+end_process_group()  # before exit: see hf_extensions.cli.end_process_group

@@ -6,6 +6,7 @@ python tests/scripts/recipe_ranks.py recipes.example.train --config ... [recipe 
 import importlib
 import sys
 
+from hf_extensions.cli import end_process_group
 from hf_extensions.testing.distributed import report
 
 if __name__ == "__main__":
@@ -24,3 +25,4 @@ if __name__ == "__main__":
         },
         {name: p for name, p in model.named_parameters()},
     )
+    end_process_group()  # before exit: see hf_extensions.cli.end_process_group
