@@ -482,7 +482,7 @@ report(
         **{"final/" + n: t for n, t in final.items()},
     },
 )
-end_process_group()
+end_process_group(trainer)
 """
 
 

@@ -37,4 +37,4 @@ if __name__ == "__main__":
             },
         },
     )
-    end_process_group()  # before exit: see hf_extensions.cli.end_process_group
+    end_process_group(eraser)  # before exit: see hf_extensions.cli.end_process_group

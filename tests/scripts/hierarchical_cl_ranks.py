@@ -24,4 +24,4 @@ if __name__ == "__main__":
         },
         tensors,
     )
-    end_process_group()  # before exit: see hf_extensions.cli.end_process_group
+    end_process_group(trainer)  # before exit: see hf_extensions.cli.end_process_group

@@ -53,4 +53,4 @@ if __name__ == "__main__":
         },
         {name: p for name, p in model.named_parameters() if p.requires_grad},
     )
-    end_process_group()  # before exit: see hf_extensions.cli.end_process_group
+    end_process_group(trainer)  # before exit: see hf_extensions.cli.end_process_group

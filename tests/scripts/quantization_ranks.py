@@ -31,4 +31,4 @@ report(
     },
     tensors={k: v for k, v in qmodel.state_dict().items() if v.is_floating_point()},
 )
-end_process_group()  # before exit: see hf_extensions.cli.end_process_group
+end_process_group(accelerator)  # before exit: see hf_extensions.cli.end_process_group

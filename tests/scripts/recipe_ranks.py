@@ -25,4 +25,4 @@ if __name__ == "__main__":
         },
         {name: p for name, p in model.named_parameters()},
     )
-    end_process_group()  # before exit: see hf_extensions.cli.end_process_group
+    end_process_group(trainer)  # before exit: see hf_extensions.cli.end_process_group
