@@ -10,11 +10,13 @@ One place builds what every image-classification recipe trains on:
   pixels and whose head is replaced by one of the dataset's classes.
 
 Splits are always ``train`` / ``validation`` / ``test``; a dataset without a validation split
-gets one carved, stratified by class, out of its training split.
+gets one carved, stratified by class, out of its training split. :func:`train_image_classifier`
+is the build → train → finish part of their recipes (see :mod:`hf_extensions.cli`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,7 +25,9 @@ import torch.nn.functional as F
 from datasets import ClassLabel, DatasetDict, load_dataset
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
+from hf_extensions.cli import finish_training, run_training
 from hf_extensions.data import CLASS_NAMES, add_label_noise, load_digits
+from hf_extensions.metrics import compute_classification_metrics
 from hf_extensions.models.tiny import tiny_vit_classifier
 
 
@@ -222,3 +226,34 @@ def digits_backbone(
     torch.manual_seed(seed + 1)
     model.classifier.reset_parameters()  # the stream's classes are learned from scratch
     return model
+
+
+def train_image_classifier(
+    trainer_class: type,
+    script_args: ImageClassificationArguments,
+    training_args,
+    model_builder: Callable[[list[str]], torch.nn.Module] | None = None,
+    card: Callable[[dict[str, float]], object] | None = None,
+):
+    """Build the data and the model, train with ``trainer_class`` (``Trainer`` or a method
+    trainer) on ``train``, validate on ``validation``, then test, save and card or push.
+
+    ``model_builder(class_names)`` makes the model (default :func:`build_model`); ``card`` is
+    the stock ``Trainer``'s card (see :func:`hf_extensions.cli.finish_training`). Returns
+    ``(trainer, test_metrics)``.
+    """
+    if script_args.dataset_name is not None:
+        training_args.remove_unused_columns = False  # the transform needs the image column
+    data = build_datasets(script_args, seed=training_args.seed)
+    names = class_names(data)
+    model = model_builder(names) if model_builder else build_model(script_args, names)
+    trainer = trainer_class(
+        model=model,
+        args=training_args,
+        train_dataset=data["train"],
+        eval_dataset=data["validation"],
+        compute_metrics=compute_classification_metrics,
+    )
+    run_training(trainer)
+    dataset = script_args.dataset_name or "scikit-learn digits"
+    return trainer, finish_training(trainer, data["test"], dataset=dataset, card=card)

@@ -24,20 +24,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hf_extensions.cli import (
-    CLASSIFICATION_SUMMARY,
-    RecipeArgumentParser,
-    finish_training,
-    run_as_script,
-    run_demo,
-    run_training,
-)
-from hf_extensions.metrics import compute_classification_metrics
+from hf_extensions.cli import CLASSIFICATION_SUMMARY, RecipeArgumentParser, run_as_script, run_demo
 from hf_extensions.models.image_classification import (
     ImageClassificationArguments,
-    build_datasets,
-    build_model,
-    class_names,
+    train_image_classifier,
 )
 from trainers import AgnosticSAMConfig, AgnosticSAMTrainer
 
@@ -48,19 +38,7 @@ def main(argv: list[str] | None = None) -> tuple[AgnosticSAMTrainer, dict[str, f
     """Train, evaluate on the (clean) test split, save with a model card, push if asked."""
     parser = RecipeArgumentParser((ImageClassificationArguments, AgnosticSAMConfig))
     script_args, config = parser.parse(argv)
-    if script_args.dataset_name is not None:
-        config.remove_unused_columns = False  # the transform needs the image column
-    data = build_datasets(script_args, seed=config.seed)
-    trainer = AgnosticSAMTrainer(
-        model=build_model(script_args, class_names(data)),
-        args=config,
-        train_dataset=data["train"],
-        eval_dataset=data["validation"],
-        compute_metrics=compute_classification_metrics,
-    )
-    dataset = script_args.dataset_name or "scikit-learn digits"
-    run_training(trainer)
-    return trainer, finish_training(trainer, data["test"], dataset=dataset)
+    return train_image_classifier(AgnosticSAMTrainer, script_args, config)
 
 
 def demo() -> dict[str, float]:

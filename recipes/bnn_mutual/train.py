@@ -45,21 +45,12 @@ from hf_extensions.bnn import (
     convert_to_bayesian,
     peer_distance,
 )
-from hf_extensions.cli import (
-    CLASSIFICATION_SUMMARY,
-    RecipeArgumentParser,
-    finish_training,
-    run_as_script,
-    run_demo,
-    run_training,
-)
-from hf_extensions.metrics import compute_classification_metrics
+from hf_extensions.cli import CLASSIFICATION_SUMMARY, RecipeArgumentParser, run_as_script, run_demo
 from hf_extensions.models import tiny_vit_classifier
 from hf_extensions.models.image_classification import (
     ImageClassificationArguments,
-    build_datasets,
     build_model,
-    class_names,
+    train_image_classifier,
 )
 from trainers.bnn_mutual_config import BayesianMutualLearningConfig
 from trainers.bnn_mutual_trainer import BayesianMutualLearningTrainer
@@ -156,20 +147,14 @@ def main(
         (BayesianPeersArguments, ImageClassificationArguments, BayesianMutualLearningConfig)
     )
     peer_args, script_args, config = parser.parse(argv)
-    if script_args.dataset_name is not None:
-        config.remove_unused_columns = False  # the transform needs the image column
-    data = build_datasets(script_args, seed=config.seed)
-    model = build_peers(peer_args, script_args, class_names(data), config.seed)
-    trainer = BayesianMutualLearningTrainer(
-        model=model,
-        args=config,
-        train_dataset=data["train"],
-        eval_dataset=data["validation"],
-        compute_metrics=compute_classification_metrics,
+
+    def peers(names: list[str]) -> PeerEnsemble:
+        return build_peers(peer_args, script_args, names, config.seed)
+
+    trainer, metrics = train_image_classifier(
+        BayesianMutualLearningTrainer, script_args, config, peers
     )
-    dataset = script_args.dataset_name or "scikit-learn digits"
-    run_training(trainer)
-    metrics = finish_training(trainer, data["test"], dataset=dataset)
+    model = trainer.accelerator.unwrap_model(trainer.model)
     metrics["test_peer_distance"] = float("nan")
     if len(model.peers) > 1:
         metrics["test_peer_distance"] = peer_distance(model.peers[0], model.peers[1])

@@ -28,18 +28,13 @@ from transformers import Trainer, TrainingArguments
 from hf_extensions.cli import (
     CLASSIFICATION_SUMMARY,
     RecipeArgumentParser,
-    finish_training,
     run_as_script,
     run_demo,
-    run_training,
 )
 from hf_extensions.hub import build_model_card
-from hf_extensions.metrics import compute_classification_metrics
 from hf_extensions.models.image_classification import (
     ImageClassificationArguments,
-    build_datasets,
-    build_model,
-    class_names,
+    train_image_classifier,
 )
 
 RECIPE_DIR = Path(__file__).resolve().parent
@@ -49,16 +44,6 @@ def main(argv: list[str] | None = None) -> tuple[Trainer, dict[str, float]]:
     """Train, evaluate on the test split, save (and push, with ``--push_to_hub``) the model."""
     parser = RecipeArgumentParser((ImageClassificationArguments, TrainingArguments))
     script_args, training_args = parser.parse(argv)
-    if script_args.dataset_name is not None:
-        training_args.remove_unused_columns = False  # the transform needs the image column
-    data = build_datasets(script_args, seed=training_args.seed)
-    trainer = Trainer(
-        model=build_model(script_args, class_names(data)),
-        args=training_args,
-        train_dataset=data["train"],
-        eval_dataset=data["validation"],
-        compute_metrics=compute_classification_metrics,
-    )
     dataset = script_args.dataset_name or "scikit-learn digits"
 
     def card(metrics):
@@ -77,8 +62,7 @@ def main(argv: list[str] | None = None) -> tuple[Trainer, dict[str, float]]:
             datasets=[dataset],
         )
 
-    run_training(trainer)
-    return trainer, finish_training(trainer, data["test"], card=card)
+    return train_image_classifier(Trainer, script_args, training_args, card=card)
 
 
 def demo() -> dict[str, float]:

@@ -34,18 +34,14 @@ from transformers import set_seed
 from hf_extensions.cli import (
     CLASSIFICATION_SUMMARY,
     RecipeArgumentParser,
-    finish_training,
     run_as_script,
     run_demo,
-    run_training,
 )
 from hf_extensions.fhbi.particles import EVALUATION_MODES, ParticleEnsemble
-from hf_extensions.metrics import compute_classification_metrics
 from hf_extensions.models.image_classification import (
     ImageClassificationArguments,
-    build_datasets,
     build_model,
-    class_names,
+    train_image_classifier,
 )
 from trainers.fhbi_config import FHBIConfig
 from trainers.fhbi_trainer import FHBITrainer
@@ -103,21 +99,13 @@ def main(argv: list[str] | None = None) -> tuple[FHBITrainer, dict[str, float]]:
     """Train, evaluate the particle average on the test split, save adapters + card, push."""
     parser = RecipeArgumentParser((ImageClassificationArguments, LoraArguments, FHBIConfig))
     script_args, lora_args, config = parser.parse(argv)
-    if script_args.dataset_name is not None:
-        config.remove_unused_columns = False  # the transform needs the image column
-    data = build_datasets(script_args, seed=config.seed)
-    set_seed(config.seed)  # LoRA A matrices are drawn from the global generator
-    model = build_model(script_args, class_names(data))
-    trainer = FHBITrainer(
-        model=build_ensemble(model, lora_args, config.num_particles, config.seed),
-        args=config,
-        train_dataset=data["train"],
-        eval_dataset=data["validation"],
-        compute_metrics=compute_classification_metrics,
-    )
-    dataset = script_args.dataset_name or "scikit-learn digits"
-    run_training(trainer)
-    return trainer, finish_training(trainer, data["test"], dataset=dataset)
+
+    def particles(names: list[str]) -> ParticleEnsemble:
+        set_seed(config.seed)  # LoRA A matrices are drawn from the global generator
+        model = build_model(script_args, names)
+        return build_ensemble(model, lora_args, config.num_particles, config.seed)
+
+    return train_image_classifier(FHBITrainer, script_args, config, particles)
 
 
 def demo() -> dict[str, float]:
