@@ -76,7 +76,21 @@ def build_erasure_card(
     base_model: str | None = None,
     metrics: Mapping[str, float] | None = None,
 ):
-    """The model card of an erasure: concepts, group, adversarial concepts found, measured figures."""
+    """The model card of an erasure: concepts, group, adversarial concepts found, measured figures.
+
+    Args:
+        result (`ErasureResult`):
+            What the erasure did (``pipe.erasure_result``): its method variant, concepts, config
+            (the hyper-parameters recorded on the card), trained tensors and adversarial concepts.
+        base_model (`str`, *optional*, defaults to `None`):
+            The Hub id or path of the pipeline that was erased (the card's ``base_model``).
+        metrics (`Mapping[str, float]`, *optional*, defaults to `None`):
+            Measured figures (e.g. from :func:`hf_extensions.pipelines.evaluate_erasure`),
+            added to ``result.metrics``; a name in both takes the value given here.
+
+    Returns:
+        `huggingface_hub.ModelCard`: the card (library ``diffusers``), built offline.
+    """
     hyperparameters: dict[str, Any] = {
         "variant": result.method,
         "erased_concepts": list(result.concepts),
@@ -121,10 +135,31 @@ def save_erased(
     base_model: str | None = None,
     metrics: Mapping[str, float] | None = None,
 ) -> Path:
-    """Save an erased pipeline (``only_changed=False``) or only its changed UNet tensors.
+    """Save an erased pipeline, or only its changed UNet tensors, with a model card.
 
-    ``metrics`` (e.g. from :func:`hf_extensions.pipelines.evaluate_erasure`) are added to those
-    already on ``pipe.erasure_result`` and recorded in the card. Returns the directory.
+    Args:
+        pipe (`StableDiffusionPipeline`):
+            A pipeline returned by :func:`hf_extensions.pipelines.erase_concepts` (it carries
+            ``pipe.erasure_result``).
+        directory (`str` or `os.PathLike`):
+            Where to save; created if missing.
+        only_changed (`bool`, *optional*, defaults to `False`):
+            `False`: ``pipe.save_pretrained(directory)``, loadable with
+            ``DiffusionPipeline.from_pretrained`` alone. `True`: only the trained tensors
+            (``unet_erasure.safetensors``) and the record (``erasure_config.json``), to apply to
+            the base pipeline with :func:`load_erased`.
+        base_model (`str`, *optional*, defaults to `None`):
+            The Hub id or path of the pipeline that was erased, recorded in the card (and in the
+            record with ``only_changed``).
+        metrics (`Mapping[str, float]`, *optional*, defaults to `None`):
+            Measured figures (e.g. from :func:`hf_extensions.pipelines.evaluate_erasure`),
+            recorded in the card together with those already on ``pipe.erasure_result``.
+
+    Returns:
+        `pathlib.Path`: ``directory``.
+
+    Raises:
+        ValueError: ``pipe`` carries no ``erasure_result``.
     """
     result = _result(pipe)
     directory = Path(directory)
@@ -154,11 +189,26 @@ def save_erased(
 def load_erased(pipe, directory: str | os.PathLike):
     """Apply the changed tensors saved by ``save_erased(..., only_changed=True)`` to ``pipe``.
 
-    The record is validated like user input (method, variant, a valid :class:`ErasureConfig`),
-    and every tensor must name a parameter of ``pipe.unet`` in the recorded group, with the same
-    shape; otherwise ``ValueError``. Returns ``pipe`` with its UNet updated in place (and an
-    ``erasure_result`` rebuilt from the record). For a full save use
-    ``DiffusionPipeline.from_pretrained(directory)``.
+    For a full save use ``DiffusionPipeline.from_pretrained(directory)`` instead.
+
+    Args:
+        pipe (`StableDiffusionPipeline`):
+            The base pipeline the erasure started from; its UNet is updated in place (each
+            tensor cast to the parameter's dtype).
+        directory (`str` or `os.PathLike`):
+            A directory written by ``save_erased(..., only_changed=True)``: ``README.md``,
+            ``erasure_config.json`` and ``unet_erasure.safetensors``.
+
+    Returns:
+        `StableDiffusionPipeline`: ``pipe``, with the loaded tensors and an ``erasure_result``
+        rebuilt from the record (variant, concepts, config, adversarial concepts).
+
+    Raises:
+        FileNotFoundError: ``directory`` holds no ``erasure_config.json`` or no model card.
+        ValueError: the record is validated like user input: the card or the record names
+            another method, the variant is unknown, the config is invalid, or a tensor is not a
+            parameter of ``pipe.unet``, lies outside the recorded parameter group or has another
+            shape.
     """
     directory = Path(directory)
     if not (directory / CONFIG_NAME).is_file():
@@ -210,7 +260,34 @@ def push_erased_to_hub(
     private: bool | None = None,
     token: str | None = None,
 ) -> str:
-    """Save as :func:`save_erased` does (with its card) and upload to ``repo_id``; return the URL."""
+    """Save as :func:`save_erased` does (with its card) and upload to ``repo_id``.
+
+    The repository is created if it does not exist; the upload is one commit named after the
+    erased concepts and the method variant.
+
+    Args:
+        pipe (`StableDiffusionPipeline`):
+            A pipeline returned by :func:`hf_extensions.pipelines.erase_concepts`.
+        repo_id (`str`):
+            The Hub repository, ``"name"`` or ``"namespace/name"``.
+        only_changed (`bool`, *optional*, defaults to `False`):
+            Upload only the changed UNet tensors and their record instead of the whole pipeline
+            (see :func:`save_erased`).
+        base_model (`str`, *optional*, defaults to `None`):
+            The Hub id or path of the pipeline that was erased, recorded in the card.
+        metrics (`Mapping[str, float]`, *optional*, defaults to `None`):
+            Measured figures recorded in the card (see :func:`save_erased`).
+        private (`bool`, *optional*, defaults to `None`):
+            Visibility of a repository that this call creates; `None`: the Hub's default.
+        token (`str`, *optional*, defaults to `None`):
+            Hub token; `None` uses the one ``huggingface_hub`` finds (login or ``HF_TOKEN``).
+
+    Returns:
+        `str`: the URL of the repository.
+
+    Raises:
+        ValueError: ``pipe`` carries no ``erasure_result``.
+    """
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)

@@ -215,10 +215,37 @@ class ConceptEraser:
     """The training state of one erasure; :meth:`step` runs one model step (its
     ``gradient_accumulation_steps`` cycles) and then the adversary steps.
 
-    Use :func:`erase_concepts` unless you need the steps one by one (the benchmark times them).
-    ``method``: ``"eap"`` (adversarial preservation), ``"esd"`` (no preservation: λ = 0) or
-    ``"fixed"`` (preserve ``config.preserve_concepts``). ``extra_candidates``: see
-    :func:`erase_concepts`.
+    Use :func:`erase_concepts` unless you need the steps one by one (the benchmark times them);
+    :meth:`finish` puts the edited UNet back into the pipeline. Building the eraser moves
+    ``pipe.unet`` and ``pipe.text_encoder`` to the accelerator's device, keeps a frozen copy of
+    the UNet, makes exactly ``config.parameter_group`` trainable and, for ``"eap"``, selects each
+    concept's candidate words.
+
+    Args:
+        pipe (`StableDiffusionPipeline`):
+            A diffusers text-to-image pipeline with ``unet``, ``text_encoder``, ``tokenizer`` and
+            ``scheduler`` components; its UNet is edited in place.
+        concepts (`str` or `Sequence[str]`):
+            The concept(s) to erase, as prompts (e.g. ``"nudity"``, ``"Van Gogh"``); a single
+            string is one concept. Each cycle draws one of them uniformly.
+        method (`str`, *optional*, defaults to `"eap"`):
+            ``"eap"`` (adversarial preservation), ``"esd"`` (no preservation: the config's
+            ``preservation_weight`` is set to 0) or ``"fixed"`` (preserve one of
+            ``config.preserve_concepts``, drawn uniformly, instead of an adversarial concept).
+        config (`ErasureConfig`, *optional*, defaults to `None`):
+            The hyper-parameters; `None` uses ``ErasureConfig()`` (the paper's defaults).
+        accelerator (`accelerate.Accelerator`, *optional*, defaults to `None`):
+            An existing accelerator to run under, used as it is. `None` creates one with the
+            config's ``gradient_accumulation_steps`` and ``mixed_precision``.
+        extra_candidates (`Mapping[str, torch.Tensor]`, *optional*, defaults to `None`):
+            Name -> text-encoder output ``[L, D]`` (e.g. a learned token's prompt embedding),
+            added to every concept's selected candidate words (``"eap"`` only; ignored by the
+            other methods). A name must not be one of the selected words.
+
+    Raises:
+        ValueError: ``concepts`` is empty or holds an empty string, ``method`` is not one of
+            ``("eap", "esd", "fixed")``, the parameter group selects no parameter of this UNet,
+            or an ``extra_candidates`` entry clashes with a word or has the wrong shape.
     """
 
     def __init__(
@@ -563,17 +590,46 @@ def erase_concepts(
 ):
     """Erase ``concepts`` from ``pipe``'s UNet; return the same pipeline, edited in place.
 
-    Bui et al. 2024 (EAP, ``method="eap"``), Gandikota et al. 2023 (ESD, ``method="esd"`` = EAP
-    with preservation weight 0), or ESD plus a fixed preserved concept (``method="fixed"``). The
-    UNet's ``config.parameter_group`` trains for ``config.num_steps`` model steps under
+    The UNet's ``config.parameter_group`` trains for ``config.num_steps`` model steps under
     Accelerate (gradient accumulation, mixed precision, data parallel: launch the script with
-    ``accelerate launch``); everything else in the pipeline is untouched. The result (trained
-    parameter names, adversarial concepts found, losses) is on ``pipe.erasure_result``; save with
-    ``pipe.save_pretrained`` or :func:`hf_extensions.pipelines.save_erased`. Accelerate keeps one
-    state per process: to run under an existing ``Accelerator`` (or a second time with another
-    ``mixed_precision``), pass ``accelerator=``. ``extra_candidates`` (name -> text-encoder
-    output ``[L, D]``, e.g. a learned token's prompt embedding) are added to the adversary's
-    selected words for every erased concept (EAP only).
+    ``accelerate launch``); the other components keep their weights. A progress bar shows the
+    loss and the first concept's current adversarial word (``config.progress_bar``, local main
+    process only).
+
+    Args:
+        pipe (`StableDiffusionPipeline`):
+            A diffusers text-to-image pipeline with ``unet``, ``text_encoder``, ``tokenizer`` and
+            ``scheduler`` components (any scheduler: z is sampled on a DDIM grid built from its
+            config). Its UNet and text encoder are moved to the accelerator's device.
+        concepts (`str` or `Sequence[str]`):
+            The concept(s) to erase, as prompts (e.g. ``"nudity"``, ``"Van Gogh"``); a single
+            string is one concept. Each cycle draws one of them uniformly.
+        method (`str`, *optional*, defaults to `"eap"`):
+            ``"eap"``: Bui et al. 2024 (adversarial preservation); ``"esd"``: Gandikota et al.
+            2023 (EAP with preservation weight 0); ``"fixed"``: ESD plus the preservation of a
+            fixed concept drawn from ``config.preserve_concepts``.
+        config (`ErasureConfig`, *optional*, defaults to `None`):
+            The hyper-parameters; `None` uses ``ErasureConfig()`` (the paper's defaults).
+        accelerator (`accelerate.Accelerator`, *optional*, defaults to `None`):
+            An existing accelerator to run under, used as it is. `None` creates one with the
+            config's ``gradient_accumulation_steps`` and ``mixed_precision``; Accelerate keeps one
+            state per process, so pass one to run inside a script that already made one (or to
+            erase a second time with another ``mixed_precision``).
+        extra_candidates (`Mapping[str, torch.Tensor]`, *optional*, defaults to `None`):
+            Name -> text-encoder output ``[L, D]`` (e.g. a learned token's prompt embedding),
+            added to the adversary's selected words for every erased concept (``"eap"`` only;
+            ignored by the other methods). A name must not be one of the selected words.
+
+    Returns:
+        `StableDiffusionPipeline`: ``pipe`` itself, with the edited UNet (eval mode, no
+        gradients) and ``pipe.erasure_result``, an :class:`ErasureResult` (trained parameter
+        names, adversarial concepts found, losses). Save it with ``pipe.save_pretrained`` or
+        :func:`hf_extensions.pipelines.save_erased`.
+
+    Raises:
+        ValueError: ``concepts`` is empty or holds an empty string, ``method`` is not one of
+            ``("eap", "esd", "fixed")``, the parameter group selects no parameter of this UNet,
+            or an ``extra_candidates`` entry clashes with a word or has the wrong shape.
     """
     from tqdm.auto import tqdm
 
@@ -609,14 +665,47 @@ def evaluate_erasure(
 
     For every prompt, ``num_samples`` fixed draws (noise, DDIM index) give latents sampled by the
     *original* model with guidance (so the evaluation points do not depend on the edit), and the
-    ε predictions are compared at those points, in ε space:
+    ε predictions are compared at those points, in ε space. Latents have the UNet's
+    ``sample_size``; everything runs on ``original_unet``'s device.
 
-    - ``erasure_gap``: mean over the erased concepts of
-      ``|| ε'(z, c_e) − target ||² / || ε(z, c_e) − target ||²`` with the ESD target of the
-      original model: 1 before the edit, 0 when the edit reaches the target;
-    - ``preserved_drift`` / ``heldout_drift``: mean ``|| ε'(z, c) − ε(z, c) ||²`` over the
-      ``preserved`` / ``heldout`` prompts, divided by the mean ``|| ε(z, c_e) − target ||²``
-      of the erased concepts (drift in units of the distance the erasure had to move).
+    Args:
+        pipe (`StableDiffusionPipeline`):
+            The pipeline whose ``unet`` is the edited one (e.g. returned by
+            :func:`erase_concepts`); its text encoder encodes the prompts.
+        original_unet (`UNet2DConditionModel`):
+            The UNet before the edit (e.g. ``copy.deepcopy(pipe.unet)`` taken before erasing), on
+            the same device as ``pipe.unet``.
+        concepts (`Sequence[str]`):
+            The erased concepts, as prompts.
+        preserved (`Sequence[str]`, *optional*, defaults to `()`):
+            Prompts that should be unchanged (e.g. the adversary's candidate words); empty: no
+            ``preserved_drift``.
+        heldout (`Sequence[str]`, *optional*, defaults to `()`):
+            Further prompts that should be unchanged and that the erasure never saw; empty: no
+            ``heldout_drift``.
+        num_samples (`int`, *optional*, defaults to `8`):
+            Evaluation points (noise, DDIM index) per prompt.
+        ddim_steps (`int`, *optional*, defaults to `10`):
+            Inference steps of the DDIM grid the points are sampled on; the index is uniform in
+            ``[0, ddim_steps)``.
+        start_guidance (`float`, *optional*, defaults to `3.0`):
+            Classifier-free guidance scale when sampling the points.
+        negative_guidance (`float`, *optional*, defaults to `1.0`):
+            η of the ESD target ``ε(z, "") − η (ε(z, c_e) − ε(z, ""))``.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the points. Each prompt draws its own points from ``seed`` and its place in
+            its list, so they do not depend on the other prompts.
+
+    Returns:
+        `dict[str, float]`: the finite ones of
+
+        - ``erasure_gap``: mean over the erased concepts of
+          ``|| ε'(z, c_e) − target ||² / || ε(z, c_e) − target ||²`` with the ESD target of the
+          original model: 1 before the edit, 0 when the edit reaches the target;
+        - ``erasure_distance_before``: the mean ``|| ε(z, c_e) − target ||²`` of the erased
+          concepts (the distance the erasure had to move);
+        - ``preserved_drift`` / ``heldout_drift``: mean ``|| ε'(z, c) − ε(z, c) ||²`` over the
+          ``preserved`` / ``heldout`` prompts, divided by ``erasure_distance_before``.
     """
     device = next(original_unet.parameters()).device
     edited = pipe.unet

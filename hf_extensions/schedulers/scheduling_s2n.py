@@ -12,21 +12,9 @@ has the forward process's marginals. Freezing the data prediction x̂0 over a st
 
 This scheduler is that update on diffusers' discrete variance-preserving schedules. It takes
 DDIM's config keys and defaults (so ``from_config`` works from DDIM / PNDM / Euler / DPM-Solver
-configs of VP models) and adds:
-
-- ``rho``: 0 is DDIM with eta 0 (the probability-flow ODE); 1 is DDIM with eta 1 given the same
-  noise (the reverse SDE); values in between and above interpolate and extrapolate. Equivalent
-  to k-diffusion's first-order DPM++ SDE with eta = ρ² and diffusers' SA-Solver first-order
-  predictor with τ = ρ, as one serialisable number instead of a callable.
-- ``s_noise``: scale of the injected noise (EDM's S_noise).
-- ``rho_t_min`` / ``rho_t_max``: the window of timesteps (the current t of a step) in which ρ
-  applies; other steps are deterministic (EDM's S_tmin / S_tmax, in timestep units).
-- ``solver_order``: 2 adds the multistep correction of a linear-in-λ x̂0 (DPM-Solver++(2M)
-  at ρ = 0 and SDE-DPM-Solver++(2M) at ρ = 1, ``solver_type="heun"``).
-- ``prev_timestep_rule``: ``"ddim"`` steps from t to t − T // n exactly as ``DDIMScheduler``
-  does (so ρ = 0 reproduces it for every spacing, including its off-grid steps with
-  ``linspace`` / ``trailing`` when n does not divide T); ``"next"`` steps to the next entry of
-  ``timesteps`` (as DDPM and DPM-Solver do). Custom ``timesteps`` always use ``"next"``.
+configs of VP models) and adds ``rho``, ``s_noise``, the noise window ``rho_t_min`` /
+``rho_t_max``, ``solver_order`` and ``prev_timestep_rule`` (the class docstring's ``Args:``
+says what each does).
 
 Departures from the paper: the paper's Corollary 1 adds two parameters γ and δ to the backward
 family; their exact formula could not be established offline, so they are not implemented
@@ -108,16 +96,80 @@ class S2NGeneralizedScheduler(SchedulerMixin, ConfigMixin):
 
         pipe.scheduler = S2NGeneralizedScheduler.from_config(pipe.scheduler.config, rho=0.5)
 
-    Args (DDIM's, same defaults): ``num_train_timesteps``, ``beta_start``, ``beta_end``,
-    ``beta_schedule`` (any of :data:`hf_extensions.schedulers.snr.BETA_SCHEDULES`),
-    ``trained_betas``, ``clip_sample``, ``set_alpha_to_one``, ``steps_offset``,
-    ``prediction_type`` (``epsilon`` / ``sample`` / ``v_prediction``), ``thresholding``,
-    ``dynamic_thresholding_ratio``, ``clip_sample_range``, ``sample_max_value``,
-    ``timestep_spacing`` (``leading`` / ``trailing`` / ``linspace``), ``rescale_betas_zero_snr``.
+    The parameters up to ``rescale_betas_zero_snr`` are ``DDIMScheduler``'s, with its defaults
+    and meaning; the last six are the S2N ones (module docstring for the update).
 
-    Args (S2N): ``rho`` (≥ 0), ``s_noise`` (≥ 0), ``rho_t_min`` / ``rho_t_max`` (the noise
-    window, inclusive; ``None`` = no upper bound), ``solver_order`` (1 or 2),
-    ``prev_timestep_rule`` (``ddim`` or ``next``). See the module docstring.
+    Args:
+        num_train_timesteps (`int`, *optional*, defaults to `1000`):
+            The number of diffusion steps the model was trained with (T); at least 2.
+        beta_start (`float`, *optional*, defaults to `0.0001`):
+            The first β of the ``linear``, ``scaled_linear`` and ``sigmoid`` schedules.
+        beta_end (`float`, *optional*, defaults to `0.02`):
+            The last β of the ``linear``, ``scaled_linear`` and ``sigmoid`` schedules.
+        beta_schedule (`str`, *optional*, defaults to `"linear"`):
+            How the βs are built from ``beta_start`` / ``beta_end``: any of
+            :data:`hf_extensions.schedulers.snr.BETA_SCHEDULES` (``linear``, ``scaled_linear``,
+            ``squaredcos_cap_v2``, ``sigmoid``, ``laplace``, ``exp``; see
+            :func:`hf_extensions.schedulers.snr.make_betas`).
+        trained_betas (`np.ndarray` or `list[float]`, *optional*, defaults to `None`):
+            The βs given directly (one per training timestep), in place of ``beta_start``,
+            ``beta_end`` and ``beta_schedule``.
+        clip_sample (`bool`, *optional*, defaults to `True`):
+            Clamp x̂0 to ``[-clip_sample_range, clip_sample_range]`` (unless ``thresholding``).
+        set_alpha_to_one (`bool`, *optional*, defaults to `True`):
+            ᾱ of the step past timestep 0 (the final step): 1 (a clean sample) if `True`, else
+            ᾱ at timestep 0.
+        steps_offset (`int`, *optional*, defaults to `0`):
+            Added to every timestep of the ``leading`` spacing (Stable Diffusion uses 1).
+        prediction_type (`str`, *optional*, defaults to `"epsilon"`):
+            What the model predicts: ``epsilon`` (the noise), ``sample`` (x0) or
+            ``v_prediction`` (v = α ε − σ x, Salimans & Ho 2022).
+        thresholding (`bool`, *optional*, defaults to `False`):
+            Dynamic thresholding of x̂0 (Saharia et al. 2022): per sample, s = the
+            ``dynamic_thresholding_ratio`` quantile of |x̂0| clamped to ``[1, sample_max_value]``;
+            x̂0 is clamped to [−s, s] and divided by s. Takes the place of ``clip_sample``.
+        dynamic_thresholding_ratio (`float`, *optional*, defaults to `0.995`):
+            The quantile of ``thresholding``, in (0, 1].
+        clip_sample_range (`float`, *optional*, defaults to `1.0`):
+            The bound of ``clip_sample``.
+        sample_max_value (`float`, *optional*, defaults to `1.0`):
+            The largest threshold s of ``thresholding``.
+        timestep_spacing (`str`, *optional*, defaults to `"leading"`):
+            How ``set_timesteps(n)`` spaces n timesteps over the T training ones, as DDIM does
+            (Lin et al. 2024, Table 2): ``leading``, ``trailing`` or ``linspace``.
+        rescale_betas_zero_snr (`bool`, *optional*, defaults to `False`):
+            Rescale the βs to a zero terminal SNR (Lin et al. 2024, Algorithm 1); an
+            ``epsilon`` model then cannot step from timestep T − 1 (the first timestep of
+            ``trailing`` and ``linspace``): use ``v_prediction`` or ``sample`` there.
+        rho (`float`, *optional*, defaults to `0.0`):
+            ρ ≥ 0 of the backward equation: 0 is DDIM with eta 0 (the probability-flow ODE); 1
+            is DDIM with eta 1 given the same noise (the reverse SDE); values in between and
+            above interpolate and extrapolate. Equivalent to k-diffusion's first-order DPM++ SDE
+            with eta = ρ² and diffusers' SA-Solver first-order predictor with τ = ρ, as one
+            serialisable number instead of a callable.
+        s_noise (`float`, *optional*, defaults to `1.0`):
+            Scale (≥ 0) of the injected noise (EDM's S_noise); 1 keeps the marginals.
+        rho_t_min (`int`, *optional*, defaults to `0`):
+            The smallest timestep (the current t of a step, in timestep units) at which ρ
+            applies; steps outside ``[rho_t_min, rho_t_max]`` are deterministic (EDM's S_tmin).
+        rho_t_max (`int`, *optional*, defaults to `None`):
+            The largest such timestep, inclusive (EDM's S_tmax); `None`: no upper bound. At
+            least ``rho_t_min``.
+        solver_order (`int`, *optional*, defaults to `1`):
+            1 is the first-order update; 2 adds the multistep correction of an x̂0 linear in λ
+            (DPM-Solver++(2M) at ρ = 0 and SDE-DPM-Solver++(2M) at ρ = 1,
+            ``solver_type="heun"``).
+        prev_timestep_rule (`str`, *optional*, defaults to `"ddim"`):
+            ``"ddim"`` steps from t to t − T // n exactly as ``DDIMScheduler`` does (so ρ = 0
+            reproduces it for every spacing, including its off-grid steps with ``linspace`` /
+            ``trailing`` when n does not divide T); ``"next"`` steps to the next entry of
+            ``timesteps`` (as DDPM and DPM-Solver do). Custom ``timesteps`` always use
+            ``"next"``.
+
+    Raises:
+        ValueError: a choice outside its allowed values, a negative or non-finite ``rho`` /
+            ``s_noise``, a negative ``rho_t_min``, ``rho_t_max < rho_t_min``,
+            ``num_train_timesteps < 2`` or ``dynamic_thresholding_ratio`` outside (0, 1].
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -494,9 +546,31 @@ def run_denoising_loop(
 ) -> torch.Tensor:
     """The loop a diffusers pipeline runs, without the model plumbing (any scheduler).
 
-    ``model_fn(z, t)`` returns the network output at timestep ``t``; ``noise`` is the initial
-    latent before ``init_noise_sigma`` scaling. ``step_kwargs`` go to every ``step`` call
-    (e.g. ``eta=1.0`` for ``DDIMScheduler``).
+    ``set_timesteps``, then for every timestep t: ``model_fn(scale_model_input(z, t), t)`` and
+    ``z = step(output, t, z).prev_sample``.
+
+    Args:
+        scheduler (`SchedulerMixin`):
+            Any diffusers scheduler whose ``step`` returns an output with ``prev_sample``; its
+            timesteps are set here.
+        model_fn (`Callable[[torch.Tensor, torch.Tensor], torch.Tensor]`):
+            ``model_fn(z, t)`` returns the network output (the scheduler's ``prediction_type``)
+            at timestep ``t``.
+        noise (`torch.Tensor`):
+            The initial latent, before the ``init_noise_sigma`` scaling the loop applies.
+        num_inference_steps (`int`, *optional*, defaults to `None`):
+            The number of sampling steps, spaced by the scheduler; ignored when ``timesteps``
+            is given.
+        timesteps (`Sequence[int]`, *optional*, defaults to `None`):
+            Explicit timesteps, passed as ``set_timesteps(timesteps=...)`` (the scheduler must
+            accept them).
+        generator (`torch.Generator`, *optional*, defaults to `None`):
+            Passed to every ``step`` call as ``generator=`` (the noise of stochastic steps).
+        step_kwargs (additional keyword arguments, *optional*):
+            Passed to every ``step`` call (e.g. ``eta=1.0`` for ``DDIMScheduler``).
+
+    Returns:
+        `torch.Tensor`: the sample after the last step.
     """
     if timesteps is not None:
         scheduler.set_timesteps(timesteps=timesteps)

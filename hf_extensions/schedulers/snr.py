@@ -74,10 +74,31 @@ def make_betas(
 ) -> torch.Tensor:
     """The float32 betas a diffusers VP scheduler builds from the same config values.
 
-    ``linear`` / ``scaled_linear`` / ``sigmoid`` as in ``DDPMScheduler``; ``squaredcos_cap_v2``
-    (the cosine schedule of Nichol & Dhariwal), ``laplace`` and ``exp`` through diffusers'
-    ``betas_for_alpha_bar``; ``rescale_betas_zero_snr`` through diffusers'
-    ``rescale_zero_terminal_snr`` (Lin et al. 2024, Algorithm 1), which makes SNR(T) = 0.
+    Args:
+        num_train_timesteps (`int`, *optional*, defaults to `1000`):
+            The number of training timesteps T: the length of the result.
+        beta_start (`float`, *optional*, defaults to `0.0001`):
+            The first β of the ``linear``, ``scaled_linear`` and ``sigmoid`` schedules.
+        beta_end (`float`, *optional*, defaults to `0.02`):
+            The last β of the ``linear``, ``scaled_linear`` and ``sigmoid`` schedules.
+        beta_schedule (`str`, *optional*, defaults to `"linear"`):
+            One of :data:`BETA_SCHEDULES`: ``linear`` / ``scaled_linear`` (linear in √β) /
+            ``sigmoid`` as in ``DDPMScheduler``; ``squaredcos_cap_v2`` (the cosine schedule of
+            Nichol & Dhariwal), ``laplace`` and ``exp`` through diffusers'
+            ``betas_for_alpha_bar`` (these three ignore ``beta_start`` / ``beta_end``).
+        trained_betas (`Sequence[float]` or `np.ndarray`, *optional*, defaults to `None`):
+            The βs given directly; they replace the schedule (``num_train_timesteps``,
+            ``beta_start``, ``beta_end`` and ``beta_schedule`` are then not used).
+        rescale_betas_zero_snr (`bool`, *optional*, defaults to `False`):
+            Rescale the result with diffusers' ``rescale_zero_terminal_snr`` (Lin et al. 2024,
+            Algorithm 1), which makes SNR(T) = 0; applies to ``trained_betas`` too.
+
+    Returns:
+        `torch.Tensor`: the float32 βs, one per training timestep.
+
+    Raises:
+        ValueError: ``beta_schedule`` is not one of :data:`BETA_SCHEDULES` (and no
+            ``trained_betas`` are given).
     """
     from diffusers.schedulers.scheduling_ddpm import (
         betas_for_alpha_bar,
@@ -367,7 +388,28 @@ def s2n_coefficients(
     prediction is frozen: c_x0 = α_s, c_eps = σ_s e^{−ρ²h}, c_noise = s_noise σ_s
     sqrt(1 − e^{−2ρ²h}), with e^{−2h} = SNR_t / SNR_s computed from α, σ directly, so that
     SNR_t = 0 (zero terminal SNR) and σ_s = 0 (the final clean step) need no special case.
-    ``s_noise`` scales the injected noise (EDM's S_noise; 1 keeps the marginals).
+
+    Args:
+        alpha_t (`float`):
+            Signal scale α at the current time t.
+        sigma_t (`float`):
+            Noise scale σ at t; must be > 0.
+        alpha_s (`float`):
+            Signal scale α at the next time s; must be > 0.
+        sigma_s (`float`):
+            Noise scale σ at s (0 for the final clean step).
+        rho (`float`):
+            ρ ≥ 0 of the backward equation: 0 is the probability-flow ODE (DDIM), 1 the reverse
+            SDE.
+        s_noise (`float`, *optional*, defaults to `1.0`):
+            Scale of the injected noise (EDM's S_noise); 1 keeps the marginals.
+
+    Returns:
+        `tuple[float, float, float]`: ``(c_x0, c_eps, c_noise)``.
+
+    Raises:
+        ValueError: ``rho < 0``, ``sigma_t`` or ``alpha_s`` is 0, or the step lowers the SNR
+            (SNR_t > SNR_s).
     """
     if rho < 0:
         raise ValueError(f"rho must be >= 0, got {rho}.")
