@@ -61,7 +61,32 @@ def reconstruct_model(
        the BRECQ / MetaAug code). ``method="metaaug"`` first trains the transformation network T
        for the block and reconstructs on the union of ``images`` and ``T(images)``.
 
-    ``images``: calibration inputs ``[N, C, H, W]``. Seeded by ``config.seed``.
+    The model ends in eval mode with its parameters' ``requires_grad`` as they were.
+
+    Args:
+        model (`nn.Module`):
+            The float image model (a ``transformers`` image classifier or any ``nn.Module``
+            taking images); its convertible ``nn.Linear`` / ``nn.Conv2d`` layers are replaced
+            in place by their quantized forms.
+        images (`torch.Tensor`):
+            Calibration inputs ``[N, C, H, W]``, on the model's device. The round-to-nearest
+            initialisation uses the first ``max(config.batch_size, 256)`` of them.
+        config (`MetaAugConfig`):
+            The method, bit widths and calibration settings; the run is seeded by
+            ``config.seed``.
+        accelerator (`accelerate.Accelerator`, *optional*, defaults to `None`):
+            With several processes, each process takes its slice of every reconstruction batch
+            and the gradients are averaged; the progress bar shows on the local main process
+            only. `None`: one process.
+        progress (`bool`, *optional*, defaults to `True`):
+            Show a progress bar over the blocks.
+        callback (`Callable[[str, dict[str, float]], None]`, *optional*, defaults to `None`):
+            Called after each block with its name and its losses (``first_rec_loss``,
+            ``last_rec_loss``, ``local_batch_size``).
+
+    Returns:
+        `ReconstructionResult`: the blocks in order, with the seconds and losses of each (and
+        MetaAug's loss history for the blocks it ran on).
     """
     start = time.perf_counter()
     device = images.device

@@ -39,39 +39,101 @@ def _is_bits(value: object) -> bool:
 class MetaAugConfig(QuantizationConfigMixin):
     """Uniform affine post-training quantization of the ``nn.Linear`` / ``nn.Conv2d`` layers.
 
-    * ``method`` -- how the scales were calibrated: ``"brecq"``, ``"qdrop"`` or ``"metaaug"``.
-    * ``weight_bits`` -- per-output-channel asymmetric weight bits, 2..8.
-    * ``activation_bits`` -- per-tensor asymmetric bits of each quantized layer's input, 2..8, or
-      ``None`` for weight-only quantization.
-    * ``first_last_8bit`` -- the BRECQ / QDrop convention: the first and the last quantized layer
-      (in ``named_modules`` order) use 8-bit weights and 8-bit inputs.
-    * ``quantize_first_layer_input`` -- with ``first_last_8bit``, whether the first layer's input
-      (the image) is quantized to 8 bits too. The BRECQ / QDrop / MetaAug convention is ``False``
-      (first layer W8 on the float image, last layer W8A8); ``True`` keeps the first layer W8A8.
-    * ``modules_to_not_convert`` -- module names (exact, or a dotted prefix / suffix) kept in float.
-      Unlike transformers' built-in quantizers no default skips (such as the output head) are
-      added, so quantization and loading always convert the same modules.
+    ``weight_bits`` to ``modules_to_not_convert`` decide which layers are quantized and how (the
+    saved inference form); ``method`` and the fields from ``iterations`` on are calibration
+    settings, recorded in ``config.json`` but without effect on the saved form. The iteration
+    counts default to CPU sizes.
 
-    Calibration settings (recorded in ``config.json``; they do not change the saved form):
+    Args:
+        method (`str`, *optional*, defaults to `"metaaug"`):
+            How the scales are calibrated: ``"brecq"`` (Li et al. 2021), ``"qdrop"`` (Wei et al.
+            2022) or ``"metaaug"`` (Pham et al. 2024: QDrop plus the transformation network).
+        weight_bits (`int`, *optional*, defaults to `4`):
+            Bits of the per-output-channel asymmetric weight quantization, 2..8.
+        activation_bits (`int`, *optional*, defaults to `4`):
+            Bits of the per-tensor asymmetric quantization of each quantized layer's input,
+            2..8; `None` for weight-only quantization.
+        first_last_8bit (`bool`, *optional*, defaults to `True`):
+            The BRECQ / QDrop convention: the first and the last quantized layer (in
+            ``named_modules`` order) use 8-bit weights and, unless weight-only, 8-bit inputs.
+        quantize_first_layer_input (`bool`, *optional*, defaults to `True`):
+            With ``first_last_8bit``, whether the first layer's input (the image) is quantized
+            to 8 bits too. The BRECQ / QDrop / MetaAug convention is `False` (first layer W8 on
+            the float image, last layer W8A8); `True` keeps the first layer W8A8.
+        modules_to_not_convert (`list[str]`, *optional*, defaults to `None`):
+            Names of modules kept in float: a module matches a name exactly, or as a dotted
+            prefix, suffix or inner part of its name (``"classifier"`` matches
+            ``"classifier"``, ``"classifier.0"`` and ``"vit.classifier"``). Unlike transformers'
+            built-in quantizers no default skips (such as the output head) are added, so
+            quantization and loading always convert the same modules.
+        iterations (`int`, *optional*, defaults to `200`):
+            Block reconstruction steps per block (BRECQ / QDrop: 20000).
+        batch_size (`int`, *optional*, defaults to `32`):
+            Images per reconstruction step and per MetaAug meta step, drawn with replacement
+            (BRECQ / QDrop: 32-64). The round-to-nearest initialisation uses the first
+            ``max(batch_size, 256)`` calibration images.
+        weight_lr (`float`, *optional*, defaults to `0.05`):
+            Adam lr of the AdaRound rounding variables ``V``: 1e-3 in BRECQ for 20k steps, 5e-2
+            here, since with a few hundred steps at 1e-3 ``h(V)`` never reaches 0 / 1 and the
+            hard rounding is worse than round-to-nearest (measured on the embedded CNN).
+        activation_lr (`float`, *optional*, defaults to `4e-05`):
+            Adam lr of the LSQ activation steps, with cosine decay to 0 over ``iterations``.
+        rounding_weight (`float`, *optional*, defaults to `0.01`):
+            λ, the weight of AdaRound's rounding regulariser (AdaRound Eq. 25).
+        warmup (`float`, *optional*, defaults to `0.2`):
+            Fraction, in [0, 1], of the iterations (and of the meta iterations) run without the
+            rounding regulariser.
+        beta_start (`float`, *optional*, defaults to `20.0`):
+            β of the regulariser right after warm-up; annealed linearly to ``beta_end``.
+        beta_end (`float`, *optional*, defaults to `2.0`):
+            β of the regulariser at the last iteration.
+        drop_prob (`float`, *optional*, defaults to `0.5`):
+            QDrop's probability, in [0, 1], that an activation element stays at full precision
+            (at the block input and inside the block); used by ``"qdrop"`` and ``"metaaug"``,
+            ``"brecq"`` always uses 0.
+        block_names (`list[str]`, *optional*, defaults to `None`):
+            The reconstruction units, as module names (each must hold a quantized layer; a
+            quantized layer outside them is a unit of its own). `None` finds them (see
+            :func:`~hf_extensions.quantization.reconstruction.find_blocks`).
+        max_block_layers (`int`, *optional*, defaults to `8`):
+            The most quantized layers an automatically found block may hold (not used with
+            ``block_names``).
+        meta_iterations (`int`, *optional*, defaults to `50`):
+            ``"metaaug"``: meta steps that train the transformation network T before each block
+            (500 in the paper); 0 skips the MetaAug stage.
+        meta_lr (`float`, *optional*, defaults to `0.001`):
+            Adam lr of the transformation network T.
+        meta_grad_clip (`float`, *optional*, defaults to `0.1`):
+            Largest norm of T's gradient (clipped); 0 turns the clipping off.
+        inner_lr (`float`, *optional*, defaults to `0.01`):
+            lr of the one differentiable SGD step of the block's quantization parameters in the
+            inner problem.
+        kl_weight (`float`, *optional*, defaults to `5.0`):
+            a, the weight of the KL divergence between the quantized model's predictions (after
+            the inner step) and the float model's.
+        margin_weight (`float`, *optional*, defaults to `0.5`):
+            b, the weight of the margin term ``ReLU(τ − mean((T(x) − x)²))``, which keeps T(x)
+            away from x.
+        pkt_weight (`float`, *optional*, defaults to `30000.0`):
+            c, the weight of the PKT term between the float model's features of mixed transformed
+            and mixed original images; 0 skips it.
+        margin (`float`, *optional*, defaults to `0.1`):
+            τ of the margin term.
+        temperature (`float`, *optional*, defaults to `4.0`):
+            Softmax temperature of the KL term; > 0.
+        transform_channels (`int`, *optional*, defaults to `16`):
+            Hidden channels of T, a residual conv net
+            (:class:`~hf_extensions.quantization.metaaug.TransformNet`).
+        transform_blocks (`int`, *optional*, defaults to `2`):
+            Residual 3x3 conv-ReLU blocks of T.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the batches, the QDrop masks, the mixups and T's initial weights.
+        quant_method (`str`, *optional*, defaults to `"hf_extensions_metaaug"`):
+            The ``quant_method`` key by which transformers finds this class in a checkpoint's
+            ``config.json``; any other value is refused.
 
-    * ``iterations`` / ``batch_size`` -- block reconstruction steps per block and batch (BRECQ /
-      QDrop: 20000 and 32-64; the CPU defaults here are small).
-    * ``weight_lr`` (AdaRound ``V``, Adam; 1e-3 in BRECQ for 20k steps, 5e-2 here: with a few
-      hundred steps at 1e-3 ``h(V)`` never reaches 0 / 1 and the hard rounding is worse than
-      round-to-nearest -- measured on the embedded CNN), ``activation_lr`` (LSQ steps, Adam + cosine decay to 0),
-      ``rounding_weight`` (λ of AdaRound Eq. 25, 0.01), ``warmup`` (fraction of iterations without
-      the rounding term, 0.2), ``beta_start`` / ``beta_end`` (β annealed 20 -> 2 after warm-up).
-    * ``drop_prob`` -- QDrop probability of keeping an activation at full precision (0.5); used by
-      ``"qdrop"`` and ``"metaaug"``; ``"brecq"`` always uses 0.
-    * ``block_names`` -- the reconstruction units; ``None`` finds them (see
-      :func:`~hf_extensions.quantization.reconstruction.find_blocks`), ``max_block_layers`` bounds
-      how many quantized layers an automatically found block may hold.
-    * MetaAug (``method="metaaug"``): ``meta_iterations`` (500 in the paper), ``meta_lr`` (Adam lr
-      of the transformation network T), ``meta_grad_clip`` (0.1), ``inner_lr`` (the one
-      differentiable SGD step), ``kl_weight`` a = 5, ``margin_weight`` b = 0.5, ``pkt_weight``
-      c = 30000, ``margin`` τ = 0.1, ``temperature`` 4, and T's architecture:
-      ``transform_channels`` / ``transform_blocks`` (a residual conv net,
-      :class:`~hf_extensions.quantization.metaaug.TransformNet`).
+    Raises:
+        ValueError: a field outside its allowed values (named in the message).
     """
 
     method: str = "metaaug"

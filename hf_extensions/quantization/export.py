@@ -62,7 +62,23 @@ def export_integer(
 ) -> Path:
     """Write ``model_int.safetensors`` (integers + scales) to ``directory``; returns its path.
 
-    ``config`` defaults to ``model.config.quantization_config`` (a transformers model).
+    Reload it with :func:`load_integer_export` (the file format is in the module docstring).
+
+    Args:
+        model (`nn.Module`):
+            A quantized model (its layers :class:`QuantLinear` / :class:`QuantConv2d` with
+            calibrated scales), e.g. returned by ``MetaAugQuantizer.quantize``.
+        directory (`str` or `pathlib.Path`):
+            Where to write the file; created if missing.
+        config (`MetaAugConfig`, *optional*, defaults to `None`):
+            The config the model was quantized with, stored in the file's metadata; `None`
+            reads ``model.config.quantization_config`` (a ``transformers`` model).
+
+    Returns:
+        `pathlib.Path`: the path of ``model_int.safetensors``.
+
+    Raises:
+        ValueError: no ``MetaAugConfig`` is given or found on the model.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -215,10 +215,30 @@ def quantize_model_rtn(
 ) -> nn.Module:
     """Round-to-nearest PTQ of ``model`` in place; sets ``model.config.quantization_config``.
 
-    Weight scales: per-output-channel Lp grid search (p = 2.4). Activation scales (when
-    ``config.activation_bits`` is set; then ``calibration_inputs`` -- a tensor or a dict of model
-    kwargs -- is required): per-tensor Lp grid search over each layer's input recorded from the
-    float model on that batch (all layers calibrated from float inputs, not sequentially).
+    Weight scales: per-output-channel Lp grid search (p = 2.4). Activation scales: per-tensor Lp
+    grid search over each layer's input recorded from the float model on one batch (all layers
+    calibrated from float inputs, not sequentially).
+
+    Args:
+        model (`nn.Module`):
+            The float model; its convertible ``nn.Linear`` / ``nn.Conv2d`` layers are replaced
+            in place by :class:`QuantLinear` / :class:`QuantConv2d` (see
+            :func:`replace_with_quant_modules`).
+        config (`MetaAugConfig`):
+            The bit widths and the modules to convert (``weight_bits``, ``activation_bits``,
+            ``first_last_8bit``, ``quantize_first_layer_input``, ``modules_to_not_convert``);
+            the calibration settings are not used.
+        calibration_inputs (`torch.Tensor` or `Mapping`, *optional*, defaults to `None`):
+            One batch to record the layer inputs on, run through the float model once: a
+            tensor (passed positionally) or a dict of keyword arguments of the model. Required
+            when ``config.activation_bits`` is set; not used for weight-only quantization.
+
+    Returns:
+        `nn.Module`: ``model``, quantized.
+
+    Raises:
+        ValueError: ``calibration_inputs`` is `None` while ``config.activation_bits`` is set.
+        RuntimeError: a quantized layer is not called on ``calibration_inputs``.
     """
     if config.activation_bits is not None and calibration_inputs is None:
         raise ValueError(

@@ -79,7 +79,26 @@ class MetaAugQuantizer(OptimumQuantizer):
     def from_pretrained(
         cls, model_or_path: nn.Module | str | Path, file_name: str | None = None, **kwargs: Any
     ) -> MetaAugQuantizer:
-        """Wrap a model, or load one with ``AutoModelForImageClassification.from_pretrained``."""
+        """Wrap a model, or load one with ``AutoModelForImageClassification.from_pretrained``.
+
+        Args:
+            model_or_path (`nn.Module`, `str` or `pathlib.Path`):
+                A float image model (a ``transformers`` model or any ``nn.Module``, such as a
+                torchvision CNN), wrapped as it is and later quantized in place; or a local
+                path / Hub id of an image-classification checkpoint to load.
+            file_name (`str`, *optional*, defaults to `None`):
+                Kept for ``OptimumQuantizer``'s signature; must be `None` when loading
+                (transformers picks the file). Not used when a module is given.
+            kwargs (additional keyword arguments, *optional*):
+                Passed to ``AutoModelForImageClassification.from_pretrained`` when loading (e.g.
+                ``revision=``); not used when a module is given.
+
+        Returns:
+            `MetaAugQuantizer`: the quantizer of the model.
+
+        Raises:
+            ValueError: ``file_name`` is given with a path.
+        """
         if isinstance(model_or_path, nn.Module):
             return cls(model_or_path)
         if file_name is not None:
@@ -102,8 +121,45 @@ class MetaAugQuantizer(OptimumQuantizer):
     ) -> nn.Module:
         """Calibrate on ``calibration_dataset``, quantize ``self.model`` in place, save, return it.
 
-        ``file_prefix`` is refused (the file names are transformers' own); unknown keyword
-        arguments are refused too.
+        Runs :func:`~hf_extensions.quantization.calibration.reconstruct_model` on the
+        accelerator's device; its per-block log is kept as ``self.result``.
+
+        Args:
+            save_dir (`str` or `pathlib.Path`, *optional*, defaults to `None`):
+                Where to save the quantized model (main process only): ``save_pretrained`` for
+                a ``transformers`` model, else ``model.safetensors`` + ``quantization_config.json``
+                (reload with :func:`load_quantized`). `None`: not saved.
+            file_prefix (`str`, *optional*, defaults to `None`):
+                Kept for ``OptimumQuantizer``'s signature; must be `None` (the file names are
+                transformers' own).
+            calibration_dataset (`datasets.Dataset` or `torch.Tensor`):
+                The calibration images: a dataset with an ``image_column`` of ``[C, H, W]``
+                images, or a tensor ``[N, C, H, W]``. Required despite the `None` default.
+            quantization_config (`MetaAugConfig` or `dict`, *optional*, defaults to `None`):
+                The method, bit widths and calibration settings; a dict is read with
+                ``MetaAugConfig.from_dict``; `None` uses ``MetaAugConfig()``.
+            image_column (`str`, *optional*, defaults to `"pixel_values"`):
+                The column of ``calibration_dataset`` that holds the images (not used for a
+                tensor).
+            num_samples (`int`, *optional*, defaults to `None`):
+                Calibrate on the first ``num_samples`` images only; `None`: all of them.
+            accelerator (`accelerate.Accelerator`, *optional*, defaults to `None`):
+                The device and processes to run on (with several processes each takes its
+                slice of every reconstruction batch and the gradients are averaged); `None`
+                creates ``Accelerator()``. The model and images are moved to its device.
+            progress (`bool`, *optional*, defaults to `True`):
+                Show a progress bar over the blocks (local main process only).
+            kwargs (additional keyword arguments, *optional*):
+                Refused: any keyword argument not listed here raises ``ValueError``.
+
+        Returns:
+            `nn.Module`: ``self.model``, quantized in place.
+
+        Raises:
+            ValueError: unknown keyword arguments, a ``file_prefix``, no
+                ``calibration_dataset``, a ``quantization_config`` of another type or with
+                invalid values, a missing ``image_column``, or images that are not a non-empty
+                ``[N, C, H, W]`` batch.
         """
         if kwargs:
             raise ValueError(f"unknown arguments {sorted(kwargs)}; see MetaAugQuantizer.quantize")
@@ -151,8 +207,24 @@ class MetaAugQuantizer(OptimumQuantizer):
 def load_quantized(model: nn.Module, save_dir: str | Path) -> nn.Module:
     """Load a quantized non-transformers model saved by :meth:`MetaAugQuantizer.save`.
 
-    ``model`` is the float architecture; it is converted with the stored config (validated as a
-    user-given one) and loaded strictly.
+    (A ``transformers`` model saved by the quantizer loads with its own ``from_pretrained``
+    after ``import hf_extensions``.)
+
+    Args:
+        model (`nn.Module`):
+            The float architecture of the saved model (e.g. a fresh torchvision CNN); its
+            layers are converted in place with the stored config, which is validated as a
+            user-given one, and the saved state is loaded strictly.
+        save_dir (`str` or `pathlib.Path`):
+            The directory holding ``quantization_config.json`` and ``model.safetensors``.
+
+    Returns:
+        `nn.Module`: ``model``, quantized and loaded, in eval mode.
+
+    Raises:
+        ValueError: the stored config is of another ``quant_method`` or has invalid values.
+        RuntimeError: the saved state does not match the converted ``model`` (another
+            architecture).
     """
     save_dir = Path(save_dir)
     data = json.loads((save_dir / CONFIG_NAME).read_text())
