@@ -149,26 +149,56 @@ def build_model_card(
 ) -> ModelCard:
     """Build the model card of an artifact produced by ``method``, offline.
 
+    The YAML metadata holds the standard Hub fields and the ``hf_extensions`` record (module
+    docstring); the body has a hyper-parameter table, a metric table when there are metrics,
+    and ``extra_text``.
+
     Args:
-        method: the method's identifier (lower case, e.g. ``"agnostic-sam"``); also a tag.
-        paper: the title of the paper the method implements (``None`` for a method of no
-            paper, such as plain fine-tuning in the example recipe).
-        paper_url / arxiv_id: where the paper is; either gives the other for arXiv papers, and
-            the arXiv id becomes an ``arxiv:<id>`` tag (the Hub links the paper from it).
-        hyperparameters: the settings that define the run, recorded exactly (see
-            :func:`_to_yaml_value` for the allowed types).
-        metrics: measured figures, name -> number. With ``task_type`` (e.g.
-            ``"image-classification"``) and ``datasets`` they also go into a ``model-index``
-            (the evaluation dataset is ``datasets[0]``).
-        base_model: the Hub id or path the artifact was trained from.
-        library_name: the library that loads the artifact.
-        tags, datasets, license: standard Hub metadata.
-        model_name: the card's title and ``model-index`` name (default: ``"<method> model"``).
-        extra_text: Markdown appended to the body.
+        method (`str`):
+            The method's identifier: lower case letters, digits, ``.``, ``_`` and ``-``, e.g.
+            ``"agnostic-sam"``; also a tag.
+        paper (`str` or `None`):
+            The title of the paper the method implements; `None` for a method of no paper,
+            such as plain fine-tuning in the example recipe.
+        paper_url (`str`, *optional*, defaults to `None`):
+            Where the paper is. An arXiv URL (``arxiv.org/abs/...`` or ``/pdf/...``) gives the
+            arXiv id too.
+        arxiv_id (`str`, *optional*, defaults to `None`):
+            The paper's arXiv identifier (e.g. ``"2010.01412"``); gives the ``paper_url`` when
+            none is given, and becomes an ``arxiv:<id>`` tag (the Hub links the paper from it).
+        hyperparameters (`Mapping[str, Any]`, *optional*, defaults to `None`):
+            The settings that define the run, recorded exactly (see :func:`_to_yaml_value` for
+            the allowed types).
+        metrics (`Mapping[str, float]`, *optional*, defaults to `None`):
+            Measured figures, name -> number. With ``task_type`` they also go into a
+            ``model-index`` (the finite ones).
+        base_model (`str`, *optional*, defaults to `None`):
+            The Hub id or path the artifact was trained from.
+        library_name (`str`, *optional*, defaults to `"transformers"`):
+            The library that loads the artifact: ``"transformers"``, ``"peft"`` or
+            ``"diffusers"``.
+        tags (`Sequence[str]`, *optional*, defaults to `()`):
+            Extra Hub tags, after ``hf-extensions`` and ``method``.
+        datasets (`Sequence[str]`, *optional*, defaults to `()`):
+            The Hub ids of the datasets used; the first is the evaluation dataset of the
+            ``model-index``.
+        task_type (`str`, *optional*, defaults to `None`):
+            The Hub task of the ``model-index`` (e.g. ``"image-classification"``); needs
+            ``datasets``. `None`: no ``model-index``.
+        model_name (`str`, *optional*, defaults to `None`):
+            The card's title and ``model-index`` name; `None`: ``"<method> model"``.
+        license (`str`, *optional*, defaults to `None`):
+            The Hub license identifier (e.g. ``"apache-2.0"``).
+        extra_text (`str`, *optional*, defaults to `""`):
+            Markdown appended to the body.
+
+    Returns:
+        `huggingface_hub.ModelCard`: the card; save it with :func:`save_model_card`.
 
     Raises:
-        ValueError: for a malformed method name, unknown library, unknown value types,
-            non-numeric metrics, or ``task_type`` without ``datasets``.
+        ValueError: for a malformed method name, an empty ``paper``, an unknown library, a
+            malformed ``arxiv_id`` or one that disagrees with ``paper_url``, unknown value
+            types, non-numeric metrics, or ``task_type`` without ``datasets``.
     """
     if not isinstance(method, str) or not _METHOD_PATTERN.match(method):
         raise ValueError(

@@ -56,16 +56,35 @@ def load_digits(
 ) -> DatasetDict:
     """Digits as a stratified ``DatasetDict`` with ``train``, ``validation`` and ``test`` splits.
 
-    Args:
-        seed: decides the split (and nothing else); the same seed gives the same rows in each split.
-        layout: ``"image"`` gives a ``pixel_values`` column of float32 ``[num_channels, image_size,
-            image_size]`` in [0, 1]; ``"vector"`` gives a ``features`` column of 64 float32 values.
-        image_size: side of the (bilinearly upscaled) image; ``"image"`` layout only.
-        num_channels: channels the gray image is repeated into; ``"image"`` layout only.
-        validation_size, test_size: fractions of the 1,797 images held out, stratified by class.
-
     Every row also carries ``labels`` (a ``ClassLabel``) and ``sample_id`` (its index in
     scikit-learn's array), so label noise and domain shifts stay traceable to the source image.
+
+    Args:
+        seed (`int`, *optional*, defaults to `0`):
+            Decides the split (and nothing else); the same seed gives the same rows in each
+            split.
+        layout (`str`, *optional*, defaults to `"image"`):
+            ``"image"`` gives a ``pixel_values`` column of float32 ``[num_channels, image_size,
+            image_size]`` in [0, 1]; ``"vector"`` gives a ``features`` column of 64 float32
+            values.
+        image_size (`int`, *optional*, defaults to `8`):
+            Side of the (bilinearly resized) image; ``"image"`` layout only.
+        num_channels (`int`, *optional*, defaults to `1`):
+            Channels the gray image is repeated into; ``"image"`` layout only.
+        validation_size (`float`, *optional*, defaults to `0.15`):
+            Fraction of the 1,797 images held out for ``validation``, stratified by class; in
+            (0, 1).
+        test_size (`float`, *optional*, defaults to `0.2`):
+            Fraction held out for ``test``, stratified by class; in (0, 1), and
+            ``validation_size + test_size < 1``.
+
+    Returns:
+        `datasets.DatasetDict`: the ``train``, ``validation`` and ``test`` splits, rows in
+        scikit-learn's order.
+
+    Raises:
+        ValueError: an unknown ``layout``, fractions out of range, ``image_size`` or
+            ``num_channels`` below 1, or either of them changed with ``layout="vector"``.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"`layout` must be one of {LAYOUTS}, got {layout!r}.")

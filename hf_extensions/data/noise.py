@@ -79,7 +79,38 @@ def add_label_noise(
     """Corrupt ``label_column`` of ``dataset``; the truth moves to ``clean_labels``.
 
     Apply it to the training split only: validation and test keep clean labels.
-    ``num_classes`` defaults to the column's ``ClassLabel`` size when it has one.
+
+    Args:
+        dataset (`datasets.Dataset`):
+            One split with integer labels in ``label_column``; it must not already have a
+            ``clean_labels`` column (noise applied twice).
+        rate (`float`):
+            The noise rate, in [0, 1]: exactly ``round(rate * n)`` of the ``n`` rows are
+            corrupted (``"symmetric"``), or ``round(rate * n_c)`` of the ``n_c`` rows of each
+            source class ``c`` of ``transition`` (``"asymmetric"``).
+        kind (`str`, *optional*, defaults to `"symmetric"`):
+            ``"symmetric"``: a corrupted row gets a label drawn uniformly from the *other*
+            classes; ``"asymmetric"``: it gets ``transition[label]``.
+        num_classes (`int`, *optional*, defaults to `None`):
+            The number of classes (at least 2); `None`: the column's ``ClassLabel`` size when
+            it has one, else the largest label + 1.
+        transition (`Mapping[int, int]`, *optional*, defaults to `None`):
+            ``{source_class: target_class}`` flips for ``"asymmetric"`` (required there; e.g.
+            :data:`DIGITS_ASYMMETRIC`); classes it does not name keep their labels. Not used by
+            ``"symmetric"``.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the rows chosen and of the new labels.
+        label_column (`str`, *optional*, defaults to `"labels"`):
+            The column to corrupt.
+
+    Returns:
+        `datasets.Dataset`: ``dataset`` with the noisy labels in ``label_column`` (same
+        feature type) and the original ones in ``clean_labels``.
+
+    Raises:
+        ValueError: ``label_column`` is missing, ``clean_labels`` exists already, ``kind`` or
+            ``rate`` is out of range, fewer than 2 classes, labels outside
+            ``[0, num_classes)``, or a missing or invalid ``transition`` for ``"asymmetric"``.
     """
     if label_column not in dataset.column_names:
         raise ValueError(f"`label_column` {label_column!r} is not a column of the dataset.")

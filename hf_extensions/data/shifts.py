@@ -67,8 +67,29 @@ def shifted_domains(
 ) -> dict[str, DatasetDict]:
     """Build named domains, e.g. ``{"source": "none", "rotated": "rotate"}``, from one DatasetDict.
 
-    ``"none"`` keeps the images as they are. Every split of every domain is shifted with its own
-    seed, so two domains never share a noise draw.
+    Args:
+        dataset (`datasets.DatasetDict`):
+            The source splits (e.g. from :func:`load_digits`), each with a ``pixel_values``
+            column of images in [0, 1] or a 64-d ``features`` column (read as 8x8 images).
+        shifts (`dict[str, str]`):
+            Domain name -> shift: ``"none"`` keeps the images as they are (the same
+            ``DatasetDict``), or one of :data:`SHIFTS`: ``"rotate"``, ``"invert"``, ``"noise"``,
+            ``"scale"`` (see the module docstring).
+        severity (`float`, *optional*, defaults to `1.0`):
+            Strength of every shift: rotation by ``45 * severity`` degrees, noise of standard
+            deviation ``0.3 * severity``, zoom by ``1 + 0.5 * severity`` (a shrink for negative
+            severity; must stay > 0); ``"invert"`` ignores it.
+        seed (`int`, *optional*, defaults to `0`):
+            Base seed of the ``"noise"`` draws. Every split of every domain is shifted with its
+            own seed, so two domains never share a noise draw.
+
+    Returns:
+        `dict[str, datasets.DatasetDict]`: domain name -> its splits, in the order of
+        ``shifts``.
+
+    Raises:
+        ValueError: an unknown shift, a split with neither ``pixel_values`` nor ``features``,
+            or a ``"scale"`` severity of -2 or less.
     """
     domains = {}
     for index, (name, shift) in enumerate(shifts.items()):

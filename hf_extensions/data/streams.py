@@ -60,11 +60,33 @@ def class_incremental_stream(
 ) -> TaskStream:
     """Cut ``dataset`` into a class-incremental stream.
 
+    Task ``t`` takes the classes ``class_order[t * k : (t + 1) * k]``; classes after the first
+    ``N * k`` are left out.
+
     Args:
-        num_tasks: number of tasks ``N``.
-        classes_per_task: classes per task ``k``; defaults to ``num_classes // num_tasks``.
-        class_order: explicit order of classes; otherwise ascending, or a permutation drawn from
-            ``seed`` when given (the usual "class order seed" of continual-learning papers).
+        dataset (`datasets.DatasetDict`):
+            The splits to cut; every task keeps, in every split, the rows of its classes, with
+            a ``task_id`` column added.
+        num_tasks (`int`):
+            The number of tasks ``N``, at least 1.
+        classes_per_task (`int`, *optional*, defaults to `None`):
+            Classes per task ``k``; `None`: ``len(class_order) // num_tasks`` (all classes of
+            the data unless ``class_order`` lists fewer).
+        class_order (`Sequence[int]`, *optional*, defaults to `None`):
+            Explicit order of classes (distinct, each present in the data); `None`: ascending,
+            or a permutation drawn from ``seed`` when given.
+        seed (`int`, *optional*, defaults to `None`):
+            Seed of the class permutation (the usual "class order seed" of continual-learning
+            papers); not used with ``class_order``. `None`: ascending order.
+        label_column (`str`, *optional*, defaults to `"labels"`):
+            The column holding the class labels.
+
+    Returns:
+        `TaskStream`: the per-task ``DatasetDict`` and the classes of each task.
+
+    Raises:
+        ValueError: a ``class_order`` with repeated or absent classes, ``num_tasks < 1``, or
+            more classes needed (``N * k``) than available (or ``k < 1``).
     """
     labels = np.unique(np.concatenate([np.asarray(ds[label_column]) for ds in dataset.values()]))
     if class_order is None:

@@ -153,6 +153,35 @@ def tiny_vit_classifier(
     Defaults: 16 patches of 2x2 + CLS, 2 layers of width 32, 10 labels; about 18k parameters,
     built in a few milliseconds. Dropout is 0 so that eager and SDPA attention give the same
     logits in training mode too.
+
+    Args:
+        num_labels (`int`, *optional*, defaults to `10`):
+            Outputs of the classification head.
+        image_size (`int`, *optional*, defaults to `8`):
+            Side of the square input images, in pixels.
+        patch_size (`int`, *optional*, defaults to `2`):
+            Side of the square patches, in pixels; ``(image_size // patch_size) ** 2`` patches.
+        num_channels (`int`, *optional*, defaults to `1`):
+            Channels of the input images.
+        hidden_size (`int`, *optional*, defaults to `32`):
+            Width of the encoder; divisible by ``num_attention_heads``.
+        num_layers (`int`, *optional*, defaults to `2`):
+            Encoder layers.
+        num_attention_heads (`int`, *optional*, defaults to `4`):
+            Attention heads per layer.
+        intermediate_size (`int`, *optional*, defaults to `64`):
+            Width of each layer's feed-forward block.
+        attn_implementation (`str`, *optional*, defaults to `"eager"`):
+            transformers' attention implementation: ``"eager"`` or ``"sdpa"``.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the initial weights (the same seed gives bit-identical weights; the
+            caller's global RNG is left untouched).
+
+    Returns:
+        `ViTForImageClassification`: the model, in eval mode.
+
+    Raises:
+        ValueError: ``hidden_size`` is not divisible by ``num_attention_heads``.
     """
     _check_heads(hidden_size, num_attention_heads)
     config = ViTConfig(
@@ -185,7 +214,35 @@ def tiny_bert_classifier(
 ) -> BertForSequenceClassification:
     """A ``BertForSequenceClassification`` with 2 layers of width 32 (about 39k parameters).
 
-    ``vocab_size`` defaults to the byte-level tokenizer's size; ``pad_token_id`` is 0 as in BERT.
+    ``pad_token_id`` is 0 as in BERT.
+
+    Args:
+        num_labels (`int`, *optional*, defaults to `2`):
+            Outputs of the classification head.
+        vocab_size (`int`, *optional*, defaults to `BYTE_VOCAB_SIZE`):
+            Size of the vocabulary; the default (514) is the size of
+            :func:`byte_level_clip_tokenizer`'s.
+        hidden_size (`int`, *optional*, defaults to `32`):
+            Width of the encoder; divisible by ``num_attention_heads``.
+        num_layers (`int`, *optional*, defaults to `2`):
+            Encoder layers.
+        num_attention_heads (`int`, *optional*, defaults to `4`):
+            Attention heads per layer.
+        intermediate_size (`int`, *optional*, defaults to `64`):
+            Width of each layer's feed-forward block.
+        max_position_embeddings (`int`, *optional*, defaults to `128`):
+            The longest input, in tokens.
+        attn_implementation (`str`, *optional*, defaults to `"eager"`):
+            transformers' attention implementation: ``"eager"`` or ``"sdpa"``.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the initial weights (the same seed gives bit-identical weights; the
+            caller's global RNG is left untouched).
+
+    Returns:
+        `BertForSequenceClassification`: the model, in eval mode.
+
+    Raises:
+        ValueError: ``hidden_size`` is not divisible by ``num_attention_heads``.
     """
     _check_heads(hidden_size, num_attention_heads)
     config = BertConfig(
@@ -213,8 +270,30 @@ def tiny_gpt2(
 ) -> GPT2LMHeadModel:
     """A ``GPT2LMHeadModel`` with 2 layers of width 32 (about 46k parameters, tied LM head).
 
-    With the default vocabulary it pairs with :func:`byte_level_clip_tokenizer`
-    (``<|startoftext|>`` / ``<|endoftext|>`` are its BOS / EOS ids).
+    Args:
+        vocab_size (`int`, *optional*, defaults to `BYTE_VOCAB_SIZE`):
+            Size of the vocabulary. With the default (514) the model pairs with
+            :func:`byte_level_clip_tokenizer` (``<|startoftext|>`` / ``<|endoftext|>`` are its
+            BOS / EOS ids); a smaller vocabulary caps both ids at ``vocab_size - 1``.
+        hidden_size (`int`, *optional*, defaults to `32`):
+            Width of the decoder; divisible by ``num_attention_heads``.
+        num_layers (`int`, *optional*, defaults to `2`):
+            Decoder layers.
+        num_attention_heads (`int`, *optional*, defaults to `4`):
+            Attention heads per layer.
+        n_positions (`int`, *optional*, defaults to `128`):
+            The longest input, in tokens.
+        attn_implementation (`str`, *optional*, defaults to `"eager"`):
+            transformers' attention implementation: ``"eager"`` or ``"sdpa"``.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the initial weights (the same seed gives bit-identical weights; the
+            caller's global RNG is left untouched).
+
+    Returns:
+        `GPT2LMHeadModel`: the model, in eval mode.
+
+    Raises:
+        ValueError: ``hidden_size`` is not divisible by ``num_attention_heads``.
     """
     _check_heads(hidden_size, num_attention_heads)
     config = GPT2Config(
@@ -312,7 +391,33 @@ def tiny_clip(
     """A ``CLIPModel`` with tiny text and vision towers, and its byte-level tokenizer.
 
     Defaults: both towers 2 layers of width 32, 16x16 RGB images in 4x4 patches, a 16-d shared
-    embedding space; about 56k parameters. Returns ``(model, tokenizer)``.
+    embedding space; about 56k parameters. Both towers have 4 attention heads and feed-forward
+    blocks twice their width.
+
+    Args:
+        image_size (`int`, *optional*, defaults to `16`):
+            Side of the square RGB input images, in pixels.
+        patch_size (`int`, *optional*, defaults to `4`):
+            Side of the vision tower's square patches, in pixels.
+        hidden_size (`int`, *optional*, defaults to `32`):
+            Width of both towers; divisible by 4 (the heads).
+        num_layers (`int`, *optional*, defaults to `2`):
+            Layers of each tower.
+        projection_dim (`int`, *optional*, defaults to `16`):
+            Dimension of the shared image-text embedding space.
+        max_length (`int`, *optional*, defaults to `77`):
+            The longest text, in tokens: the text tower's positions and the tokenizer's
+            ``model_max_length``.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the initial weights (the same seed gives bit-identical weights; the
+            caller's global RNG is left untouched).
+
+    Returns:
+        `tuple[CLIPModel, CLIPTokenizer]`: ``(model, tokenizer)``, the model in eval mode and
+        :func:`byte_level_clip_tokenizer`.
+
+    Raises:
+        ValueError: ``hidden_size`` is not divisible by 4.
     """
     _check_heads(hidden_size, 4)
     text_config = _tiny_clip_text_config(hidden_size, num_layers, max_length)
@@ -345,13 +450,33 @@ def tiny_stable_diffusion_pipeline(
     """A complete ``StableDiffusionPipeline`` from configs (about 147k parameters in all:
     UNet 67k, VAE 44k, text encoder 36k).
 
-    Components: a 2-level ``UNet2DConditionModel`` (``block_out_channels=(8, 16)``, one
-    cross-attention level, GroupNorm with 8 groups so that 8 channels divide), a 2-level
-    ``AutoencoderKL`` with 4 latent channels (images are ``image_size`` pixels square, latents
-    ``image_size // 2``), a 2-layer ``CLIPTextModel`` of width ``text_hidden_size`` with the
-    byte-level tokenizer, Stable Diffusion's ``DDIMScheduler`` settings, and no safety checker.
-    Two 16x16 inference steps take a few hundredths of a second; ``save_pretrained`` /
-    ``StableDiffusionPipeline.from_pretrained`` round-trip it exactly.
+    Components: a 2-level ``UNet2DConditionModel`` (one cross-attention level, GroupNorm with
+    8 groups), a 2-level ``AutoencoderKL`` with 4 latent channels, a 2-layer ``CLIPTextModel``
+    with the byte-level tokenizer, Stable Diffusion's ``DDIMScheduler`` settings, and no safety
+    checker; the progress bar is disabled. Two 16x16 inference steps take a few hundredths of a
+    second; ``save_pretrained`` / ``StableDiffusionPipeline.from_pretrained`` round-trip it
+    exactly.
+
+    Args:
+        image_size (`int`, *optional*, defaults to `16`):
+            Side of the square generated images, in pixels; divisible by 4. The latents (the
+            UNet's ``sample_size``) are ``image_size // 2`` square.
+        block_out_channels (`tuple[int, int]`, *optional*, defaults to `(8, 16)`):
+            Channels of the two levels of both the UNet and the VAE; each divisible by 8 (the
+            GroupNorm groups).
+        text_hidden_size (`int`, *optional*, defaults to `32`):
+            Width of the text encoder, and so the UNet's cross-attention dimension; divisible
+            by 4 (the text encoder's heads).
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the initial weights of the UNet, the VAE and the text encoder (the same
+            seed gives bit-identical weights; the caller's global RNG is left untouched).
+
+    Returns:
+        `StableDiffusionPipeline`: the pipeline, its models in eval mode.
+
+    Raises:
+        ValueError: a ``block_out_channels`` entry not divisible by 8, or an ``image_size``
+            not divisible by 4.
     """
     # diffusers is imported here, not at module level: it pulls in torch._dynamo and peft
     # (several seconds), which every process that only wants a tiny BERT would otherwise pay.
