@@ -1,8 +1,15 @@
-"""Every public config documents each of its own fields (``Args:`` from the fields' help).
+"""Public configs and entry points document every parameter in an ``Args:`` block.
 
-``MetaAugConfig`` (a transformers ``QuantizationConfigMixin``) lists its fields by hand in its
-docstring and is not covered here yet.
+The dataclass configs get theirs from the fields' help (:mod:`hf_extensions.documentation`).
+The public entry points (functions, classes with their ``__init__`` parameters, and
+``MetaAugConfig``, a transformers ``QuantizationConfigMixin`` whose block is written by hand)
+must list each parameter of their signature as ``    name (`` in their own ``Args:`` block, and
+nothing that is not a parameter.
 """
+
+import importlib
+import inspect
+import re
 
 import pytest
 
@@ -61,3 +68,92 @@ def test_the_block_is_built_from_the_help_text():
         width: int = field(default=3, metadata={"help": "How wide."})
 
     assert Demo.__doc__.endswith("Args:\n    width (`int`, defaults to `3`):\n        How wide.\n")
+
+
+#: ``module:qualified name`` of every public entry point whose parameters are documented.
+ENTRY_POINTS = [
+    "hf_extensions.pipelines:erase_concepts",
+    "hf_extensions.pipelines:ConceptEraser",
+    "hf_extensions.pipelines:evaluate_erasure",
+    "hf_extensions.pipelines:save_erased",
+    "hf_extensions.pipelines:load_erased",
+    "hf_extensions.pipelines:push_erased_to_hub",
+    "hf_extensions.pipelines:build_erasure_card",
+    "hf_extensions.schedulers:S2NGeneralizedScheduler",
+    "hf_extensions.schedulers:run_denoising_loop",
+    "hf_extensions.schedulers:make_betas",
+    "hf_extensions.schedulers:s2n_coefficients",
+    "hf_extensions.quantization:MetaAugConfig",
+    "hf_extensions.quantization:MetaAugQuantizer.from_pretrained",
+    "hf_extensions.quantization:MetaAugQuantizer.quantize",
+    "hf_extensions.quantization:export_integer",
+    "hf_extensions.quantization:load_quantized",
+    "hf_extensions.quantization:reconstruct_model",
+    "hf_extensions.quantization:quantize_model_rtn",
+    "hf_extensions.data:add_label_noise",
+    "hf_extensions.data:shifted_domains",
+    "hf_extensions.data:class_incremental_stream",
+    "hf_extensions.data:load_digits",
+    "hf_extensions.models.tiny:tiny_vit_classifier",
+    "hf_extensions.models.tiny:tiny_clip",
+    "hf_extensions.models.tiny:tiny_stable_diffusion_pipeline",
+    "hf_extensions.models.tiny:tiny_bert_classifier",
+    "hf_extensions.models.tiny:tiny_gpt2",
+    "hf_extensions.hub:build_model_card",
+]
+
+_VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+
+
+def _resolve(path: str):
+    module, _, qualname = path.partition(":")
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def documented_args(doc: str) -> list[str]:
+    """The names of the entries of ``doc``'s ``Args:`` block (lines ``name (`` one level in)."""
+    lines = inspect.cleandoc(doc).splitlines()
+    starts = [n for n, line in enumerate(lines) if line.strip() == "Args:"]
+    assert len(starts) == 1, f"expected one Args: section, found {len(starts)}"
+    indent = len(lines[starts[0]]) - len(lines[starts[0]].lstrip())
+    entry = re.compile("^" + " " * (indent + 4) + r"(\w+) \(")
+    names = []
+    for line in lines[starts[0] + 1 :]:
+        if line.strip() and len(line) - len(line.lstrip()) <= indent:
+            break  # the next section (Returns:, Raises:, prose) ends the block
+        match = entry.match(line)
+        if match:
+            names.append(match.group(1))
+    return names
+
+
+@pytest.mark.parametrize("path", ENTRY_POINTS, ids=lambda p: p.replace(":", "."))
+def test_entry_point_documents_every_parameter(path):
+    obj = _resolve(path)
+    documented = documented_args(obj.__doc__ or "")  # __doc__: a class's own, not inherited
+    parameters = inspect.signature(obj).parameters.values()
+    required = [
+        p.name for p in parameters if p.name not in ("self", "cls") and p.kind not in _VARIADIC
+    ]
+    missing = [name for name in required if name not in documented]
+    assert not missing, f"{path}: parameters missing from Args: {missing}"
+    unknown = [name for name in documented if name not in {p.name for p in parameters}]
+    assert not unknown, f"{path}: Args entries that are not parameters: {unknown}"
+    assert len(documented) == len(set(documented)), f"{path}: an entry is repeated"
+
+
+def test_args_block_ends_at_the_next_section():
+    doc = """Summary.
+
+    Args:
+        width (`int`):
+            How wide.
+            height (`int`): an indented continuation, not an entry.
+
+    Returns:
+        depth (`int`): not an entry either.
+    """
+    assert documented_args(doc) == ["width"]
