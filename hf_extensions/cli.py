@@ -160,12 +160,23 @@ def finish_training(
     dataset: str | None = None,
     card: Callable[[dict[str, float]], Any] | None = None,
 ) -> dict[str, float]:
-    """The finish step of a recipe built on a ``Trainer``: evaluate ``test_dataset`` (metrics
-    prefixed ``test_``, returned), save, and write the model card, or push model and card.
+    """The finish step of a recipe built on a ``Trainer``: evaluate the test split, save, and
+    write the model card, or push model and card (``args.push_to_hub``).
 
-    A method trainer (one with ``finish``: :class:`trainers.MethodTrainer`) writes its own
-    card. A stock ``Trainer`` writes ``card(test_metrics)`` (a ``ModelCard``), also into the
-    pushed repository: ``Trainer.push_to_hub`` would otherwise replace it with its own card.
+    Args:
+        trainer (`transformers.Trainer`):
+            The trained trainer. A method trainer (one with ``finish``:
+            :class:`trainers.MethodTrainer`) writes its own card.
+        test_dataset (`datasets.Dataset`, *optional*):
+            Evaluated once, metrics prefixed ``test_``; ``None`` skips the evaluation.
+        dataset (`str`, *optional*):
+            The dataset's name for a method trainer's card (a Hub id or a description).
+        card (`Callable[[dict], ModelCard]`, *optional*):
+            A stock ``Trainer``'s card, built from the test metrics. It is also the pushed card:
+            ``Trainer.push_to_hub`` would otherwise replace it with transformers' own.
+
+    Returns:
+        `dict[str, float]`: the test metrics (empty without ``test_dataset``).
     """
     if hasattr(trainer, "finish"):
         return trainer.finish(test_dataset, dataset=dataset)
@@ -194,9 +205,19 @@ def finish_training(
 def summarize(
     result: Any, summary: Mapping[str, str] | Callable[[Any], dict], strict: bool = True
 ) -> dict[str, float]:
-    """The headline figures of a recipe's ``result`` (what ``main`` returned: ``(x, metrics)``
-    or a dict): ``summary`` maps a label to a metric key, or is a function of ``result``. A key
-    the metrics lack is refused, or skipped when not ``strict``."""
+    """The headline figures of a recipe's result.
+
+    Args:
+        result (`tuple` or `dict`):
+            What the recipe's ``main`` returned: ``(trainer_or_models, metrics)`` or a dict.
+        summary (`Mapping[str, str]` or `Callable`):
+            Label -> metric key, or a function of ``result`` returning ``{label: value}``.
+        strict (`bool`, *optional*, defaults to `True`):
+            Refuse a metric key the result lacks (``KeyError``); otherwise skip it.
+
+    Returns:
+        `dict[str, float]`: label -> value.
+    """
     if callable(summary):
         return summary(result)
     metrics = result[1] if isinstance(result, tuple) else result
@@ -214,8 +235,21 @@ def run_demo(
     summary: Mapping[str, str] | Callable[[Any], dict],
     *flags: str,
 ) -> dict[str, float]:
-    """A recipe's embedded default for ``make demo``: ``main(--config config *flags)`` into a
-    temporary ``output_dir``; returns :func:`summarize`'s figures."""
+    """A recipe's embedded default for ``make demo``, run into a temporary ``output_dir``.
+
+    Args:
+        main (`Callable[[list[str]], Any]`):
+            The recipe's ``main``, called with ``--config config --output_dir <tmp> *flags``.
+        config (`str` or `os.PathLike`):
+            The setting's YAML file.
+        summary (`Mapping[str, str]` or `Callable`):
+            The headline figures, as :func:`summarize` takes them (strictly: all must exist).
+        *flags (`str`):
+            Command-line overrides, e.g. ``"--num_train_epochs", "3"``.
+
+    Returns:
+        `dict[str, float]`: the summary's figures.
+    """
     with tempfile.TemporaryDirectory() as output_dir:
         result = main(["--config", str(config), "--output_dir", output_dir, *flags])
         return summarize(result, summary)
@@ -248,8 +282,20 @@ def run_as_script(
     summary: Mapping[str, str] | Callable[[Any], dict] | None = None,
     argv: Sequence[str] | None = None,
 ) -> Any:
-    """``if __name__ == "__main__": run_as_script(main, SUMMARY)``: run ``main`` on the command
-    line's arguments, print the summary on the main process, end the process group."""
+    """``if __name__ == "__main__": run_as_script(main, SUMMARY)``: run ``main``, print the
+    summary on the main process, then :func:`end_process_group` with the result's trainer.
+
+    Args:
+        main (`Callable[[list[str]], Any]`):
+            The recipe's ``main``.
+        summary (`Mapping[str, str]` or `Callable`, *optional*):
+            The figures to print, as :func:`summarize` takes them (missing ones are skipped).
+        argv (`Sequence[str]`, *optional*):
+            The arguments; defaults to ``sys.argv[1:]``.
+
+    Returns:
+        What ``main`` returned.
+    """
     result = main(list(sys.argv[1:] if argv is None else argv))
     if summary is not None and int(os.environ.get("RANK", "0")) == 0:
         for label, value in summarize(result, summary, strict=False).items():

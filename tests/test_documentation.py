@@ -100,6 +100,11 @@ ENTRY_POINTS = [
     "hf_extensions.models.tiny:tiny_bert_classifier",
     "hf_extensions.models.tiny:tiny_gpt2",
     "hf_extensions.hub:build_model_card",
+    "hf_extensions.cli:finish_training",
+    "hf_extensions.cli:summarize",
+    "hf_extensions.cli:run_demo",
+    "hf_extensions.cli:run_as_script",
+    "hf_extensions.models.image_classification:train_image_classifier",
 ]
 
 _VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)

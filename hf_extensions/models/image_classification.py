@@ -235,12 +235,24 @@ def train_image_classifier(
     model_builder: Callable[[list[str]], torch.nn.Module] | None = None,
     card: Callable[[dict[str, float]], object] | None = None,
 ):
-    """Build the data and the model, train with ``trainer_class`` (``Trainer`` or a method
-    trainer) on ``train``, validate on ``validation``, then test, save and card or push.
+    """Build the data and the model, train on ``train`` (validating on ``validation``), then
+    test, save, and write or push the card: the build → train → finish steps of a recipe.
 
-    ``model_builder(class_names)`` makes the model (default :func:`build_model`); ``card`` is
-    the stock ``Trainer``'s card (see :func:`hf_extensions.cli.finish_training`). Returns
-    ``(trainer, test_metrics)``.
+    Args:
+        trainer_class (`type`):
+            ``transformers.Trainer`` or a method trainer (``trainers.AgnosticSAMTrainer``, ...).
+        script_args (`ImageClassificationArguments`):
+            The data and the model to start from.
+        training_args (`transformers.TrainingArguments`):
+            The trainer's arguments (a method's config); ``remove_unused_columns`` is turned off
+            for a Hub dataset, whose transform needs the image column.
+        model_builder (`Callable[[list[str]], nn.Module]`, *optional*):
+            Makes the model from the class names; defaults to :func:`build_model`.
+        card (`Callable[[dict], ModelCard]`, *optional*):
+            A stock ``Trainer``'s card (see :func:`hf_extensions.cli.finish_training`).
+
+    Returns:
+        `tuple`: ``(trainer, test_metrics)``.
     """
     if script_args.dataset_name is not None:
         training_args.remove_unused_columns = False  # the transform needs the image column
