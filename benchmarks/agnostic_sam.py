@@ -38,6 +38,7 @@ from benchmarks.harness import (
     get_pyplot,
     make_parser,
     mean_std,
+    optimisation_arguments,
     quiet_training_arguments,
     save_plot,
     torch_threads,
@@ -83,17 +84,7 @@ def _accuracy(model, split) -> float:
 
 def build_trainer(method: str, model, train, settings: Settings, seed: int, output_dir: str):
     """The Trainer of ``method`` with the shared optimisation settings."""
-    common = quiet_training_arguments(
-        output_dir,
-        seed=seed,
-        optim=settings.optim,
-        learning_rate=settings.learning_rate,
-        weight_decay=settings.weight_decay,
-        num_train_epochs=settings.epochs,
-        per_device_train_batch_size=settings.batch_size,
-        lr_scheduler_type="cosine",
-        max_grad_norm=0.0,
-    )
+    common = quiet_training_arguments(output_dir, seed=seed, **optimisation_arguments(settings))
     if method == "adamw":
         return Trainer(model=model, args=TrainingArguments(**common), train_dataset=train)
     if method == "sam":

@@ -410,6 +410,21 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def optimisation_arguments(settings: Any) -> dict[str, Any]:
+    """``TrainingArguments`` keywords of a benchmark's shared optimisation settings (a dataclass
+    with ``optim``, ``learning_rate``, ``weight_decay``, ``epochs``, ``batch_size``): a cosine
+    schedule and no gradient clipping, the same for every method compared."""
+    return {
+        "optim": settings.optim,
+        "learning_rate": settings.learning_rate,
+        "weight_decay": settings.weight_decay,
+        "num_train_epochs": settings.epochs,
+        "per_device_train_batch_size": settings.batch_size,
+        "lr_scheduler_type": "cosine",
+        "max_grad_norm": 0.0,
+    }
+
+
 def quiet_training_arguments(output_dir: str, **overrides: Any) -> dict[str, Any]:
     """``TrainingArguments`` keywords for a benchmark run: CPU, seed 0, no saving, logging,
     progress bar or reporting. ``overrides`` replace or add keys."""
