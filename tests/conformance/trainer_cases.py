@@ -643,8 +643,8 @@ def _cl_reload(directory: Path):
 
 def _cl_ranks(output_dir: str, variant: str):
     """A 2-task stream. Plain CE (the per-rank terms off): 2 x 8 == 1 x 16 for the prompts, the
-    head and the TII head. ``replicas``: the full method on 2 processes (replay and SupCon are
-    drawn per rank): every rank ends with the same state."""
+    head, the TII head and the class means. ``replicas``: the full method on 2 processes
+    (replay and SupCon are drawn per rank): every rank ends with the same state."""
     plain = variant != "replicas"
     model = _prompt_pool_vit()
     initial = params(model)
@@ -659,6 +659,8 @@ def _cl_ranks(output_dir: str, variant: str):
     for classes in _CL_CLASSES:
         learner.train_task(_cl_task(classes, rows=32), classes)
     final = {**params(model), "tii.weight": learner.tii_head.weight.detach()}
+    for c, mixture in learner.prompted_mixtures.items():
+        final[f"prompted.{c}.means"] = mixture.means
     return {"steps": learner.state.global_step}, initial, final
 
 
