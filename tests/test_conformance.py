@@ -49,10 +49,12 @@ What each case checks now (``not_applicable`` in the cases gives the reasons in 
 | s2n-scheduler | ρ = 0 = ``DDIMScheduler`` η = 0 (3 prediction types x 3 spacings x 7, 50 steps) | pipeline with the scheduler, generation | n/a: a scheduler saves its config (class and ρ checked by the reload) | n/a: sampling trains nothing |
 | metaaug | ``meta_iterations=0`` = QDrop (no Optimum counterpart exists) | ``AutoModel`` after ``import hf_extensions`` | n/a: settings live in config.json's quantization_config; the README is the recipe's | BRECQ, half a batch per rank |
 
-Every case has (d). Gaps found by the suite: the cards of hierarchical CL (``rescoring_eta*``) and
-erasure (``adversary_reference``, ``adversary_estimator``, ``gumbel_hard``) did not record those
-settings; ``MetaAugConfig`` and ``PromptPoolConfig.pull_loss_weight`` accepted NaN and inf;
-PromptDSI's L2P setting (learned keys + pull loss) fails under DDP (not fixed here).
+Every case has (d). Gaps the suite found, fixed with it: the cards of hierarchical CL
+(``rescoring_eta*``) and erasure (``adversary_reference``, ``adversary_estimator``,
+``gumbel_hard``) did not record those settings; ``MetaAugConfig`` and
+``PromptPoolConfig.pull_loss_weight`` accepted NaN and inf. Not fixed: PromptDSI's L2P setting
+(learned keys + pull loss) fails under DDP ("Expected to mark a variable ready only once": the
+pull loss reads the keys outside the forward pass), so its 2-process case uses fixed keys.
 """
 
 from __future__ import annotations
