@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 from datasets import Dataset
-from safetensors.torch import save_file
 
 from hf_extensions.models import tiny_vit_classifier
 from hf_extensions.quantization import (
@@ -68,31 +64,6 @@ def test_metaaug_quantizer_runs_meta_stage_on_inner_blocks_only(saved_vit):
     assert saved["method"] == "metaaug" and saved["iterations"] == 4
     # No reconstruction state is left in the saved model.
     assert not any("quantizer" in key for key in qmodel.state_dict())
-
-
-def test_reconstructed_model_loads_bit_exact_in_a_fresh_process(saved_vit, tmp_path):
-    _, _, directory, x, logits = saved_vit
-    save_file({"x": x, "logits": logits}, str(tmp_path / "ref.safetensors"))
-    script = textwrap.dedent(
-        f"""
-        import json, torch
-        from safetensors.torch import load_file
-        import hf_extensions  # the top-level import registers the quantizer
-        from transformers import AutoModelForImageClassification
-        ref = load_file({str(tmp_path / "ref.safetensors")!r})
-        model = AutoModelForImageClassification.from_pretrained({str(directory)!r}).eval()
-        with torch.no_grad():
-            logits = model(pixel_values=ref["x"]).logits
-        print(json.dumps({{"equal": torch.equal(logits, ref["logits"]),
-                          "method": model.config.quantization_config.method}}))
-        """
-    )
-    out = subprocess.run(
-        [sys.executable, "-I", "-c", script], capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result == {"equal": True, "method": "metaaug"}
 
 
 def test_integer_export_is_bit_exact_and_smaller(saved_vit):
@@ -163,22 +134,3 @@ def test_quantize_refuses_bad_arguments():
         quantizer.quantize(None, calibration_dataset=images, quantization_config=3)
     with pytest.raises(ValueError, match="unknown arguments"):
         quantizer.quantize(None, calibration_dataset=images, iterations=3)
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "field"),
-    [
-        ({"iterations": 0}, "iterations"),
-        ({"batch_size": True}, "batch_size"),
-        ({"drop_prob": 1.5}, "drop_prob"),
-        ({"warmup": -0.1}, "warmup"),
-        ({"meta_iterations": -1}, "meta_iterations"),
-        ({"temperature": 0}, "temperature"),
-        ({"inner_lr": -1.0}, "inner_lr"),
-        ({"block_names": "layer1"}, "block_names"),
-        ({"quantize_first_layer_input": 1}, "quantize_first_layer_input"),
-    ],
-)
-def test_config_rejects_bad_calibration_settings(kwargs, field):
-    with pytest.raises(ValueError, match=rf"^{field}="):
-        MetaAugConfig(**kwargs)

@@ -125,6 +125,8 @@ class HierarchicalPromptCLConfig(MethodConfig):
         "tii_epochs",
         "init_from_previous",
         "eval_rescoring",
+        "rescoring_eta0",
+        "rescoring_eta",
     )
 
     def __post_init__(self):

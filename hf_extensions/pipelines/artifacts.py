@@ -55,8 +55,11 @@ _CARD_KEYS = (
     "k_closest",
     "num_centers",
     "gumbel_temperature",
+    "gumbel_hard",
     "adversary_lr",
     "pgd_num_steps",
+    "adversary_estimator",
+    "adversary_reference",
     "seed",
 )
 

@@ -11,6 +11,7 @@ is the same for all three.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from transformers.quantizers.auto import (
@@ -208,8 +209,13 @@ class MetaAugConfig(QuantizationConfigMixin):
             "temperature",
         ):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise _bad(name, value, "a number >= 0")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise _bad(name, value, "a finite number >= 0")
         if self.temperature == 0:
             raise _bad("temperature", self.temperature, "a number > 0")
         for name in ("warmup", "drop_prob"):

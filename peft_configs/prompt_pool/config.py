@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from peft.config import PeftConfig
@@ -167,8 +168,10 @@ class PromptPoolConfig(PeftConfig):
             self.pull_loss_weight, (int, float)
         ):
             raise ValueError(f"`pull_loss_weight`={self.pull_loss_weight!r} must be a number >= 0.")
-        if self.pull_loss_weight < 0:
-            raise ValueError(f"`pull_loss_weight`={self.pull_loss_weight!r} must be >= 0.")
+        if not math.isfinite(self.pull_loss_weight) or self.pull_loss_weight < 0:
+            raise ValueError(
+                f"`pull_loss_weight`={self.pull_loss_weight!r} must be a finite number >= 0."
+            )
         if self.pull_loss_weight > 0 and self.key_source != "learned":
             raise ValueError(
                 f"`pull_loss_weight`={self.pull_loss_weight!r} needs key_source='learned' (fixed "
