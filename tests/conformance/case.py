@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import Trainer, TrainingArguments
 
 Tensors = dict[str, torch.Tensor]
 
@@ -52,6 +53,11 @@ DDP_STEP = dict(
     lr_scheduler_type="constant",
     max_steps=3,
 )
+#: The keywords the trainer cases build their refused configs from (nothing runs with them).
+TRAINING = dict(output_dir="unused", report_to=[])
+#: The prompt of the diffusion cases: the concept the erasure case erases, and what the S2N
+#: case's pipeline generates.
+CONCEPT = "a red circle"
 
 
 @dataclass
@@ -204,3 +210,35 @@ def digits(kind: str, rows: int):
 def probe_pixels(rows: int = 6, channels: int = 1, size: int = 8) -> torch.Tensor:
     """Fixed inputs for comparing outputs of a saved and a reloaded image model."""
     return torch.rand(rows, channels, size, size, generator=torch.Generator().manual_seed(11))
+
+
+def fit(trainer) -> None:
+    """Train, then leave the model in eval mode (the outputs compared are inference outputs)."""
+    trainer.train()
+    trainer.accelerator.unwrap_model(trainer.model).eval()
+
+
+def saved_trainer(trainer, directory: Path, outputs) -> Saved:
+    """Save ``trainer``'s model and card into ``directory`` (its ``output_dir``)."""
+    trainer.save_model(str(directory))
+    trainer.create_model_card()
+    config = trainer.args
+    return Saved(outputs, {name: getattr(config, name) for name in config.method_fields})
+
+
+def stock_ranks(build):
+    """The stock ``Trainer`` on a PEFT model of ``build()`` (digits, 10 labels): 2 x 8 == 1 x 16."""
+
+    def run(output_dir: str, variant: str):
+        model = build()
+        initial = params(model)
+        args = TrainingArguments(
+            output_dir,
+            per_device_train_batch_size={"two": 8, "one": 16}[variant],
+            **{**QUIET, **DDP_STEP},
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=digits("image", 48))
+        trainer.train()
+        return {"steps": trainer.state.global_step}, initial, params(model)
+
+    return Ranks(run)
