@@ -11,7 +11,6 @@ is the same for all three.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from transformers.quantizers.auto import (
@@ -21,19 +20,18 @@ from transformers.quantizers.auto import (
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from hf_extensions.quantization.quantizers import MAX_BITS, MIN_BITS
+from hf_extensions.validation import (
+    check_choice,
+    check_integer,
+    check_positive,
+    check_range,
+    refuse,
+)
 
 __all__ = ["METHODS", "QUANT_METHOD", "MetaAugConfig"]
 
 QUANT_METHOD = "hf_extensions_metaaug"
 METHODS = ("brecq", "qdrop", "metaaug")
-
-
-def _bad(name: str, value: object, allowed: str) -> ValueError:
-    return ValueError(f"{name}={value!r} is invalid; allowed: {allowed}")
-
-
-def _is_bits(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and MIN_BITS <= value <= MAX_BITS
 
 
 @dataclass
@@ -169,30 +167,17 @@ class MetaAugConfig(QuantizationConfigMixin):
     quant_method: str = QUANT_METHOD
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise _bad("method", self.method, ", ".join(repr(m) for m in METHODS))
-        if not _is_bits(self.weight_bits):
-            raise _bad("weight_bits", self.weight_bits, f"an integer in {MIN_BITS}..{MAX_BITS}")
-        if self.activation_bits is not None and not _is_bits(self.activation_bits):
-            raise _bad(
-                "activation_bits",
-                self.activation_bits,
-                f"an integer in {MIN_BITS}..{MAX_BITS} or None (weight-only)",
-            )
-        if not isinstance(self.first_last_8bit, bool):
-            raise _bad("first_last_8bit", self.first_last_8bit, "True or False")
-        if not isinstance(self.quantize_first_layer_input, bool):
-            raise _bad(
-                "quantize_first_layer_input", self.quantize_first_layer_input, "True or False"
-            )
+        check_choice("method", self.method, METHODS)
+        check_integer("weight_bits", self.weight_bits, low=MIN_BITS, high=MAX_BITS)
+        if self.activation_bits is not None:  # None: weight-only
+            check_integer("activation_bits", self.activation_bits, low=MIN_BITS, high=MAX_BITS)
+        for name in ("first_last_8bit", "quantize_first_layer_input"):
+            if not isinstance(getattr(self, name), bool):  # 1 == True: a choice check would pass it
+                refuse(name, "True or False", getattr(self, name))
         for name in ("iterations", "batch_size", "max_block_layers", "transform_channels"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise _bad(name, value, "an integer >= 1")
+            check_integer(name, getattr(self, name), low=1)
         for name in ("meta_iterations", "transform_blocks", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise _bad(name, value, "an integer >= 0")
+            check_integer(name, getattr(self, name), low=0)
         for name in (
             "weight_lr",
             "activation_lr",
@@ -206,38 +191,22 @@ class MetaAugConfig(QuantizationConfigMixin):
             "margin_weight",
             "pkt_weight",
             "margin",
-            "temperature",
         ):
-            value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not math.isfinite(value)
-                or value < 0
-            ):
-                raise _bad(name, value, "a finite number >= 0")
-        if self.temperature == 0:
-            raise _bad("temperature", self.temperature, "a number > 0")
+            check_positive(name, getattr(self, name), allow_zero=True)
+        check_positive("temperature", self.temperature)
         for name in ("warmup", "drop_prob"):
-            value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not 0 <= value <= 1
-            ):
-                raise _bad(name, value, "a number in [0, 1]")
+            check_range(name, getattr(self, name), low=0.0, high=1.0)
         blocks = self.block_names
         if blocks is not None:
             if isinstance(blocks, str) or not all(isinstance(n, str) and n for n in blocks):
-                raise _bad("block_names", blocks, "None or a list of module names")
+                refuse("block_names", "None or a list of module names", blocks)
             self.block_names = list(blocks)
         names = self.modules_to_not_convert
         if names is not None:
             if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
-                raise _bad("modules_to_not_convert", names, "None or a list of module names")
+                refuse("modules_to_not_convert", "None or a list of module names", names)
             self.modules_to_not_convert = list(names)
-        if self.quant_method != QUANT_METHOD:
-            raise _bad("quant_method", self.quant_method, repr(QUANT_METHOD))
+        check_choice("quant_method", self.quant_method, (QUANT_METHOD,))
 
 
 if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:

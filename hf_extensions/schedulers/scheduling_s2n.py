@@ -27,7 +27,6 @@ the stochasticity knob is ``config.rho`` (ρ = 1 is DDIM's eta = 1).
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -45,7 +44,7 @@ from hf_extensions.schedulers.snr import (
     s2n_coefficients,
     s2n_second_order_coefficient,
 )
-from hf_extensions.validation import check_choice
+from hf_extensions.validation import check_choice, check_integer, check_positive, check_range
 
 __all__ = ["S2NGeneralizedScheduler", "S2NSchedulerOutput", "run_denoising_loop"]
 
@@ -83,10 +82,6 @@ class _StepPlan:
     rho: float
     c_eps: float
     c_noise: float
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 class S2NGeneralizedScheduler(SchedulerMixin, ConfigMixin):
@@ -169,7 +164,9 @@ class S2NGeneralizedScheduler(SchedulerMixin, ConfigMixin):
     Raises:
         ValueError: a choice outside its allowed values, a negative or non-finite ``rho`` /
             ``s_noise``, a negative ``rho_t_min``, ``rho_t_max < rho_t_min``,
-            ``num_train_timesteps < 2`` or ``dynamic_thresholding_ratio`` outside (0, 1].
+            ``num_train_timesteps < 2``, ``dynamic_thresholding_ratio`` outside (0, 1], a
+            ``beta_start`` / ``beta_end`` outside [0, 1], or a ``clip_sample_range`` /
+            ``sample_max_value`` that is not a finite number > 0 (NaN and ±inf are refused).
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -204,19 +201,24 @@ class S2NGeneralizedScheduler(SchedulerMixin, ConfigMixin):
         check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         check_choice("prev_timestep_rule", prev_timestep_rule, PREV_TIMESTEP_RULES)
         check_choice("solver_order", solver_order, SOLVER_ORDERS)
-        for name, value in (("rho", rho), ("s_noise", s_noise)):
-            if not (_is_number(value) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name}={value!r} must be a finite number >= 0.")
-        if rho_t_min < 0:
-            raise ValueError(f"rho_t_min={rho_t_min!r} must be >= 0.")
-        if rho_t_max is not None and rho_t_max < rho_t_min:
-            raise ValueError(f"rho_t_max={rho_t_max!r} must be None or >= rho_t_min={rho_t_min!r}.")
-        if num_train_timesteps < 2:
-            raise ValueError(f"num_train_timesteps={num_train_timesteps!r} must be >= 2.")
-        if not 0 < dynamic_thresholding_ratio <= 1:
-            raise ValueError(
-                f"dynamic_thresholding_ratio={dynamic_thresholding_ratio!r} must be in (0, 1]."
-            )
+        check_positive("rho", rho, allow_zero=True)
+        check_positive("s_noise", s_noise, allow_zero=True)
+        check_integer("rho_t_min", rho_t_min, low=0)
+        if rho_t_max is not None:
+            check_integer("rho_t_max", rho_t_max, low=rho_t_min)
+        check_integer("num_train_timesteps", num_train_timesteps, low=2)
+        check_range(
+            "dynamic_thresholding_ratio",
+            dynamic_thresholding_ratio,
+            low=0.0,
+            low_open=True,
+            high=1.0,
+        )
+        if trained_betas is None:
+            check_range("beta_start", beta_start, low=0.0, high=1.0)
+            check_range("beta_end", beta_end, low=0.0, high=1.0)
+        check_positive("clip_sample_range", clip_sample_range)
+        check_positive("sample_max_value", sample_max_value)
         self.betas = make_betas(
             num_train_timesteps,
             beta_start,

@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from hf_extensions.validation import refuse
+
 __all__ = [
     "BETA_SCHEDULES",
     "PREDICTION_TYPES",
@@ -122,9 +124,7 @@ def make_betas(
         grid = torch.linspace(-6, 6, num_train_timesteps)
         betas = torch.sigmoid(grid) * (beta_end - beta_start) + beta_start
     else:
-        raise ValueError(
-            f"beta_schedule={beta_schedule!r} is not supported; allowed: {BETA_SCHEDULES}."
-        )
+        refuse("beta_schedule", f"one of {BETA_SCHEDULES}", beta_schedule)
     if rescale_betas_zero_snr:
         betas = rescale_zero_terminal_snr(betas)
     return betas
@@ -366,9 +366,7 @@ def convert_prediction(
     if prediction_type == "flow_prediction":
         x0 = (sample - sigma * model_output) / (alpha + sigma)
         return x0, model_output + x0
-    raise ValueError(
-        f"prediction_type={prediction_type!r} is not supported; allowed: {PREDICTION_TYPES}."
-    )
+    refuse("prediction_type", f"one of {PREDICTION_TYPES}", prediction_type)
 
 
 # ----------------------------------------------------------------------------- the update

@@ -171,7 +171,6 @@ METAAUG = Case(
             ("quantize_first_layer_input", 1),
         ],
     ),
-    field_message="^{field}=",
     ranks=Ranks(_metaaug_ranks, compare=_compare_reconstructions),
     not_applicable={
         "card": "MetaAugQuantizer.quantize records the method and every setting in config.json's "

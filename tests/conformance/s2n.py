@@ -118,11 +118,16 @@ S2N = Case(
                 ("timestep_spacing", "karras"),
                 ("prev_timestep_rule", "previous"),
                 ("beta_schedule", "cubic"),
+                ("beta_start", float("nan")),
+                ("beta_end", float("inf")),
+                ("clip_sample_range", float("nan")),
+                ("sample_max_value", -1.0),
+                ("num_train_timesteps", 1),
+                ("dynamic_thresholding_ratio", 0.0),
             ],
         ),
         bad("rho_t_max", lambda: S2NGeneralizedScheduler(rho_t_min=500, rho_t_max=100), 100),
     ),
-    field_message="^(`{field}`|{field}=)",
     not_applicable={
         "card": "a scheduler is saved as scheduler_config.json (class, rho, every setting; "
         "checked by the reload case); the pipeline card is written by recipes/s2n",
