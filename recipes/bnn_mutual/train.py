@@ -52,6 +52,7 @@ from hf_extensions.models.image_classification import (
     build_model,
     train_image_classifier,
 )
+from hf_extensions.validation import check_choice, check_integer, check_positive
 from trainers.bnn_mutual_config import BayesianMutualLearningConfig
 from trainers.bnn_mutual_trainer import BayesianMutualLearningTrainer
 
@@ -87,16 +88,12 @@ class BayesianPeersArguments:
     )
 
     def __post_init__(self):
-        if self.num_peers < 1:
-            raise ValueError(f"`num_peers` must be >= 1, got {self.num_peers}.")
-        if self.prior_std <= 0:
-            raise ValueError(f"`prior_std` must be > 0, got {self.prior_std}.")
-        if self.moped_delta is not None and self.moped_delta <= 0:
-            raise ValueError(f"`moped_delta` must be > 0, got {self.moped_delta}.")
-        if self.prior_mean not in PRIOR_MEANS:
-            raise ValueError(f"`prior_mean` must be one of {PRIOR_MEANS}, got {self.prior_mean!r}.")
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"`estimator` must be one of {ESTIMATORS}, got {self.estimator!r}.")
+        check_integer("num_peers", self.num_peers, low=1)
+        check_positive("prior_std", self.prior_std)
+        if self.moped_delta is not None:
+            check_positive("moped_delta", self.moped_delta)
+        check_choice("prior_mean", self.prior_mean, PRIOR_MEANS)
+        check_choice("estimator", self.estimator, ESTIMATORS)
 
 
 def build_peers(

@@ -44,6 +44,7 @@ from hf_extensions.pipelines import (
     push_erased_to_hub,
     save_erased,
 )
+from hf_extensions.validation import check_choice, refuse
 
 RECIPE_DIR = Path(__file__).resolve().parent
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -84,22 +85,15 @@ class ErasureRecipeArguments:
     hub_model_id: str | None = field(default=None, metadata={"help": "Repository to push to."})
 
     def __post_init__(self):
-        if self.method not in ("eap", "esd", "fixed"):
-            raise ValueError(
-                f"`method` must be one of ('eap', 'esd', 'fixed'), got {self.method!r}."
-            )
-        if self.save_mode not in ("full", "changed"):
-            raise ValueError(
-                f"`save_mode` must be one of ('full', 'changed'), got {self.save_mode!r}."
-            )
-        if self.torch_dtype not in DTYPES:
-            raise ValueError(
-                f"`torch_dtype` must be one of {sorted(DTYPES)}, got {self.torch_dtype!r}."
-            )
+        check_choice("method", self.method, ("eap", "esd", "fixed"))
+        check_choice("save_mode", self.save_mode, ("full", "changed"))
+        check_choice("torch_dtype", self.torch_dtype, sorted(DTYPES))
         if not self.concepts:
-            raise ValueError("`concepts` must name at least one concept.")
+            refuse("concepts", "a non-empty list naming at least one concept", self.concepts)
         if self.push_to_hub and not self.hub_model_id:
-            raise ValueError("`push_to_hub` needs a `hub_model_id`.")
+            refuse(
+                "hub_model_id", "a Hub repository id when `push_to_hub` is set", self.hub_model_id
+            )
 
 
 def load_pipeline(args: ErasureRecipeArguments):

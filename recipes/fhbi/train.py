@@ -43,6 +43,7 @@ from hf_extensions.models.image_classification import (
     build_model,
     train_image_classifier,
 )
+from hf_extensions.validation import check_choice, check_integer
 from trainers.fhbi_config import FHBIConfig
 from trainers.fhbi_trainer import FHBITrainer
 
@@ -73,12 +74,8 @@ class LoraArguments:
     )
 
     def __post_init__(self):
-        if self.lora_r < 1:
-            raise ValueError(f"`lora_r` must be >= 1, got {self.lora_r}.")
-        if self.particle_mode not in EVALUATION_MODES:
-            raise ValueError(
-                f"`particle_mode` must be one of {EVALUATION_MODES}, got {self.particle_mode!r}."
-            )
+        check_integer("lora_r", self.lora_r, low=1)
+        check_choice("particle_mode", self.particle_mode, EVALUATION_MODES)
 
 
 def build_ensemble(model, lora: LoraArguments, num_particles: int, seed: int) -> ParticleEnsemble:

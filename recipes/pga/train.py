@@ -49,6 +49,7 @@ from hf_extensions.pga.clip_prompts import (
     digit_domains,
     pretrain_clip_on_labels,
 )
+from hf_extensions.validation import refuse
 from trainers.pga_config import PGAConfig
 from trainers.pga_trainer import PairedDomainDataset, PGATrainer
 
@@ -118,8 +119,10 @@ def _digits(script_args: PGAScriptArguments, config: PGAConfig):
 
 
 def _hub(script_args: PGAScriptArguments, config: PGAConfig):
-    if not script_args.source_domains or script_args.target_domain_name is None:
-        raise ValueError("`source_domains` and `target_domain_name` are needed with a dataset.")
+    if not script_args.source_domains:
+        refuse("source_domains", "a non-empty list with a dataset", script_args.source_domains)
+    if script_args.target_domain_name is None:
+        refuse("target_domain_name", "a domain name with a dataset", None)
     clip = CLIPModel.from_pretrained(script_args.model_name_or_path)
     processor = CLIPProcessor.from_pretrained(script_args.model_name_or_path)
     data = load_dataset(script_args.dataset_name, split=script_args.dataset_split)

@@ -47,6 +47,7 @@ from hf_extensions.cli import RecipeArgumentParser, refuse_resume, run_as_script
 from hf_extensions.hub import build_model_card, save_model_card
 from hf_extensions.prompt_dsi.dsi import DSIModel, fit_docid_head
 from hf_extensions.prompt_dsi.retrieval import select_splits, stdlib_retrieval_corpus
+from hf_extensions.validation import check_integer
 from peft_configs.prompt_pool import (
     KEY_SOURCES,
     QUERY_SOURCES,
@@ -101,10 +102,8 @@ class ScriptArguments:
 
     def __post_init__(self):
         for name in ("num_initial", "docs_per_increment", "max_length", "d0_head_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
-        if self.num_increments < 1:
-            raise ValueError(f"`num_increments` must be >= 1, got {self.num_increments}.")
+            check_integer(name, getattr(self, name), low=1)
+        check_integer("num_increments", self.num_increments, low=1)
 
 
 @dataclass

@@ -38,6 +38,7 @@ from hf_extensions.cli import RecipeArgumentParser, run_as_script, run_demo
 from hf_extensions.hub import build_model_card, save_model_card
 from hf_extensions.quantization import MetaAugConfig, MetaAugQuantizer, export_integer
 from hf_extensions.quantization.models import digits_tensors, evaluate_accuracy, train_digits_cnn
+from hf_extensions.validation import check_integer, refuse
 
 RECIPE_DIR = Path(__file__).resolve().parent
 _SETTING = re.compile(r"^w([2-8])a([2-8]|16)$")
@@ -76,15 +77,18 @@ class QuantizationRecipeArguments:
     def __post_init__(self) -> None:
         for setting in self.settings:
             if not _SETTING.match(setting):
-                raise ValueError(
-                    f"settings={self.settings!r} is invalid; allowed: entries like 'w4a4', "
-                    "'w2a4', 'w8a16' (weight bits 2-8, activation bits 2-8 or 16 = float)"
+                refuse(
+                    "settings",
+                    "a list of entries like 'w4a4', 'w2a4', 'w8a16' (weight bits 2-8, "
+                    "activation bits 2-8 or 16 = float)",
+                    self.settings,
                 )
-        if self.num_calibration < 1:
-            raise ValueError(f"num_calibration={self.num_calibration!r} is invalid; allowed: >= 1")
+        check_integer("num_calibration", self.num_calibration, low=1)
         if self.dataset_name is not None and self.model_name_or_path is None:
-            raise ValueError(
-                "dataset_name needs model_name_or_path (its image processor prepares the images)"
+            refuse(
+                "model_name_or_path",
+                "set when `dataset_name` is (its image processor prepares the images)",
+                self.model_name_or_path,
             )
 
 

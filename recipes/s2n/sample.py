@@ -37,6 +37,7 @@ import torch
 from hf_extensions.cli import RecipeArgumentParser, run_as_script, run_demo
 from hf_extensions.hub import build_model_card, save_model_card
 from hf_extensions.schedulers import GaussianMixture, S2NGeneralizedScheduler, run_denoising_loop
+from hf_extensions.validation import check_choice, check_integer, check_positive, refuse
 
 RECIPE_DIR = Path(__file__).resolve().parent
 METHOD = "s2n-scheduler"
@@ -102,26 +103,22 @@ class S2NSampleArguments:
 
     def __post_init__(self):
         if not self.rhos or any(not (math.isfinite(r) and r >= 0) for r in self.rhos):
-            raise ValueError(f"`rhos` must be a non-empty list of numbers >= 0, got {self.rhos}.")
+            refuse("rhos", "a non-empty list of finite numbers >= 0", self.rhos)
         if not self.num_inference_steps or any(n < 1 for n in self.num_inference_steps):
-            raise ValueError(
-                f"`num_inference_steps` must be a non-empty list of integers >= 1, got "
-                f"{self.num_inference_steps}."
+            refuse(
+                "num_inference_steps", "a non-empty list of integers >= 1", self.num_inference_steps
             )
-        if self.solver_order not in (1, 2):
-            raise ValueError(f"`solver_order` must be 1 or 2, got {self.solver_order}.")
-        if self.s_noise < 0:
-            raise ValueError(f"`s_noise` must be >= 0, got {self.s_noise}.")
-        if not (math.isfinite(self.pipeline_rho) and self.pipeline_rho >= 0):
-            raise ValueError(f"`pipeline_rho` must be a number >= 0, got {self.pipeline_rho}.")
-        if self.torch_dtype not in DTYPES:
-            raise ValueError(
-                f"`torch_dtype` must be one of {sorted(DTYPES)}, got {self.torch_dtype!r}."
-            )
-        if self.num_images < 1:
-            raise ValueError(f"`num_images` must be >= 1, got {self.num_images}.")
+        check_choice("solver_order", self.solver_order, (1, 2))
+        check_positive("s_noise", self.s_noise, allow_zero=True)
+        check_positive("pipeline_rho", self.pipeline_rho, allow_zero=True)
+        check_choice("torch_dtype", self.torch_dtype, sorted(DTYPES))
+        check_integer("num_images", self.num_images, low=1)
         if self.push_to_hub and not (self.save_pipeline and self.hub_model_id):
-            raise ValueError("`push_to_hub` needs `save_pipeline` and a `hub_model_id`.")
+            refuse(
+                "push_to_hub",
+                "False unless `save_pipeline` is set and a `hub_model_id` is given",
+                self.push_to_hub,
+            )
 
 
 def load_pipeline(args: S2NSampleArguments):

@@ -68,6 +68,7 @@ from hf_extensions.hub import build_model_card
 from hf_extensions.metrics import compute_classification_metrics
 from hf_extensions.models import tiny_vit_classifier
 from hf_extensions.models.image_classification import pretrain_classifier
+from hf_extensions.validation import check_choice, check_integer, refuse
 from peft_configs import SharedPrefixTuningConfig
 from peft_configs.shared_prefix import SHARE_CHOICES
 
@@ -120,20 +121,14 @@ class ScriptArguments:
     )
 
     def __post_init__(self):
-        if self.task not in TASKS:
-            raise ValueError(f"`task`={self.task!r} must be one of {TASKS}.")
+        check_choice("task", self.task, TASKS)
         for name in ("image_size", "patch_size", "vit_hidden_size", "vit_layers", "max_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
-        if self.pretrain_epochs < 0:
-            raise ValueError(f"`pretrain_epochs` must be >= 0, got {self.pretrain_epochs}.")
-        if self.max_train_samples is not None and self.max_train_samples < 1:
-            raise ValueError(f"`max_train_samples` must be >= 1, got {self.max_train_samples}.")
+            check_integer(name, getattr(self, name), low=1)
+        check_integer("pretrain_epochs", self.pretrain_epochs, low=0)
+        if self.max_train_samples is not None:
+            check_integer("max_train_samples", self.max_train_samples, low=1)
         if self.image_size % self.patch_size:
-            raise ValueError(
-                f"`image_size`={self.image_size} must be a multiple of "
-                f"`patch_size`={self.patch_size}."
-            )
+            refuse("image_size", f"a multiple of `patch_size`={self.patch_size}", self.image_size)
 
 
 @dataclass
@@ -405,7 +400,7 @@ def image_setup(args: ScriptArguments, seed: int):
             _new_head(model, names)
         return model, data["target"], None, "scikit-learn digits (5-9; backbone: 0-4)"
     if args.dataset_name is None:
-        raise ValueError("a Hub backbone (`model_name_or_path`) needs a Hub `dataset_name`")
+        refuse("dataset_name", "a Hub dataset with a Hub backbone (`model_name_or_path`)", None)
     from datasets import load_dataset
 
     raw = load_dataset(args.dataset_name)
