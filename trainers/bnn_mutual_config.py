@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from hf_extensions.bnn import GAUSSIAN_DIVERGENCES
 from hf_extensions.documentation import document_fields
-from hf_extensions.validation import check_choice, check_range
+from hf_extensions.validation import check_choice, check_integer, check_range, refuse
 from trainers.method_config import MethodConfig
 
 PARAMETER_DIVERGENCES = GAUSSIAN_DIVERGENCES
@@ -200,9 +200,11 @@ class BayesianMutualLearningConfig(MethodConfig):
         check_choice("feature_divergence", self.feature_divergence, FEATURE_DIVERGENCES)
         check_choice("feature_diversity_bound", self.feature_diversity_bound, FEATURE_BOUNDS)
         if self.feature_divergence == "kl" and self.feature_diversity_bound == "none":
-            raise ValueError(
-                "`feature_diversity_bound` must be 'saturating' or 'log' with "
-                "feature_divergence='kl' (maximising an unbounded KL diverges), got 'none'."
+            refuse(
+                "feature_diversity_bound",
+                "'saturating' or 'log' with feature_divergence='kl' (maximising an unbounded KL "
+                "diverges)",
+                self.feature_diversity_bound,
             )
         check_range("feature_temperature", self.feature_temperature, low=0.0, low_open=True)
         if self.feature_layers is not None and (
@@ -210,12 +212,11 @@ class BayesianMutualLearningConfig(MethodConfig):
             or not self.feature_layers
             or not all(isinstance(name, str) and name for name in self.feature_layers)
         ):
-            raise ValueError(
-                "`feature_layers` must be a non-empty list of module names or None, got "
-                f"{self.feature_layers!r}."
+            refuse(
+                "feature_layers", "a non-empty list of module names or None", self.feature_layers
             )
         if self.feature_layers is not None:
             self.feature_layers = list(self.feature_layers)
         if isinstance(self.mc_samples, bool) or not isinstance(self.mc_samples, int):
-            raise ValueError(f"`mc_samples` must be an integer >= 1, got {self.mc_samples!r}.")
-        check_range("mc_samples", self.mc_samples, low=1)
+            refuse("mc_samples", "an integer in [1, inf)", self.mc_samples)
+        check_integer("mc_samples", self.mc_samples, low=1)

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from hf_extensions.documentation import document_fields
 from hf_extensions.fhbi.kernels import KERNEL_GRAD_SIGNS, KERNEL_SCOPES
-from hf_extensions.validation import check_choice, check_range
+from hf_extensions.validation import check_choice, check_range, refuse
 from trainers.perturbation_config import PerturbationConfig
 
 KERNELS = ("rbf", "none")
@@ -123,7 +123,9 @@ class FHBIConfig(PerturbationConfig):
             check_range("prior_std", self.prior_std, low=0.0, low_open=True)
         check_choice("perturb_norm", self.perturb_norm, ("global",))
         if self.fp16:
-            raise ValueError(
-                "`fp16` is not supported by FHBITrainer (the kernel step rewrites gradients that "
-                "the GradScaler may not have unscaled yet); use `bf16`."
+            refuse(
+                "fp16",
+                "False for FHBITrainer (the kernel step rewrites gradients that the GradScaler may "
+                "not have unscaled yet; use `bf16`)",
+                self.fp16,
             )

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from hf_extensions.documentation import document_fields
 from hf_extensions.hierarchical_cl.taxonomy import OT_SOLVERS
-from hf_extensions.validation import check_choice, check_range
+from hf_extensions.validation import check_choice, check_range, refuse
 from trainers.method_config import MethodConfig
 
 
@@ -143,4 +143,4 @@ class HierarchicalPromptCLConfig(MethodConfig):
             check_range("num_groups", self.num_groups, low=1)
         check_choice("ot_solver", self.ot_solver, OT_SOLVERS)
         if not self.head_name or not isinstance(self.head_name, str):
-            raise ValueError(f"`head_name`={self.head_name!r} must name the model's linear head.")
+            refuse("head_name", "the name of the model's linear head", self.head_name)

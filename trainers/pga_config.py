@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from hf_extensions.documentation import document_fields
-from hf_extensions.validation import check_range
+from hf_extensions.validation import check_range, refuse
 from trainers.method_config import MethodConfig
 
 
@@ -93,14 +93,17 @@ class PGAConfig(MethodConfig):
         check_range("n_ctx_shared", self.n_ctx_shared, low=1)
         check_range("n_ctx_domain", self.n_ctx_domain, low=1)
         if not self.target_domain:
-            raise ValueError(f"`target_domain` must be a domain name, got {self.target_domain!r}.")
+            refuse("target_domain", "a domain name", self.target_domain)
         if self.pga_source_only and self.pga_align != 0:
-            raise ValueError(
-                f"`pga_align` must be 0 with `pga_source_only=True` (there is no target gradient "
-                f"to align with), got {self.pga_align!r}."
+            refuse(
+                "pga_align",
+                "0 with `pga_source_only=True` (there is no target gradient to align with)",
+                self.pga_align,
             )
         if self.remove_unused_columns:
-            raise ValueError(
-                "`remove_unused_columns` must be False for PGA: batches hold one nested dict per "
-                "domain, which column removal would drop."
+            refuse(
+                "remove_unused_columns",
+                "False for PGA (batches hold one nested dict per domain, which column removal "
+                "would drop)",
+                self.remove_unused_columns,
             )

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from hf_extensions.documentation import document_fields
-from hf_extensions.validation import check_choice, check_range
+from hf_extensions.validation import check_choice, check_range, refuse
 from trainers.method_config import MethodConfig
 
 #: How an increment of documents is learned.
@@ -88,9 +88,11 @@ class PromptDSIConfig(MethodConfig):
         if self.train_old_rows is None:
             self.train_old_rows = not pool
         if pool and self.train_encoder:
-            raise ValueError(
-                f"`train_encoder`=True is not allowed with `strategy`={self.strategy!r}: the pool "
-                "strategies keep the encoder frozen (rehearsal-free); use 'sequential' or 'joint'."
+            refuse(
+                "train_encoder",
+                f"False with `strategy`={self.strategy!r} (the pool strategies keep the encoder "
+                "frozen, rehearsal-free; use 'sequential' or 'joint')",
+                self.train_encoder,
             )
         check_range("auxiliary_loss_weight", self.auxiliary_loss_weight, low=0.0)
         if self.rows_learning_rate is not None:
