@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
 from hf_extensions.documentation import document_fields
+from hf_extensions.validation import check_choice, check_integer, check_positive, refuse
 from peft_configs.registration import extend_peft_type
 
 __all__ = ["FORMAT_VERSION", "KEY_SOURCES", "QUERY_SOURCES", "PromptPoolConfig"]
@@ -118,64 +118,60 @@ class PromptPoolConfig(PeftConfig):
         super().__post_init__()
         self.peft_type = PeftType.HF_EXTENSIONS_PROMPT_POOL
         if self.format_version != FORMAT_VERSION:
-            raise ValueError(
-                f"`format_version`={self.format_version!r}: this hf-extensions reads prompt-pool "
-                f"adapters of version {FORMAT_VERSION} only; upgrade hf-extensions."
+            refuse(
+                "format_version",
+                f"{FORMAT_VERSION} (this hf-extensions reads prompt-pool adapters of that version "
+                "only; upgrade hf-extensions)",
+                self.format_version,
             )
         for name in ("pool_size", "prompt_length", "top_k"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"`{name}`={value!r} must be an integer >= 1.")
-        if self.top_k > self.pool_size:
-            raise ValueError(
-                f"`top_k`={self.top_k!r} must be <= `pool_size`={self.pool_size!r} (allowed: 1 to "
-                f"{self.pool_size})."
-            )
+            if not _is_int(value):  # a plain int: the config is saved as JSON
+                refuse(name, "an integer in [1, inf)", value)
+            check_integer(name, value, low=1)
+        check_integer("top_k", self.top_k, low=1, high=self.pool_size)
         if self.layers is not None:
             layers = list(self.layers)
             if not layers or not all(_is_int(i) for i in layers):
-                raise ValueError(
-                    f"`layers`={self.layers!r} must be None (all layers) or a non-empty list of "
-                    "layer indices."
+                refuse(
+                    "layers", "None (all layers) or a non-empty list of layer indices", self.layers
                 )
             if len(set(layers)) != len(layers):
-                raise ValueError(f"`layers`={self.layers!r} names a layer twice.")
+                refuse("layers", "None or a list naming each layer once", self.layers)
             self.layers = layers
-        if self.key_source not in KEY_SOURCES:
-            raise ValueError(f"`key_source`={self.key_source!r} must be one of {KEY_SOURCES}.")
-        if self.query_source not in QUERY_SOURCES:
-            raise ValueError(
-                f"`query_source`={self.query_source!r} must be one of {QUERY_SOURCES}."
-            )
+        check_choice("key_source", self.key_source, KEY_SOURCES)
+        check_choice("query_source", self.query_source, QUERY_SOURCES)
         if self.query_source == "layer_k_cls":
-            if not _is_int(self.query_layer) or self.query_layer < 0:
-                raise ValueError(
-                    f"`query_layer`={self.query_layer!r} must be an integer >= 0 with "
-                    "query_source='layer_k_cls'."
+            if not _is_int(self.query_layer):
+                refuse(
+                    "query_layer",
+                    "an integer >= 0 with query_source='layer_k_cls'",
+                    self.query_layer,
                 )
+            check_integer("query_layer", self.query_layer, low=0)
             first = 0 if self.layers is None else min(self.layers)
             if first >= 0 and self.query_layer > first:
-                raise ValueError(
-                    f"`query_layer`={self.query_layer!r} must be <= the first prompted layer "
-                    f"({first}, from `layers`={self.layers!r}): the query must not see the prompts."
+                refuse(
+                    "query_layer",
+                    f"<= the first prompted layer ({first}, from `layers`={self.layers!r}: the "
+                    "query must not see the prompts)",
+                    self.query_layer,
                 )
         elif self.query_layer is not None:
-            raise ValueError(
-                f"`query_layer`={self.query_layer!r} has no meaning for "
-                f"query_source={self.query_source!r}; allowed: None (only layer_k_cls uses it)."
+            refuse(
+                "query_layer",
+                f"None with query_source={self.query_source!r} (only layer_k_cls uses it)",
+                self.query_layer,
             )
-        if isinstance(self.pull_loss_weight, bool) or not isinstance(
-            self.pull_loss_weight, (int, float)
-        ):
-            raise ValueError(f"`pull_loss_weight`={self.pull_loss_weight!r} must be a number >= 0.")
-        if not math.isfinite(self.pull_loss_weight) or self.pull_loss_weight < 0:
-            raise ValueError(
-                f"`pull_loss_weight`={self.pull_loss_weight!r} must be a finite number >= 0."
-            )
+        if not isinstance(self.pull_loss_weight, (int, float)):
+            refuse("pull_loss_weight", "a finite number in [0.0, inf)", self.pull_loss_weight)
+        check_positive("pull_loss_weight", self.pull_loss_weight, allow_zero=True)
         if self.pull_loss_weight > 0 and self.key_source != "learned":
-            raise ValueError(
-                f"`pull_loss_weight`={self.pull_loss_weight!r} needs key_source='learned' (fixed "
-                f"keys are never trained), got key_source={self.key_source!r}; allowed: 0.0."
+            refuse(
+                "pull_loss_weight",
+                f"0.0 with key_source={self.key_source!r} (fixed keys are never trained; only "
+                "key_source='learned' uses it)",
+                self.pull_loss_weight,
             )
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]

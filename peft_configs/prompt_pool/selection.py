@@ -25,6 +25,7 @@ from sklearn.cluster import KMeans
 from torch import nn
 from transformers import PreTrainedModel
 
+from hf_extensions.validation import check_choice, refuse
 from peft_configs.injection import find_self_attention_modules
 from peft_configs.prompt_pool.config import QUERY_SOURCES
 
@@ -238,8 +239,7 @@ def query_features(
     eval mode (no dropout), where L2P keeps a separate frozen copy of the model in eval mode; the
     feature is the same.
     """
-    if query_source not in QUERY_SOURCES:
-        raise ValueError(f"`query_source`={query_source!r} must be one of {QUERY_SOURCES}.")
+    check_choice("query_source", query_source, QUERY_SOURCES)
     model = _unwrap(encoder)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **inputs}
     with contextlib.ExitStack() as stack:
@@ -253,11 +253,13 @@ def query_features(
         if query_source == "frozen_cls":
             return first_token(backbone(**kwargs)).detach()
         if query_layer is None:
-            raise ValueError("query_source='layer_k_cls' needs query_layer")
+            refuse("query_layer", "a layer index with query_source='layer_k_cls'", query_layer)
         blocks = transformer_blocks(backbone)
         if not 0 <= query_layer < len(blocks):
-            raise ValueError(
-                f"`query_layer`={query_layer!r} out of range for a model with {len(blocks)} layers"
+            refuse(
+                "query_layer",
+                f"in [0, {len(blocks)}) for a model with {len(blocks)} layers",
+                query_layer,
             )
         captured: list[torch.Tensor] = []
 
@@ -319,11 +321,9 @@ def topic_keys(
     if array.ndim != 2:
         raise ValueError(f"features must be [N, d], got shape {array.shape}")
     if isinstance(num_topics, bool) or not isinstance(num_topics, int) or num_topics < 1:
-        raise ValueError(f"`num_topics`={num_topics!r} must be an integer >= 1.")
+        refuse("num_topics", "an integer in [1, inf)", num_topics)
     if num_topics > array.shape[0]:
-        raise ValueError(
-            f"`num_topics`={num_topics} exceeds the number of documents ({array.shape[0]})"
-        )
+        refuse("num_topics", f"at most the number of documents ({array.shape[0]})", num_topics)
     if normalize:
         array = array / np.clip(np.linalg.norm(array, axis=1, keepdims=True), 1e-12, None)
     kmeans = KMeans(n_clusters=num_topics, random_state=seed, n_init=n_init).fit(array)

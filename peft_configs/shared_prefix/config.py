@@ -8,6 +8,7 @@ from peft.config import PeftConfig
 from peft.utils import PeftType
 
 from hf_extensions.documentation import document_fields
+from hf_extensions.validation import check_choice, check_integer, check_range, refuse
 from peft_configs.registration import extend_peft_type
 
 __all__ = ["FORMAT_VERSION", "SHARE_CHOICES", "SharedPrefixTuningConfig"]
@@ -20,6 +21,10 @@ _USES_HIDDEN = ("global_mlp", "per_layer_mlp")
 _USES_LATENT = ("global_mlp", "per_layer_mlp", "per_layer_linear")
 
 extend_peft_type("shared_prefix")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @document_fields
@@ -119,51 +124,44 @@ class SharedPrefixTuningConfig(PeftConfig):
         super().__post_init__()
         self.peft_type = PeftType.HF_EXTENSIONS_SHARED_PREFIX
         if self.format_version != FORMAT_VERSION:
-            raise ValueError(
-                f"`format_version`={self.format_version!r}: this hf-extensions reads shared-prefix "
-                f"adapters of version {FORMAT_VERSION} only; upgrade hf-extensions."
+            refuse(
+                "format_version",
+                f"{FORMAT_VERSION} (this hf-extensions reads shared-prefix adapters of that "
+                "version only; upgrade hf-extensions)",
+                self.format_version,
             )
-        if self.share not in SHARE_CHOICES:
-            raise ValueError(f"`share`={self.share!r} must be one of {SHARE_CHOICES}.")
-        if (
-            isinstance(self.num_virtual_tokens, bool)
-            or not isinstance(self.num_virtual_tokens, int)
-            or self.num_virtual_tokens < 1
-        ):
-            raise ValueError(
-                f"`num_virtual_tokens`={self.num_virtual_tokens!r} must be an integer >= 1."
-            )
+        check_choice("share", self.share, SHARE_CHOICES)
+        if not _is_int(self.num_virtual_tokens):  # a plain int: the config is saved as JSON
+            refuse("num_virtual_tokens", "an integer in [1, inf)", self.num_virtual_tokens)
+        check_integer("num_virtual_tokens", self.num_virtual_tokens, low=1)
         if self.layers is not None:
             layers = list(self.layers)
-            if not layers or not all(
-                isinstance(i, int) and not isinstance(i, bool) for i in layers
-            ):
-                raise ValueError(
-                    f"`layers`={self.layers!r} must be None (all layers) or a non-empty list of "
-                    "layer indices."
+            if not layers or not all(_is_int(i) for i in layers):
+                refuse(
+                    "layers", "None (all layers) or a non-empty list of layer indices", self.layers
                 )
             if len(set(layers)) != len(layers):
-                raise ValueError(f"`layers`={self.layers!r} names a layer twice.")
+                refuse("layers", "None or a list naming each layer once", self.layers)
             self.layers = layers
         for name, allowed in (("hidden_size", _USES_HIDDEN), ("latent_dim", _USES_LATENT)):
             value = getattr(self, name)
             if value is None:
                 continue
             if self.share not in allowed:
-                raise ValueError(
-                    f"`{name}`={value!r} has no meaning for share={self.share!r}; it is used by "
-                    f"share in {allowed} only."
+                refuse(
+                    name, f"None with share={self.share!r} (only share in {allowed} uses it)", value
                 )
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}`={value!r} must be an integer >= 1 or None.")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"`dropout`={self.dropout!r} must be in [0, 1).")
+            if not _is_int(value) or value < 1:
+                refuse(name, "None or an integer >= 1", value)
+        if not isinstance(self.dropout, (int, float)):
+            refuse("dropout", "a finite number in [0.0, 1.0)", self.dropout)
+        check_range("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
         if self.shift_positions is None:
             self.shift_positions = self.task_type == "CAUSAL_LM"
         if not isinstance(self.shift_positions, bool):
-            raise ValueError(f"`shift_positions`={self.shift_positions!r} must be a bool or None.")
+            refuse("shift_positions", "a bool or None", self.shift_positions)
         if not isinstance(self.materialized, bool):
-            raise ValueError(f"`materialized`={self.materialized!r} must be a bool.")
+            refuse("materialized", "a bool", self.materialized)
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
 
