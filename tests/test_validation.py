@@ -77,3 +77,22 @@ def test_configs_refuse_non_finite_numbers_naming_the_field(tmp_path, config_cls
     """A NaN radius used to pass (``nan < 0`` is false) and train with NaN weights."""
     with pytest.raises(ValueError, match=rf"^`{field}` must be a finite number"):
         config_cls(output_dir=str(tmp_path), use_cpu=True, report_to=[], **{field: value})
+
+
+def _nan_cases():
+    from recipes.bnn_mutual.train import BayesianPeersArguments
+    from recipes.s2n.sample import S2NSampleArguments
+
+    return [
+        pytest.param(BayesianPeersArguments, "prior_std", id="bnn-prior_std"),
+        pytest.param(BayesianPeersArguments, "moped_delta", id="bnn-moped_delta"),
+        pytest.param(S2NSampleArguments, "s_noise", id="s2n-s_noise"),
+    ]
+
+
+@pytest.mark.parametrize(("arguments_cls", "field"), _nan_cases())
+def test_converted_arguments_refuse_nan_naming_the_field(arguments_cls, field):
+    """These used ``if x <= 0: raise`` (or ``< 0``), which a NaN passes (every comparison with NaN
+    is false); converted to ``hf_extensions.validation``, NaN is refused with the field named first."""
+    with pytest.raises(ValueError, match=rf"^`{field}` must be a finite number"):
+        arguments_cls(**{field: float("nan")})
