@@ -80,6 +80,7 @@ def test_configs_refuse_non_finite_numbers_naming_the_field(tmp_path, config_cls
 
 
 def _nan_cases():
+    from hf_extensions.schedulers.snr import EDMSchedule, FlowMatchingSchedule
     from recipes.bnn_mutual.train import BayesianPeersArguments
     from recipes.s2n.sample import S2NSampleArguments
 
@@ -87,6 +88,8 @@ def _nan_cases():
         pytest.param(BayesianPeersArguments, "prior_std", id="bnn-prior_std"),
         pytest.param(BayesianPeersArguments, "moped_delta", id="bnn-moped_delta"),
         pytest.param(S2NSampleArguments, "s_noise", id="s2n-s_noise"),
+        pytest.param(EDMSchedule, "sigma_data", id="edm-sigma_data"),
+        pytest.param(FlowMatchingSchedule, "shift", id="flow-shift"),
     ]
 
 

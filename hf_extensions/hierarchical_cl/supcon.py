@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
+from hf_extensions.validation import check_positive
+
 __all__ = [
     "SupConTerms",
     "grouped_supervised_contrastive_loss",
@@ -136,8 +138,7 @@ class SupConTerms:
         temperature: float = 0.1,
         include_self: bool = False,
     ):
-        if temperature <= 0:
-            raise ValueError(f"`temperature` must be > 0, got {temperature}.")
+        check_positive("temperature", temperature)
         kinds = [kind for kind, _ in terms]
         if not kinds or set(kinds) - {"global", "groups"}:
             raise ValueError(f"terms must be ('global' | 'groups', scaled) pairs, got {terms}.")

@@ -36,6 +36,7 @@ import torch
 from sklearn.cluster import AgglomerativeClustering, KMeans
 
 from hf_extensions.seeding import keyed_generator
+from hf_extensions.validation import check_positive
 
 __all__ = [
     "DIGITS_TAXONOMY",
@@ -263,8 +264,7 @@ class ClassDistances:
             raise ValueError(f"`solver` must be one of {OT_SOLVERS}, got {solver!r}.")
         if num_samples < 1:
             raise ValueError(f"`num_samples` must be >= 1, got {num_samples}.")
-        if sinkhorn_reg <= 0:
-            raise ValueError(f"`sinkhorn_reg` must be > 0, got {sinkhorn_reg}.")
+        check_positive("sinkhorn_reg", sinkhorn_reg)
         self.num_samples = num_samples
         self.solver = solver
         self.sinkhorn_reg = sinkhorn_reg
@@ -309,6 +309,5 @@ class ClassDistances:
         self, mixtures: Mapping[int, ClassMixture], num_classes: int, delta: float = 100.0
     ) -> torch.Tensor:
         """``Γ = exp(−W / δ)`` (the paper's δ = 100); 1 on the diagonal and for unseen classes."""
-        if delta <= 0:
-            raise ValueError(f"`delta` must be > 0, got {delta}.")
+        check_positive("delta", delta)
         return torch.exp(-self.matrix(mixtures, num_classes) / delta)

@@ -29,6 +29,7 @@ from hf_extensions.cli import finish_training, run_training
 from hf_extensions.data import CLASS_NAMES, add_label_noise, load_digits
 from hf_extensions.metrics import compute_classification_metrics
 from hf_extensions.models.tiny import tiny_vit_classifier
+from hf_extensions.validation import check_integer, check_range
 
 
 @dataclass
@@ -83,12 +84,17 @@ class ImageClassificationArguments:
     )
 
     def __post_init__(self):
-        if not 0.0 <= self.label_noise < 1.0:
-            raise ValueError(f"`label_noise` must be in [0, 1), got {self.label_noise}.")
-        if not 0.0 < self.validation_size < 1.0:
-            raise ValueError(f"`validation_size` must be in (0, 1), got {self.validation_size}.")
-        if self.max_train_samples is not None and self.max_train_samples < 1:
-            raise ValueError(f"`max_train_samples` must be >= 1, got {self.max_train_samples}.")
+        check_range("label_noise", self.label_noise, low=0.0, high=1.0, high_open=True)
+        check_range(
+            "validation_size",
+            self.validation_size,
+            low=0.0,
+            high=1.0,
+            low_open=True,
+            high_open=True,
+        )
+        if self.max_train_samples is not None:
+            check_integer("max_train_samples", self.max_train_samples, low=1)
         if self.dataset_name is not None and self.model_name_or_path is None:
             raise ValueError(
                 "`dataset_name` needs `model_name_or_path`: its image processor prepares the images."

@@ -39,6 +39,7 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from hf_extensions.models.encoders import mean_pool
+from hf_extensions.validation import check_positive
 
 __all__ = ["DSIModel", "fit_docid_head", "incdsi_add_documents", "incdsi_rows"]
 
@@ -80,8 +81,7 @@ class DSIModel(nn.Module):
             raise ValueError(f"`pooling` must be one of {POOLINGS}, got {pooling!r}.")
         if num_docs < 1:
             raise ValueError(f"`num_docs` must be >= 1, got {num_docs}.")
-        if logit_scale <= 0:
-            raise ValueError(f"`logit_scale` must be > 0, got {logit_scale}.")
+        check_positive("logit_scale", logit_scale)
         self.encoder = encoder
         self.pooling = pooling
         self.normalize = normalize

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hf_extensions.validation import refuse
+from hf_extensions.validation import check_positive, refuse
 
 __all__ = [
     "BETA_SCHEDULES",
@@ -289,8 +289,7 @@ class EDMSchedule(S2NSchedule):
             raise ValueError(
                 f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}."
             )
-        if sigma_data <= 0:
-            raise ValueError(f"sigma_data must be > 0, got {sigma_data}.")
+        check_positive("sigma_data", sigma_data)
         self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
 
     def alpha(self, t: Any) -> torch.Tensor:
@@ -321,8 +320,7 @@ class FlowMatchingSchedule(S2NSchedule):
     family = "flow"
 
     def __init__(self, shift: float = 1.0):
-        if shift <= 0:
-            raise ValueError(f"shift must be > 0, got {shift}.")
+        check_positive("shift", shift)
         self.shift = float(shift)
 
     def _shifted(self, t: Any) -> torch.Tensor:
