@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_extensions.validation import check_choice
+from hf_extensions.validation import check_choice, check_positive
 
 ESTIMATORS = ("reparameterization", "flipout")
 PRIOR_MEANS = ("zero", "pretrained")
@@ -74,8 +74,7 @@ class BayesianLayer:
     def _init_gaussian(
         self, prior_std: float, rho_init: float, prior_mean: str, estimator: str
     ) -> None:
-        if not prior_std > 0:
-            raise ValueError(f"`prior_std` must be > 0, got {prior_std!r}.")
+        check_positive("prior_std", prior_std)
         check_choice("prior_mean", prior_mean, PRIOR_MEANS)
         check_choice("estimator", estimator, ESTIMATORS)
         self.prior_std = float(prior_std)
@@ -363,8 +362,8 @@ def convert_to_bayesian(
     Returns:
         ``model`` itself.
     """
-    if moped_delta is not None and not moped_delta > 0:
-        raise ValueError(f"`moped_delta` must be > 0, got {moped_delta!r}.")
+    if moped_delta is not None:
+        check_positive("moped_delta", moped_delta)
     if moped_delta is not None and not init_from_pretrained:
         raise ValueError("`moped_delta` needs `init_from_pretrained=True` (sigma = delta |w|).")
     check_choice("prior_mean", prior_mean, PRIOR_MEANS)

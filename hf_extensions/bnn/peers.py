@@ -27,6 +27,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from hf_extensions.bnn.layers import bayesian_layers, convert_to_bayesian
+from hf_extensions.validation import check_integer, refuse
 
 ENSEMBLE_CONFIG_NAME = "peer_ensemble.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -167,9 +168,10 @@ class PeerEnsemble(nn.Module):
     ):
         super().__init__()
         if len(peers) < 1:
-            raise ValueError("`peers` must hold at least one model.")
-        if not isinstance(mc_samples, int) or mc_samples < 1:
-            raise ValueError(f"`mc_samples` must be an integer >= 1, got {mc_samples!r}.")
+            refuse("peers", "a sequence of at least one model", list(peers))
+        if not isinstance(mc_samples, int):  # a plain int only (numpy integers too were refused)
+            refuse("mc_samples", "an integer in [1, inf)", mc_samples)
+        check_integer("mc_samples", mc_samples, low=1)
         self.peers = nn.ModuleList(peers)
         self.mc_samples = mc_samples
         self._signatures = [_forward_parameters(peer) for peer in self.peers]
@@ -191,7 +193,7 @@ class PeerEnsemble(nn.Module):
         if names == "auto":
             names = _auto_feature_layers(self.peers[0])
         if isinstance(names, str) or not names:
-            raise ValueError(f"`feature_layers` must be a list of module names, got {names!r}.")
+            refuse("feature_layers", "a list of module names", names)
         self.feature_layers = list(names)
         for index, peer in enumerate(self.peers):
             for spec in self.feature_layers:
