@@ -80,6 +80,11 @@ def test_configs_refuse_non_finite_numbers_naming_the_field(tmp_path, config_cls
 
 
 def _nan_cases():
+    from functools import partial
+
+    from torch import nn
+
+    from hf_extensions.fhbi.particles import ParticleEnsemble
     from hf_extensions.schedulers.snr import EDMSchedule, FlowMatchingSchedule
     from recipes.bnn_mutual.train import BayesianPeersArguments
     from recipes.s2n.sample import S2NSampleArguments
@@ -90,12 +95,29 @@ def _nan_cases():
         pytest.param(S2NSampleArguments, "s_noise", id="s2n-s_noise"),
         pytest.param(EDMSchedule, "sigma_data", id="edm-sigma_data"),
         pytest.param(FlowMatchingSchedule, "shift", id="flow-shift"),
+        pytest.param(
+            partial(ParticleEnsemble, nn.Linear(2, 2)),
+            "num_particles",
+            "an integer",
+            id="fhbi-num_particles",
+        ),
     ]
 
 
-@pytest.mark.parametrize(("arguments_cls", "field"), _nan_cases())
-def test_converted_arguments_refuse_nan_naming_the_field(arguments_cls, field):
+def _with_allowed(cases):
+    """Each case as ``(callable, field, allowed)``; ``allowed`` defaults to "a finite number"."""
+    return [
+        pytest.param(
+            *case.values, *(["a finite number"] if len(case.values) == 2 else []), id=case.id
+        )
+        for case in cases
+    ]
+
+
+@pytest.mark.parametrize(("arguments_cls", "field", "allowed"), _with_allowed(_nan_cases()))
+def test_converted_arguments_refuse_nan_naming_the_field(arguments_cls, field, allowed):
     """These used ``if x <= 0: raise`` (or ``< 0``), which a NaN passes (every comparison with NaN
-    is false); converted to ``hf_extensions.validation``, NaN is refused with the field named first."""
-    with pytest.raises(ValueError, match=rf"^`{field}` must be a finite number"):
+    is false); converted to ``hf_extensions.validation``, NaN is refused with the field named first
+    (``allowed``: "a finite number", or "an integer" where the argument counts something)."""
+    with pytest.raises(ValueError, match=rf"^`{field}` must be {allowed}"):
         arguments_cls(**{field: float("nan")})

@@ -34,6 +34,8 @@ from collections.abc import Sequence
 
 import torch
 
+from hf_extensions.validation import check_choice, check_positive
+
 KERNEL_SCOPES = ("block", "global")
 #: ``"paper"``: repulsive term as derived (grad = (Kg - r)/m). ``"official_code"``: the sign and
 #: factor 2 of FHBI's official code (grad = (Kg + 2r)/m), which attracts the particles; only for
@@ -80,8 +82,7 @@ def rbf_kernel(
     if bandwidth is None:
         sigma2 = median_bandwidth2(sq_dists)
     else:
-        if bandwidth < 0 or not math.isfinite(bandwidth):
-            raise ValueError(f"`bandwidth` must be a finite number >= 0, got {bandwidth!r}.")
+        check_positive("bandwidth", bandwidth, allow_zero=True)
         sigma2 = sq_dists.new_tensor(max(bandwidth**2, MIN_BANDWIDTH2))
     return torch.exp(-sq_dists / (2.0 * sigma2)), sigma2
 
@@ -108,8 +109,7 @@ def kernel_matrices(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``(K, σ²)`` for every tensor of ``particles`` (``[m, ...]`` each): one per tensor with
     ``scope="block"``, the same global one for every tensor with ``scope="global"``."""
-    if scope not in KERNEL_SCOPES:
-        raise ValueError(f"`scope` must be one of {KERNEL_SCOPES}, got {scope!r}.")
+    check_choice("scope", scope, KERNEL_SCOPES)
     if not particles:
         return []
     if scope == "block":
@@ -156,10 +156,8 @@ def svgd_gradients(
     ``scope="global"`` works on all tensors at once (one ``[m, D]`` concatenation, two matmuls),
     so its cost does not grow with the number of tensors.
     """
-    if sign not in KERNEL_GRAD_SIGNS:
-        raise ValueError(f"`sign` must be one of {KERNEL_GRAD_SIGNS}, got {sign!r}.")
-    if scope not in KERNEL_SCOPES:
-        raise ValueError(f"`scope` must be one of {KERNEL_SCOPES}, got {scope!r}.")
+    check_choice("sign", sign, KERNEL_GRAD_SIGNS)
+    check_choice("scope", scope, KERNEL_SCOPES)
     if len(grads) != len(particles):
         raise ValueError(f"{len(grads)} gradients for {len(particles)} particle tensors.")
     coefficient = _REPULSION_COEFFICIENT[sign]

@@ -43,6 +43,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.func import functional_call, vmap
 
+from hf_extensions.validation import check_choice, check_integer
+
 ENSEMBLE_CONFIG_NAME = "particle_ensemble.json"
 PARTICLE_WEIGHTS_NAME = "particle.safetensors"
 #: How the particles are evaluated: ``"stacked"`` (the batch repeated m times, particle-major,
@@ -107,8 +109,7 @@ class ParticleEnsemble(nn.Module):
 
     def __init__(self, model: nn.Module, num_particles: int = 4, seed: int = 0, mode: str = "auto"):
         super().__init__()
-        if num_particles < 1:
-            raise ValueError(f"`num_particles` must be >= 1, got {num_particles}.")
+        check_integer("num_particles", num_particles, low=1)
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
                 raise ValueError(
@@ -142,8 +143,7 @@ class ParticleEnsemble(nn.Module):
 
     @mode.setter
     def mode(self, value: str) -> None:
-        if value not in EVALUATION_MODES:
-            raise ValueError(f"`mode` must be one of {EVALUATION_MODES}, got {value!r}.")
+        check_choice("mode", value, EVALUATION_MODES)
         self._stacked = self._stacked_modules()
         if value == "stacked" and self._stacked is None:
             raise ValueError(
