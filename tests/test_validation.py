@@ -85,6 +85,7 @@ def _nan_cases():
     from torch import nn
 
     from hf_extensions.fhbi.particles import ParticleEnsemble
+    from hf_extensions.metrics.functional import accuracy_matrix
     from hf_extensions.schedulers.snr import EDMSchedule, FlowMatchingSchedule
     from recipes.bnn_mutual.train import BayesianPeersArguments
     from recipes.s2n.sample import S2NSampleArguments
@@ -100,6 +101,12 @@ def _nan_cases():
             "num_particles",
             "an integer",
             id="fhbi-num_particles",
+        ),
+        pytest.param(
+            partial(accuracy_matrix, [0], [0], [0], [0]),
+            "num_tasks",
+            "an integer",
+            id="metrics-accuracy_matrix-num_tasks",
         ),
     ]
 

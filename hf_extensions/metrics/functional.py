@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 from scipy.special import log_softmax, softmax
 
+from hf_extensions.validation import check_integer, refuse
+
 __all__ = [
     "CalibrationBins",
     "accuracy",
@@ -175,8 +177,7 @@ def calibration_bins(
         n_bins: number of equal-width bins on [0, 1] (Guo et al. use 15).
         from_logits: apply a softmax to ``probabilities`` first.
     """
-    if not isinstance(n_bins, (int, np.integer)) or isinstance(n_bins, bool) or n_bins < 1:
-        raise ValueError(f"`n_bins` must be an integer >= 1, got {n_bins!r}.")
+    check_integer("n_bins", n_bins, low=1)
     refs = _labels(references, "references")
     probs = _score_matrix(probabilities, refs, from_logits)
     if from_logits:
@@ -285,8 +286,10 @@ def accuracy_matrix(
     inferred = int(max(stages.max(), tasks.max())) + 1
     if num_tasks is None:
         num_tasks = inferred
-    elif num_tasks < inferred:
-        raise ValueError(f"`num_tasks`={num_tasks} but the ids go up to {inferred - 1}.")
+    else:
+        num_tasks = check_integer("num_tasks", num_tasks, low=1)
+        if num_tasks < inferred:
+            refuse("num_tasks", f"at least {inferred} (the ids go up to {inferred - 1})", num_tasks)
     cells = stages * num_tasks + tasks
     size = num_tasks * num_tasks
     counts = np.bincount(cells, minlength=size).reshape(num_tasks, num_tasks)
@@ -309,9 +312,7 @@ def accuracy_matrix(
 
 
 def _check_k(k: Any) -> int:
-    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"`k` must be an integer >= 1, got {k!r}.")
-    return int(k)
+    return check_integer("k", k, low=1)
 
 
 def _relevant_set(relevant: Any) -> set:
