@@ -82,8 +82,14 @@ def test_configs_refuse_non_finite_numbers_naming_the_field(tmp_path, config_cls
 def _nan_cases():
     from functools import partial
 
+    import numpy as np
+    from datasets import Dataset, DatasetDict
     from torch import nn
 
+    from hf_extensions.data.digits import load_digits
+    from hf_extensions.data.noise import noisy_labels
+    from hf_extensions.data.shifts import shift_images
+    from hf_extensions.data.streams import class_incremental_stream
     from hf_extensions.fhbi.particles import ParticleEnsemble
     from hf_extensions.metrics.functional import accuracy_matrix
     from hf_extensions.schedulers.snr import EDMSchedule, FlowMatchingSchedule
@@ -107,6 +113,43 @@ def _nan_cases():
             "num_tasks",
             "an integer",
             id="metrics-accuracy_matrix-num_tasks",
+        ),
+        pytest.param(
+            partial(
+                class_incremental_stream,
+                DatasetDict({"train": Dataset.from_dict({"labels": [0, 1, 2, 3]})}),
+            ),
+            "num_tasks",
+            "an integer",
+            id="data-stream-num_tasks",
+        ),
+        pytest.param(
+            partial(
+                class_incremental_stream,
+                DatasetDict({"train": Dataset.from_dict({"labels": [0, 1, 2, 3]})}),
+                num_tasks=2,
+            ),
+            "classes_per_task",
+            "an integer",
+            id="data-stream-classes_per_task",
+        ),
+        pytest.param(load_digits, "image_size", "an integer", id="data-digits-image_size"),
+        pytest.param(load_digits, "num_channels", "an integer", id="data-digits-num_channels"),
+        pytest.param(
+            partial(noisy_labels, np.arange(4), 0.5),
+            "num_classes",
+            "an integer",
+            id="data-noise-num_classes",
+        ),
+        pytest.param(
+            partial(shift_images, np.zeros((1, 8, 8)), "scale"),
+            "severity",
+            id="data-shift-severity",
+        ),
+        pytest.param(
+            partial(shift_images, np.zeros((1, 8, 8)), "rotate"),
+            "severity",
+            id="data-shift-rotate-severity",
         ),
     ]
 

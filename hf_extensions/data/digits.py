@@ -13,7 +13,7 @@ from datasets import Array3D, ClassLabel, Dataset, DatasetDict, Features, Sequen
 from sklearn.datasets import load_digits as _sklearn_digits
 from sklearn.model_selection import train_test_split
 
-from hf_extensions.validation import check_range
+from hf_extensions.validation import check_choice, check_integer, check_range, refuse
 
 LAYOUTS = ("image", "vector")
 NUM_CLASSES = 10
@@ -86,18 +86,13 @@ def load_digits(
         ValueError: an unknown ``layout``, fractions out of range, ``image_size`` or
             ``num_channels`` below 1, or either of them changed with ``layout="vector"``.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"`layout` must be one of {LAYOUTS}, got {layout!r}.")
+    check_choice("layout", layout, LAYOUTS)
     _validate_fraction("validation_size", validation_size)
     _validate_fraction("test_size", test_size)
     if validation_size + test_size >= 1.0:
-        raise ValueError(
-            f"`validation_size + test_size` must be < 1, got {validation_size} + {test_size}."
-        )
-    if image_size < 1 or num_channels < 1:
-        raise ValueError(
-            f"`image_size` and `num_channels` must be >= 1, got {image_size}, {num_channels}."
-        )
+        refuse("validation_size + test_size", "< 1", validation_size + test_size)
+    check_integer("image_size", image_size, low=1)
+    check_integer("num_channels", num_channels, low=1)
     if layout == "vector" and (image_size != 8 or num_channels != 1):
         raise ValueError("`image_size` and `num_channels` apply to layout='image' only.")
 

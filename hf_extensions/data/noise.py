@@ -14,6 +14,8 @@ from collections.abc import Mapping
 import numpy as np
 from datasets import Dataset
 
+from hf_extensions.validation import check_choice, check_integer, check_range, refuse
+
 NOISE_KINDS = ("symmetric", "asymmetric")
 
 # Look-alike digits (2 -> 7, 3 -> 8, 5 <-> 6, 7 -> 1), the usual asymmetric scheme for digits;
@@ -31,14 +33,11 @@ def noisy_labels(
     seed: int = 0,
 ) -> np.ndarray:
     """Return a corrupted copy of ``labels`` (see the module docstring for the two kinds)."""
-    if kind not in NOISE_KINDS:
-        raise ValueError(f"`kind` must be one of {NOISE_KINDS}, got {kind!r}.")
-    if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"`rate` must be in [0, 1], got {rate!r}.")
+    check_choice("kind", kind, NOISE_KINDS)
+    check_range("rate", rate, low=0.0, high=1.0)
     labels = np.asarray(labels, dtype=np.int64)
     num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
-    if num_classes < 2:
-        raise ValueError(f"`num_classes` must be >= 2 for label noise, got {num_classes}.")
+    num_classes = check_integer("num_classes", num_classes, low=2)
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(
             f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]."
@@ -52,9 +51,7 @@ def noisy_labels(
         noisy[chosen] = (labels[chosen] + offsets) % num_classes
         return noisy
     if transition is None:
-        raise ValueError(
-            "`transition` (a {source_class: target_class} map) is required for kind='asymmetric'."
-        )
+        refuse("transition", "a {source_class: target_class} map for kind='asymmetric'", None)
     for source, target in transition.items():
         if source == target or not (0 <= source < num_classes and 0 <= target < num_classes):
             raise ValueError(

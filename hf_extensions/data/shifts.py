@@ -14,6 +14,8 @@ import numpy as np
 from datasets import Dataset, DatasetDict
 from scipy import ndimage
 
+from hf_extensions.validation import check_choice, check_finite, check_range
+
 SHIFTS = ("rotate", "invert", "noise", "scale")
 
 
@@ -28,8 +30,11 @@ def shift_images(
     images: np.ndarray, shift: str, *, severity: float = 1.0, seed: int = 0
 ) -> np.ndarray:
     """Apply ``shift`` to ``images`` of shape ``[..., H, W]`` with values in [0, 1]."""
-    if shift not in SHIFTS:
-        raise ValueError(f"`shift` must be one of {SHIFTS}, got {shift!r}.")
+    check_choice("shift", shift, SHIFTS)
+    if shift == "scale":  # the zoom factor 1 + severity / 2 must be > 0
+        check_range("severity", severity, low=-2.0, low_open=True)
+    else:
+        check_finite("severity", severity)
     images = np.asarray(images, dtype=np.float32)
     if shift == "invert":
         return 1.0 - images
@@ -41,8 +46,6 @@ def shift_images(
         out = [ndimage.rotate(im, 45.0 * severity, reshape=False, order=1, cval=0.0) for im in flat]
     else:
         factor = 1.0 + 0.5 * severity
-        if factor <= 0:
-            raise ValueError(f"`severity` {severity} gives a non-positive zoom factor {factor}.")
         out = [_zoom_about_centre(im, factor) for im in flat]
     return np.clip(np.stack(out), 0.0, 1.0).astype(np.float32).reshape(images.shape)
 

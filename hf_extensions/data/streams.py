@@ -15,6 +15,8 @@ import datasets
 import numpy as np
 from datasets import DatasetDict, concatenate_datasets
 
+from hf_extensions.validation import check_integer, refuse
+
 
 @dataclass
 class TaskStream:
@@ -100,15 +102,21 @@ def class_incremental_stream(
         raise ValueError(
             f"`class_order` must list distinct classes present in the data, got {class_order}."
         )
-    if num_tasks < 1:
-        raise ValueError(f"`num_tasks` must be >= 1, got {num_tasks}.")
+    num_tasks = check_integer("num_tasks", num_tasks, low=1)
+    available = len(class_order)
     if classes_per_task is None:
-        classes_per_task = len(class_order) // num_tasks
-    if classes_per_task < 1 or num_tasks * classes_per_task > len(class_order):
-        raise ValueError(
-            f"{num_tasks} tasks x {classes_per_task} classes need {num_tasks * classes_per_task} "
-            f"classes, but {len(class_order)} are available."
-        )
+        if num_tasks > available:
+            refuse("num_tasks", f"at most the {available} classes available", num_tasks)
+        classes_per_task = available // num_tasks
+    else:
+        classes_per_task = check_integer("classes_per_task", classes_per_task, low=1)
+        if num_tasks * classes_per_task > available:
+            refuse(
+                "classes_per_task",
+                f"at most {available // num_tasks} ({num_tasks} tasks x k classes out of the "
+                f"{available} available)",
+                classes_per_task,
+            )
     task_classes = [
         class_order[t * classes_per_task : (t + 1) * classes_per_task] for t in range(num_tasks)
     ]
