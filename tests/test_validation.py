@@ -92,6 +92,7 @@ def _nan_cases():
     from hf_extensions.data.streams import class_incremental_stream
     from hf_extensions.fhbi.particles import ParticleEnsemble
     from hf_extensions.metrics.functional import accuracy_matrix
+    from hf_extensions.pga.clip_prompts import CLIPPromptLearner
     from hf_extensions.schedulers.snr import EDMSchedule, FlowMatchingSchedule
     from recipes.bnn_mutual.train import BayesianPeersArguments
     from recipes.s2n.sample import S2NSampleArguments
@@ -150,6 +151,15 @@ def _nan_cases():
             partial(shift_images, np.zeros((1, 8, 8)), "rotate"),
             "severity",
             id="data-shift-rotate-severity",
+        ),
+        *(
+            pytest.param(
+                partial(CLIPPromptLearner, None, None, ["cat"], ["a", "b"]),
+                field,
+                "an integer",
+                id=f"pga-{field}",
+            )
+            for field in ("n_ctx_shared", "n_ctx_domain")
         ),
     ]
 

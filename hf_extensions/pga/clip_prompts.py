@@ -30,6 +30,8 @@ from torch import nn
 from transformers import CLIPModel
 from transformers.masking_utils import create_causal_mask
 
+from hf_extensions.validation import check_integer, check_range, refuse
+
 #: The zero-shot template of the paper (CLIP's ImageNet default).
 ZERO_SHOT_TEMPLATE = "a photo of a {}."
 #: Placeholder word that a context vector replaces in the tokenised prompt.
@@ -100,12 +102,11 @@ class CLIPPromptLearner(nn.Module):
     ):
         super().__init__()
         if not class_names:
-            raise ValueError("`class_names` must name at least one class.")
+            refuse("class_names", "at least one class name", list(class_names))
         if len(set(domains)) != len(domains) or not domains:
-            raise ValueError(f"`domains` must be distinct names, got {list(domains)!r}.")
-        for name, value in (("n_ctx_shared", n_ctx_shared), ("n_ctx_domain", n_ctx_domain)):
-            if value < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {value!r}.")
+            refuse("domains", "distinct names (at least one)", list(domains))
+        check_integer("n_ctx_shared", n_ctx_shared, low=1)
+        check_integer("n_ctx_domain", n_ctx_domain, low=1)
         self.clip = clip.requires_grad_(False).eval()
         self.class_names = list(class_names)
         self.domains = list(domains)
@@ -240,8 +241,7 @@ class CLIPPromptLearner(nn.Module):
     ) -> torch.Tensor:
         """Zero-shot labels, ``-100`` where the top probability is below ``threshold`` (the
         paper: 0.4). Computed once before training, as in the official code."""
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"`threshold` must be in [0, 1], got {threshold!r}.")
+        check_range("threshold", threshold, low=0.0, high=1.0)
         labels = []
         for start in range(0, pixel_values.shape[0], batch_size):
             probs = self.zero_shot_proba(pixel_values[start : start + batch_size])
