@@ -93,6 +93,7 @@ def _nan_cases():
     from hf_extensions.fhbi.particles import ParticleEnsemble
     from hf_extensions.metrics.functional import accuracy_matrix
     from hf_extensions.pga.clip_prompts import CLIPPromptLearner
+    from hf_extensions.prompt_dsi.retrieval import stdlib_retrieval_corpus
     from hf_extensions.schedulers.snr import EDMSchedule, FlowMatchingSchedule
     from recipes.bnn_mutual.train import BayesianPeersArguments
     from recipes.s2n.sample import S2NSampleArguments
@@ -160,6 +161,18 @@ def _nan_cases():
                 id=f"pga-{field}",
             )
             for field in ("n_ctx_shared", "n_ctx_domain")
+        ),
+        *(
+            pytest.param(stdlib_retrieval_corpus, field, "an integer", id=f"prompt_dsi-{field}")
+            for field in (
+                "num_initial",
+                "num_increments",
+                "docs_per_increment",
+                "span_words",
+                "num_train_queries",
+                "num_test_queries",
+                "document_words",
+            )
         ),
     ]
 

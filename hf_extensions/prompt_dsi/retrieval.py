@@ -22,6 +22,8 @@ from collections.abc import Sequence
 import numpy as np
 from datasets import Dataset, DatasetDict, Features, Value
 
+from hf_extensions.validation import check_integer
+
 __all__ = ["STDLIB_MODULES", "select_splits", "stdlib_documents", "stdlib_retrieval_corpus"]
 
 #: Modules whose docstrings (and whose own public functions' and classes' docstrings) are the
@@ -116,10 +118,8 @@ def stdlib_retrieval_corpus(
         ("num_test_queries", num_test_queries),
         ("document_words", document_words),
     ):
-        if value < 1:
-            raise ValueError(f"`{name}` must be >= 1, got {value}.")
-    if num_increments < 0:
-        raise ValueError(f"`num_increments` must be >= 0, got {num_increments}.")
+        check_integer(name, value, low=1)
+    check_integer("num_increments", num_increments, low=0)
     min_words = span_words * 2 * max(num_train_queries, num_test_queries)
     documents = stdlib_documents(min_words=min_words)
     needed = num_initial + num_increments * docs_per_increment
