@@ -34,6 +34,8 @@ import torch
 from accelerate.utils import DistributedType
 from torch import nn
 
+from hf_extensions.validation import check_choice
+
 PERTURBATION_NORMS = ("global", "per_tensor")
 
 #: Added to a gradient norm before dividing by it, so that a zero gradient gives a zero step.
@@ -158,8 +160,7 @@ def ascent_direction(
     only the tensors named ``weight`` (biases get ``T = 1``).
     Vectorised over tensors (``torch._foreach_*``): its cost does not grow with their number.
     """
-    if norm not in PERTURBATION_NORMS:
-        raise ValueError(f"`norm` must be one of {PERTURBATION_NORMS}, got {norm!r}.")
+    check_choice("norm", norm, PERTURBATION_NORMS)
     index = _present(grads)
     if not index:
         return [None] * len(grads)
