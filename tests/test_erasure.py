@@ -123,7 +123,7 @@ def test_latents_at_timesteps_i_match_the_pipeline(i):
     assert int(sampler.timestep(i)) == int(pipe.scheduler.timesteps[i])
     expected = pipe.scheduler.alphas_cumprod[int(pipe.scheduler.timesteps[i])]
     assert float(sampler.alpha_bar(i)) == float(expected)
-    with pytest.raises(ValueError, match="i must be"):
+    with pytest.raises(ValueError, match=r"^`i` must be an integer in \[0, "):
         sampler.sample(pipe.unet, cond, uncond, noise, steps + 1, guidance)
 
 

@@ -93,6 +93,7 @@ def _nan_cases():
     from hf_extensions.fhbi.particles import ParticleEnsemble
     from hf_extensions.metrics.functional import accuracy_matrix
     from hf_extensions.pga.clip_prompts import CLIPPromptLearner
+    from hf_extensions.pipelines.vocabulary import common_words
     from hf_extensions.prompt_dsi.retrieval import stdlib_retrieval_corpus
     from hf_extensions.schedulers.snr import EDMSchedule, FlowMatchingSchedule
     from recipes.bnn_mutual.train import BayesianPeersArguments
@@ -162,6 +163,7 @@ def _nan_cases():
             )
             for field in ("n_ctx_shared", "n_ctx_domain")
         ),
+        pytest.param(common_words, "limit", "an integer", id="pipelines-common_words-limit"),
         *(
             pytest.param(stdlib_retrieval_corpus, field, "an integer", id=f"prompt_dsi-{field}")
             for field in (

@@ -9,11 +9,11 @@ candidates, Gumbel temperature 2, adversary Adam lr 1e-2, ``pgd_num_steps`` 2.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hf_extensions.documentation import document_fields
+from hf_extensions.validation import check_choice, check_integer, check_range, refuse
 
 __all__ = [
     "ADVERSARY_ESTIMATORS",
@@ -34,20 +34,19 @@ ADVERSARY_REFERENCES = ("differentiable", "detached")
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}.")
+    check_choice(name, value, allowed)
 
 
 def _number(name: str, value: float, low: float, *, strict: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and math.isfinite(value)
-    if not ok or value < low or (strict and value == low):
-        relation = ">" if strict else ">="
-        raise ValueError(f"`{name}` must be a finite number {relation} {low}, got {value!r}.")
+    if not isinstance(value, (int, float)):  # plain Python numbers only, as before
+        refuse(name, f"a finite number in {'(' if strict else '['}{low}, inf)", value)
+    check_range(name, value, low=low, low_open=strict)
 
 
 def _integer(name: str, value: int, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
+    if not isinstance(value, int):  # a plain int only (numpy integers were refused before too)
+        refuse(name, f"an integer in [{low}, inf)", value)
+    check_integer(name, value, low=low)
 
 
 @document_fields
@@ -182,17 +181,13 @@ class ErasureConfig:
         _integer("num_centers", self.num_centers, 1)
         _integer("pgd_num_steps", self.pgd_num_steps, 1)
         if self.num_centers > self.k_closest:
-            raise ValueError(
-                f"`num_centers` ({self.num_centers}) must be <= `k_closest` ({self.k_closest})."
-            )
+            refuse("num_centers", f"<= `k_closest` ({self.k_closest})", self.num_centers)
         if "{}" not in self.candidate_template:
-            raise ValueError(
-                f"`candidate_template` must contain '{{}}', got {self.candidate_template!r}."
-            )
+            refuse("candidate_template", "a template containing '{}'", self.candidate_template)
         if self.candidates is not None and len(self.candidates) == 0:
-            raise ValueError("`candidates` must be None (the shipped vocabulary) or non-empty.")
+            refuse("candidates", "None (the shipped vocabulary) or non-empty", self.candidates)
         if not self.preserve_concepts:
-            raise ValueError("`preserve_concepts` must name at least one concept.")
+            refuse("preserve_concepts", "at least one concept", self.preserve_concepts)
         for name in ("height", "width"):
             value = getattr(self, name)
             if value is not None:

@@ -58,6 +58,7 @@ from hf_extensions.pipelines.config import ErasureConfig
 from hf_extensions.pipelines.parameter_groups import set_trainable
 from hf_extensions.pipelines.vocabulary import common_words
 from hf_extensions.seeding import keyed_generator
+from hf_extensions.validation import check_choice, check_integer, refuse
 
 __all__ = [
     "ConceptEraser",
@@ -124,8 +125,7 @@ def prediction_loss(
     """
     if loss_space == "epsilon":
         return torch.nn.functional.mse_loss(prediction.float(), target.float())
-    if loss_space != "x0":
-        raise ValueError(f"`loss_space` must be one of ('x0', 'epsilon'), got {loss_space!r}.")
+    check_choice("loss_space", loss_space, ("x0", "epsilon"))
     alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float32, device=latents.device)
     if alpha_bar.ndim == 1:
         alpha_bar = alpha_bar.view(-1, *([1] * (latents.ndim - 1)))
@@ -177,8 +177,7 @@ class LatentSampler:
         guidance_scale: float,
     ) -> torch.Tensor:
         """Latents after ``timesteps[:i]`` with guidance, for a batch of conditions ``[B, L, D]``."""
-        if not 0 <= i <= self.ddim_steps:
-            raise ValueError(f"i must be in [0, {self.ddim_steps}], got {i}.")
+        check_integer("i", i, low=0, high=self.ddim_steps)
         batch = cond.shape[0]
         conditions = torch.cat([uncond.expand(batch, *uncond.shape[-2:]), cond])
         latents = noise * self.scheduler.init_noise_sigma
@@ -264,7 +263,7 @@ class ConceptEraser:
             concepts = [concepts]
         concepts = [c for c in concepts]
         if not concepts or any(not isinstance(c, str) or not c.strip() for c in concepts):
-            raise ValueError(f"`concepts` must be non-empty strings, got {concepts!r}.")
+            refuse("concepts", "one or more non-empty strings", concepts)
         self.pipe, self.method, self.config, self.concepts = pipe, method, config, concepts
         self.accelerator = accelerator or Accelerator(
             gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -551,7 +550,7 @@ def _with_extra_candidates(
     """Append ``extra`` (name -> text-encoder output ``[L, D]``) to selected candidates."""
     names = list(extra)
     if any(name in chosen.words for name in names):
-        raise ValueError(f"`extra_candidates` names {names} clash with the selected words.")
+        refuse("extra_candidates", "names that are not among the selected words", names)
     rows = []
     for name in names:
         value = torch.as_tensor(extra[name]).to(embeddings)

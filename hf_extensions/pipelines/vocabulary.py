@@ -12,6 +12,8 @@ from __future__ import annotations
 from functools import lru_cache
 from importlib import resources
 
+from hf_extensions.validation import check_integer
+
 __all__ = ["common_words"]
 
 
@@ -30,7 +32,6 @@ def common_words(limit: int | None = None) -> list[str]:
     """The shipped words, de-duplicated in file order (the first ``limit`` when given)."""
     words = _words()
     if limit is not None:
-        if limit < 1:
-            raise ValueError(f"`limit` must be >= 1 or None, got {limit!r}.")
+        check_integer("limit", limit, low=1)
         words = words[:limit]
     return list(words)
