@@ -88,7 +88,7 @@ def test_rtn_modules_follow_the_config():
 
 
 def test_activation_bits_need_calibration_inputs():
-    with pytest.raises(ValueError, match=r"^calibration_inputs="):
+    with pytest.raises(ValueError, match=r"^`calibration_inputs` must be a tensor"):
         quantize_model_rtn(_vit(), MetaAugConfig(activation_bits=8))
 
 

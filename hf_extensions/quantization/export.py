@@ -28,6 +28,7 @@ from torch import nn
 from hf_extensions.quantization.config import MetaAugConfig
 from hf_extensions.quantization.modules import replace_with_quant_modules
 from hf_extensions.quantization.reconstruction import quant_layers
+from hf_extensions.validation import refuse
 
 __all__ = ["EXPORT_FORMAT", "export_integer", "load_integer_export", "pack_bits", "unpack_bits"]
 
@@ -85,9 +86,7 @@ def export_integer(
     if config is None:
         config = getattr(getattr(model, "config", None), "quantization_config", None)
     if not isinstance(config, MetaAugConfig):
-        raise ValueError(
-            f"config={config!r} is invalid; allowed: the MetaAugConfig the model was quantized with"
-        )
+        refuse("config", "the MetaAugConfig the model was quantized with", config)
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict] = {}
     quantized_weights = set()

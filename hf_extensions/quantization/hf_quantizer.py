@@ -18,6 +18,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from hf_extensions.quantization.config import QUANT_METHOD, MetaAugConfig
 from hf_extensions.quantization.modules import replace_with_quant_modules
+from hf_extensions.validation import refuse
 
 __all__ = ["MetaAugHfQuantizer"]
 
@@ -32,9 +33,7 @@ class MetaAugHfQuantizer(HfQuantizer):
         """Reject ``device_map`` offloading to CPU/disk mixes: the modules need all buffers."""
         device_map = kwargs.get("device_map")
         if isinstance(device_map, dict) and "disk" in device_map.values():
-            raise ValueError(
-                f"device_map={device_map!r} is invalid for {QUANT_METHOD}; allowed: no disk offload"
-            )
+            refuse("device_map", f"free of disk offload for {QUANT_METHOD}", device_map)
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         # Exactly the conversion quantize_model_rtn made: no default skips, so the same modules

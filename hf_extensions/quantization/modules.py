@@ -24,6 +24,7 @@ from torch.nn import functional as F
 
 from hf_extensions.quantization.config import MetaAugConfig
 from hf_extensions.quantization.quantizers import fake_quantize, search_scale_zero_point
+from hf_extensions.validation import refuse
 
 __all__ = [
     "QuantConv2d",
@@ -241,9 +242,11 @@ def quantize_model_rtn(
         RuntimeError: a quantized layer is not called on ``calibration_inputs``.
     """
     if config.activation_bits is not None and calibration_inputs is None:
-        raise ValueError(
-            "calibration_inputs=None is invalid when activation_bits is set; allowed: a tensor "
-            "or a dict of model inputs (or activation_bits=None for weight-only quantization)"
+        refuse(
+            "calibration_inputs",
+            "a tensor or a dict of model inputs when activation_bits is set (or "
+            "activation_bits=None for weight-only quantization)",
+            None,
         )
     names = quantizable_module_names(model, config)
     bits = _bits_for(names, config)

@@ -34,6 +34,7 @@ from transformers import AutoModelForImageClassification, PreTrainedModel
 from hf_extensions.quantization.calibration import ReconstructionResult, reconstruct_model
 from hf_extensions.quantization.config import QUANT_METHOD, MetaAugConfig
 from hf_extensions.quantization.modules import replace_with_quant_modules
+from hf_extensions.validation import refuse
 
 __all__ = ["MetaAugQuantizer", "calibration_images", "load_quantized"]
 
@@ -54,10 +55,7 @@ def calibration_images(
             )
         images = dataset.with_format("torch", columns=[column])[:][column]
     else:
-        raise ValueError(
-            f"calibration_dataset={type(dataset).__name__} is invalid; allowed: a "
-            "datasets.Dataset or a tensor of images"
-        )
+        refuse("calibration_dataset", "a datasets.Dataset or a tensor of images", type(dataset))
     if num_samples is not None:
         images = images[:num_samples]
     if images.dim() != 4 or len(images) == 0:
@@ -102,9 +100,7 @@ class MetaAugQuantizer(OptimumQuantizer):
         if isinstance(model_or_path, nn.Module):
             return cls(model_or_path)
         if file_name is not None:
-            raise ValueError(
-                f"file_name={file_name!r} is invalid; allowed: None (transformers picks the file)"
-            )
+            refuse("file_name", "None (transformers picks the file)", file_name)
         return cls(AutoModelForImageClassification.from_pretrained(model_or_path, **kwargs))
 
     def quantize(
@@ -164,18 +160,14 @@ class MetaAugQuantizer(OptimumQuantizer):
         if kwargs:
             raise ValueError(f"unknown arguments {sorted(kwargs)}; see MetaAugQuantizer.quantize")
         if file_prefix is not None:
-            raise ValueError(f"file_prefix={file_prefix!r} is invalid; allowed: None")
+            refuse("file_prefix", "None", file_prefix)
         if calibration_dataset is None:
-            raise ValueError(
-                "calibration_dataset=None is invalid; allowed: a datasets.Dataset of images"
-            )
+            refuse("calibration_dataset", "a datasets.Dataset of images", None)
         config = quantization_config if quantization_config is not None else MetaAugConfig()
         if isinstance(config, dict):
             config = MetaAugConfig.from_dict(config)
         if not isinstance(config, MetaAugConfig):
-            raise ValueError(
-                f"quantization_config={type(config).__name__} is invalid; allowed: MetaAugConfig"
-            )
+            refuse("quantization_config", "a MetaAugConfig (or its dict)", type(config))
         if accelerator is None:
             from accelerate import Accelerator
 

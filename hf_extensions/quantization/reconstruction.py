@@ -44,6 +44,7 @@ from hf_extensions.quantization.config import MetaAugConfig
 from hf_extensions.quantization.models import model_logits
 from hf_extensions.quantization.modules import _QuantMixin
 from hf_extensions.quantization.quantizers import ActivationQuantizer, WeightQuantizer
+from hf_extensions.validation import refuse
 
 __all__ = [
     "BlockData",
@@ -109,10 +110,7 @@ def find_blocks(
     if block_names is not None:
         for name in block_names:
             if not any(_inside(n, name) for n in layers):
-                raise ValueError(
-                    f"block_names entry {name!r} is invalid; allowed: a module holding a "
-                    "quantized layer"
-                )
+                refuse("block_names", "names of modules that hold a quantized layer", name)
         blocks = list(block_names)
         blocks += [n for n in layers if not any(_inside(n, b) for b in blocks)]
     else:
