@@ -32,6 +32,7 @@ from typing import Any, Literal
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from hf_extensions import __version__
+from hf_extensions.validation import check_choice, refuse
 
 __all__ = [
     "LIBRARY_NAMES",
@@ -93,11 +94,13 @@ def _to_yaml_value(value: Any, where: str) -> Any:
         return [_to_yaml_value(item, f"{where}[{i}]") for i, item in enumerate(value)]
     if isinstance(value, Mapping):
         if not all(isinstance(key, str) for key in value):
-            raise ValueError(f"{where} must have string keys, got {list(value)!r}.")
+            refuse(where, "a mapping with string keys", list(value))
         return {key: _to_yaml_value(item, f"{where}.{key}") for key, item in value.items()}
-    raise ValueError(
-        f"{where}={value!r} has type {type(value).__name__}; allowed are None, bool, int, float, "
-        "str, enums, paths, numpy scalars and lists/tuples/dicts of those."
+    refuse(
+        where,
+        "None, a bool, int, float, str, enum, path, numpy scalar or a list/tuple/dict of those "
+        f"(not a {type(value).__name__})",
+        value,
     )
 
 
@@ -106,12 +109,12 @@ def _resolve_paper_links(
 ) -> tuple[str | None, str | None]:
     """Fill in the paper URL from an arXiv id and the arXiv id from an arXiv URL."""
     if arxiv_id is not None and not _ARXIV_ID_PATTERN.match(arxiv_id):
-        raise ValueError(f"arxiv_id={arxiv_id!r} is not an arXiv identifier like '2010.01412'.")
+        refuse("arxiv_id", "an arXiv identifier like '2010.01412'", arxiv_id)
     if paper_url is not None:
         found = _ARXIV_URL_PATTERN.search(paper_url)
         if found and _ARXIV_ID_PATTERN.match(found.group(1)):
             if arxiv_id is not None and arxiv_id != found.group(1):
-                raise ValueError(f"arxiv_id={arxiv_id!r} disagrees with paper_url={paper_url!r}.")
+                refuse("arxiv_id", f"the id in paper_url={paper_url!r} (or None)", arxiv_id)
             arxiv_id = found.group(1)
     elif arxiv_id is not None:
         paper_url = f"https://arxiv.org/abs/{arxiv_id}"
@@ -201,22 +204,22 @@ def build_model_card(
             types, non-numeric metrics, or ``task_type`` without ``datasets``.
     """
     if not isinstance(method, str) or not _METHOD_PATTERN.match(method):
-        raise ValueError(
-            f"method={method!r} must be a lower-case identifier such as 'agnostic-sam' "
-            "(letters, digits, '.', '_', '-')."
+        refuse(
+            "method",
+            "a lower-case identifier such as 'agnostic-sam' (letters, digits, '.', '_', '-')",
+            method,
         )
     if paper is not None and (not paper or not isinstance(paper, str)):
-        raise ValueError(f"paper={paper!r} must be the non-empty title of the paper, or None.")
-    if library_name not in LIBRARY_NAMES:
-        raise ValueError(f"library_name={library_name!r} must be one of {LIBRARY_NAMES}.")
+        refuse("paper", "the non-empty title of the paper, or None", paper)
+    check_choice("library_name", library_name, LIBRARY_NAMES)
     paper_url, arxiv_id = _resolve_paper_links(paper_url, arxiv_id)
     hyperparameters = _to_yaml_value(dict(hyperparameters or {}), "hyperparameters")
     metrics = _to_yaml_value(dict(metrics or {}), "metrics")
     for name, value in metrics.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"metrics.{name}={value!r} must be a number.")
+            refuse(f"metrics.{name}", "a number", value)
     if task_type is not None and not datasets:
-        raise ValueError(f"task_type={task_type!r} needs the evaluation dataset in `datasets`.")
+        refuse("task_type", "None unless `datasets` names the evaluation dataset", task_type)
 
     model_name = model_name or f"{method} model"
     eval_results = None

@@ -146,15 +146,18 @@ def test_paper_url_gives_arxiv_id():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"method": "Agnostic SAM"}, "method="),
-        ({"paper": ""}, "paper="),
-        ({"library_name": "timm"}, "library_name="),
+        ({"method": "Agnostic SAM"}, r"^`method` must be"),
+        ({"paper": ""}, r"^`paper` must be"),
+        ({"library_name": "timm"}, r"^`library_name` must be one of"),
         ({"metrics": {"accuracy": "high"}}, "metrics.accuracy"),
         ({"hyperparameters": {"init": torch.zeros(3)}}, "hyperparameters.init"),
         ({"hyperparameters": {"dtype": torch.float16}}, "hyperparameters.dtype"),
-        ({"task_type": "image-classification", "datasets": []}, "task_type="),
-        ({"arxiv_id": "not-an-id"}, "arxiv_id="),
-        ({"paper_url": "https://arxiv.org/abs/2010.01412"}, "disagrees"),
+        ({"task_type": "image-classification", "datasets": []}, r"^`task_type` must be"),
+        ({"arxiv_id": "not-an-id"}, r"^`arxiv_id` must be an arXiv identifier"),
+        (
+            {"paper_url": "https://arxiv.org/abs/2010.01412"},
+            r"^`arxiv_id` must be the id in paper_url",
+        ),
     ],
 )
 def test_bad_values_are_refused(overrides, message):
