@@ -81,6 +81,7 @@ def test_configs_refuse_non_finite_numbers_naming_the_field(tmp_path, config_cls
 
 def _nan_cases():
     from functools import partial
+    from types import SimpleNamespace
 
     import numpy as np
     from datasets import Dataset, DatasetDict
@@ -94,6 +95,7 @@ def _nan_cases():
     from hf_extensions.metrics.functional import accuracy_matrix
     from hf_extensions.pga.clip_prompts import CLIPPromptLearner
     from hf_extensions.pipelines.vocabulary import common_words
+    from hf_extensions.prompt_dsi.dsi import DSIModel
     from hf_extensions.prompt_dsi.retrieval import stdlib_retrieval_corpus
     from hf_extensions.schedulers.snr import EDMSchedule, FlowMatchingSchedule
     from recipes.bnn_mutual.train import BayesianPeersArguments
@@ -175,6 +177,13 @@ def _nan_cases():
                 "num_test_queries",
                 "document_words",
             )
+        ),
+        pytest.param(partial(DSIModel, None), "num_docs", "an integer", id="prompt_dsi-num_docs"),
+        pytest.param(
+            DSIModel(SimpleNamespace(config=SimpleNamespace(hidden_size=4)), 2).add_documents,
+            "num_new",
+            "an integer",
+            id="prompt_dsi-add_documents-num_new",
         ),
     ]
 

@@ -39,7 +39,7 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from hf_extensions.models.encoders import mean_pool
-from hf_extensions.validation import check_positive
+from hf_extensions.validation import check_choice, check_integer, check_positive, refuse
 
 __all__ = ["DSIModel", "fit_docid_head", "incdsi_add_documents", "incdsi_rows"]
 
@@ -77,10 +77,8 @@ class DSIModel(nn.Module):
         init_std: float = 0.02,
     ):
         super().__init__()
-        if pooling not in POOLINGS:
-            raise ValueError(f"`pooling` must be one of {POOLINGS}, got {pooling!r}.")
-        if num_docs < 1:
-            raise ValueError(f"`num_docs` must be >= 1, got {num_docs}.")
+        check_choice("pooling", pooling, POOLINGS)
+        check_integer("num_docs", num_docs, low=1)
         check_positive("logit_scale", logit_scale)
         self.encoder = encoder
         self.pooling = pooling
@@ -115,8 +113,7 @@ class DSIModel(nn.Module):
 
         Existing blocks are not touched (bit-identical); the new block is trainable.
         """
-        if num_new < 1:
-            raise ValueError(f"`num_new` must be >= 1, got {num_new}.")
+        num_new = check_integer("num_new", num_new, low=1)
         start = self.num_docs if len(self.docid_blocks) else 0
         reference = self.docid_blocks[0] if len(self.docid_blocks) else None
         if rows is None:
@@ -138,9 +135,11 @@ class DSIModel(nn.Module):
         """
         if _is_peft_model(self.encoder):
             if encoder:
-                raise ValueError(
-                    "`encoder=True` with a PEFT-wrapped encoder: its base weights stay frozen "
-                    "(train the adapter, or unwrap the encoder to fine-tune it)."
+                refuse(
+                    "encoder",
+                    "False with a PEFT-wrapped encoder: its base weights stay frozen (train the "
+                    "adapter, or unwrap the encoder to fine-tune it)",
+                    encoder,
                 )
         else:
             self.encoder.requires_grad_(encoder)
