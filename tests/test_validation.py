@@ -97,7 +97,7 @@ def _nan_cases():
     from hf_extensions.pipelines.vocabulary import common_words
     from hf_extensions.prompt_dsi.dsi import DSIModel
     from hf_extensions.prompt_dsi.retrieval import stdlib_retrieval_corpus
-    from hf_extensions.schedulers.snr import EDMSchedule, FlowMatchingSchedule
+    from hf_extensions.schedulers.snr import EDMSchedule, FlowMatchingSchedule, s2n_coefficients
     from recipes.bnn_mutual.train import BayesianPeersArguments
     from recipes.s2n.sample import S2NSampleArguments
 
@@ -185,6 +185,8 @@ def _nan_cases():
             "an integer",
             id="prompt_dsi-add_documents-num_new",
         ),
+        pytest.param(EDMSchedule().karras_sigmas, "num_steps", "an integer", id="edm-num_steps"),
+        pytest.param(partial(s2n_coefficients, 0.5, 0.8, 0.9, 0.4), "rho", id="s2n-rho"),
     ]
 
 

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hf_extensions.validation import check_positive, refuse
+from hf_extensions.validation import check_integer, check_positive, refuse
 
 __all__ = [
     "BETA_SCHEDULES",
@@ -303,8 +303,7 @@ class EDMSchedule(S2NSchedule):
 
     def karras_sigmas(self, num_steps: int, karras_exponent: float = 7.0) -> torch.Tensor:
         """EDM Eq. 5: (σ_max^{1/p} + i/(N−1) (σ_min^{1/p} − σ_max^{1/p}))^p, i = 0..N−1."""
-        if num_steps < 2:
-            raise ValueError(f"num_steps must be >= 2, got {num_steps}.")
+        check_integer("num_steps", num_steps, low=2)
         ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
         lo, hi = self.sigma_min ** (1 / karras_exponent), self.sigma_max ** (1 / karras_exponent)
         return (hi + ramp * (lo - hi)) ** karras_exponent
@@ -407,8 +406,7 @@ def s2n_coefficients(
         ValueError: ``rho < 0``, ``sigma_t`` or ``alpha_s`` is 0, or the step lowers the SNR
             (SNR_t > SNR_s).
     """
-    if rho < 0:
-        raise ValueError(f"rho must be >= 0, got {rho}.")
+    check_positive("rho", rho, allow_zero=True)
     denominator = (sigma_t * alpha_s) ** 2
     if denominator <= 0:
         raise ValueError(
