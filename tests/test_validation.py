@@ -93,6 +93,7 @@ def _nan_cases():
     from hf_extensions.data.streams import class_incremental_stream
     from hf_extensions.fhbi.particles import ParticleEnsemble
     from hf_extensions.metrics.functional import accuracy_matrix
+    from hf_extensions.models.encoders import encode_sentences
     from hf_extensions.pga.clip_prompts import CLIPPromptLearner
     from hf_extensions.pipelines.vocabulary import common_words
     from hf_extensions.prompt_dsi.dsi import DSIModel
@@ -187,6 +188,12 @@ def _nan_cases():
         ),
         pytest.param(EDMSchedule().karras_sigmas, "num_steps", "an integer", id="edm-num_steps"),
         pytest.param(partial(s2n_coefficients, 0.5, 0.8, 0.9, 0.4), "rho", id="s2n-rho"),
+        pytest.param(
+            partial(encode_sentences, ["a"], None, None),
+            "batch_size",
+            "an integer",
+            id="models-encode_sentences-batch_size",
+        ),
     ]
 
 

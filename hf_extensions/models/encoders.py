@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from hf_extensions.validation import check_integer
+
 __all__ = [
     "MINILM_EMBEDDING_DIM",
     "encode_sentences",
@@ -106,8 +108,7 @@ def encode_sentences(
     """
     if isinstance(texts, str):
         raise TypeError("texts must be a sequence of strings, not one string.")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be at least 1.")
+    check_integer("batch_size", batch_size, low=1)
     device = next(model.parameters()).device
     chunks = []
     for start in range(0, len(texts), batch_size):
