@@ -36,7 +36,7 @@ import torch
 from sklearn.cluster import AgglomerativeClustering, KMeans
 
 from hf_extensions.seeding import keyed_generator
-from hf_extensions.validation import check_positive
+from hf_extensions.validation import check_choice, check_integer, check_positive
 
 __all__ = [
     "DIGITS_TAXONOMY",
@@ -260,10 +260,8 @@ class ClassDistances:
         sinkhorn_reg: float = 0.05,
         seed: int = 0,
     ) -> None:
-        if solver not in OT_SOLVERS:
-            raise ValueError(f"`solver` must be one of {OT_SOLVERS}, got {solver!r}.")
-        if num_samples < 1:
-            raise ValueError(f"`num_samples` must be >= 1, got {num_samples}.")
+        check_choice("solver", solver, OT_SOLVERS)
+        check_integer("num_samples", num_samples, low=1)
         check_positive("sinkhorn_reg", sinkhorn_reg)
         self.num_samples = num_samples
         self.solver = solver
