@@ -92,6 +92,7 @@ def _nan_cases():
     from hf_extensions.data.shifts import shift_images
     from hf_extensions.data.streams import class_incremental_stream
     from hf_extensions.fhbi.particles import ParticleEnsemble
+    from hf_extensions.hierarchical_cl.supcon import SupConTerms
     from hf_extensions.hierarchical_cl.taxonomy import ClassDistances
     from hf_extensions.metrics.functional import accuracy_matrix
     from hf_extensions.models.encoders import encode_sentences
@@ -196,6 +197,12 @@ def _nan_cases():
             id="models-encode_sentences-batch_size",
         ),
         pytest.param(ClassDistances, "num_samples", "an integer", id="taxonomy-num_samples"),
+        pytest.param(
+            partial(SupConTerms, terms=[("global", False)]),
+            "num_classes",
+            "an integer",
+            id="supcon-num_classes",
+        ),
     ]
 
 

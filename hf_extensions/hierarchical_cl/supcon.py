@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
-from hf_extensions.validation import check_positive
+from hf_extensions.validation import check_integer, check_positive, refuse
 
 __all__ = [
     "SupConTerms",
@@ -141,16 +141,21 @@ class SupConTerms:
         check_positive("temperature", temperature)
         kinds = [kind for kind, _ in terms]
         if not kinds or set(kinds) - {"global", "groups"}:
-            raise ValueError(f"terms must be ('global' | 'groups', scaled) pairs, got {terms}.")
+            refuse("terms", "('global' | 'groups', scaled) pairs", terms)
         largest = max([max(g) for g in groups or [] if g] + [-1])
+        num_classes = check_integer("num_classes", num_classes, low=0)
         if num_classes <= largest:
-            raise ValueError(f"num_classes={num_classes} but a group holds class {largest}.")
+            refuse(
+                "num_classes",
+                f"greater than every class in `groups` (up to {largest})",
+                num_classes,
+            )
         scaled = [flag for _, flag in terms]
         if any(scaled) and (gamma is None or tuple(gamma.shape) != (num_classes, num_classes)):
             got = None if gamma is None else tuple(gamma.shape)
-            raise ValueError(f"a scaled term needs gamma [C, C] with C = {num_classes}, got {got}.")
+            refuse("gamma", f"of shape [C, C] with C = {num_classes} for a scaled term", got)
         if "groups" in kinds and not groups:
-            raise ValueError("a 'groups' term needs non-empty `groups`.")
+            refuse("groups", "non-empty for a 'groups' term", groups)
         self.num_classes, self.include_self = num_classes, include_self
         membership = np.zeros((num_classes, len(groups or [])))  # class -> group one-hot
         for index, group in enumerate(groups or []):
@@ -272,7 +277,7 @@ def grouped_supervised_contrastive_loss(
     group are ignored.
     """
     if not groups:
-        raise ValueError("`groups` is empty.")
+        refuse("groups", "non-empty", groups)
     terms = [("groups", gamma is not None)]
     return _apply_once(features, labels, terms, groups, gamma, temperature, include_self)[0]
 
