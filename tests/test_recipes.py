@@ -1,5 +1,6 @@
 """The recipe convention: YAML + CLI parsing, the example recipe, the demo table, and data parallelism."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -267,3 +268,33 @@ def test_recipe_scripts_run_as_documented_without_pythonpath():
         text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _recipe_settings():
+    """(script, yaml) for every recipe setting: each YAML next to a script that parses one."""
+    for script in sorted((ROOT / "recipes").glob("*/*.py")):
+        if re.search(r"RecipeArgumentParser\(\s*\(", script.read_text()):
+            for setting in sorted(script.parent.glob("*.yaml")):
+                yield pytest.param(script, setting, id=f"{script.parent.name}/{setting.name}")
+
+
+@pytest.mark.parametrize("script,setting", list(_recipe_settings()))
+def test_every_shipped_setting_parses_and_validates(script, setting, tmp_path):
+    """Every YAML of every recipe (paper-scale ones included, which no CPU test runs) is
+    accepted by its recipe's dataclasses and their validation; GPU settings get ``use_cpu``."""
+    import ast
+    import importlib
+
+    tree = ast.parse(script.read_text())
+    call = next(
+        node for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "RecipeArgumentParser"
+    )  # fmt: skip
+    module = importlib.import_module(f"recipes.{script.parent.name}.{script.stem}")
+    types = tuple(getattr(module, element.id) for element in call.args[0].elts)
+    parser = RecipeArgumentParser(types)
+    argv = ["--config", str(setting), "--output_dir", str(tmp_path)]
+    if any(action.dest == "use_cpu" for action in parser._actions):
+        argv += ["--use_cpu", "true"]  # bf16 settings are for GPUs; CPU bf16 is allowed with it
+    parsed = parser.parse(argv)
+    assert len(parsed) == len(types)
