@@ -23,8 +23,10 @@ __all__ = [
     "check_choice",
     "check_finite",
     "check_integer",
+    "check_layer_indices",
     "check_positive",
     "check_range",
+    "is_plain_int",
     "refuse",
 ]
 
@@ -79,14 +81,35 @@ def check_positive(name: str, value: Any, *, allow_zero: bool = False) -> float:
     return check_range(name, value, low=0.0, low_open=not allow_zero)
 
 
-def check_integer(name: str, value: Any, *, low: int | None = None, high: int | None = None) -> int:
-    """``value`` as an int; refused unless an integer (not a bool, not 2.5) in ``[low, high]``."""
+def is_plain_int(value: Any) -> bool:
+    """A Python ``int`` that is not a bool (no numpy integer: what a JSON-saved config holds)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_integer(
+    name: str, value: Any, *, low: int | None = None, high: int | None = None, plain: bool = False
+) -> int:
+    """``value`` as an int; refused unless an integer (not a bool, not 2.5) in ``[low, high]``;
+    with ``plain``, a Python ``int`` only (:func:`is_plain_int`: a config saved as JSON)."""
     allowed = "an integer in " + _interval(low, high, False, False)
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+    integral = is_plain_int(value) if plain else isinstance(value, numbers.Integral)
+    if not integral or isinstance(value, bool):
         refuse(name, allowed, value)
     if (low is not None and value < low) or (high is not None and value > high):
         refuse(name, allowed, value)
     return int(value)
+
+
+def check_layer_indices(name: str, value: Any) -> list[int] | None:
+    """``None`` (all layers) or ``value`` as a list of layer indices (plain ints, each once)."""
+    if value is None:
+        return None
+    layers = list(value)
+    if not layers or not all(is_plain_int(i) for i in layers):
+        refuse(name, "None (all layers) or a non-empty list of layer indices", value)
+    if len(set(layers)) != len(layers):
+        refuse(name, "None or a list naming each layer once", value)
+    return layers
 
 
 def check_choice(name: str, value: Any, allowed: Iterable[Any]) -> Any:

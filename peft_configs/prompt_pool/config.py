@@ -8,7 +8,14 @@ from peft.config import PeftConfig
 from peft.utils import PeftType
 
 from hf_extensions.documentation import document_fields
-from hf_extensions.validation import check_choice, check_integer, check_positive, refuse
+from hf_extensions.validation import (
+    check_choice,
+    check_integer,
+    check_layer_indices,
+    check_positive,
+    is_plain_int,
+    refuse,
+)
 from peft_configs.registration import extend_peft_type
 
 __all__ = ["FORMAT_VERSION", "KEY_SOURCES", "QUERY_SOURCES", "PromptPoolConfig"]
@@ -21,10 +28,6 @@ KEY_SOURCES = ("learned", "fixed")
 QUERY_SOURCES = ("input_embed_mean", "frozen_cls", "layer_k_cls")
 
 extend_peft_type("prompt_pool")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @document_fields
@@ -126,23 +129,13 @@ class PromptPoolConfig(PeftConfig):
             )
         for name in ("pool_size", "prompt_length", "top_k"):
             value = getattr(self, name)
-            if not _is_int(value):  # a plain int: the config is saved as JSON
-                refuse(name, "an integer in [1, inf)", value)
-            check_integer(name, value, low=1)
+            check_integer(name, value, low=1, plain=True)  # plain: the config is saved as JSON
         check_integer("top_k", self.top_k, low=1, high=self.pool_size)
-        if self.layers is not None:
-            layers = list(self.layers)
-            if not layers or not all(_is_int(i) for i in layers):
-                refuse(
-                    "layers", "None (all layers) or a non-empty list of layer indices", self.layers
-                )
-            if len(set(layers)) != len(layers):
-                refuse("layers", "None or a list naming each layer once", self.layers)
-            self.layers = layers
+        self.layers = check_layer_indices("layers", self.layers)
         check_choice("key_source", self.key_source, KEY_SOURCES)
         check_choice("query_source", self.query_source, QUERY_SOURCES)
         if self.query_source == "layer_k_cls":
-            if not _is_int(self.query_layer):
+            if not is_plain_int(self.query_layer):
                 refuse(
                     "query_layer",
                     "an integer >= 0 with query_source='layer_k_cls'",

@@ -8,7 +8,14 @@ from peft.config import PeftConfig
 from peft.utils import PeftType
 
 from hf_extensions.documentation import document_fields
-from hf_extensions.validation import check_choice, check_integer, check_range, refuse
+from hf_extensions.validation import (
+    check_choice,
+    check_integer,
+    check_layer_indices,
+    check_range,
+    is_plain_int,
+    refuse,
+)
 from peft_configs.registration import extend_peft_type
 
 __all__ = ["FORMAT_VERSION", "SHARE_CHOICES", "SharedPrefixTuningConfig"]
@@ -21,10 +28,6 @@ _USES_HIDDEN = ("global_mlp", "per_layer_mlp")
 _USES_LATENT = ("global_mlp", "per_layer_mlp", "per_layer_linear")
 
 extend_peft_type("shared_prefix")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @document_fields
@@ -131,18 +134,9 @@ class SharedPrefixTuningConfig(PeftConfig):
                 self.format_version,
             )
         check_choice("share", self.share, SHARE_CHOICES)
-        if not _is_int(self.num_virtual_tokens):  # a plain int: the config is saved as JSON
-            refuse("num_virtual_tokens", "an integer in [1, inf)", self.num_virtual_tokens)
-        check_integer("num_virtual_tokens", self.num_virtual_tokens, low=1)
-        if self.layers is not None:
-            layers = list(self.layers)
-            if not layers or not all(_is_int(i) for i in layers):
-                refuse(
-                    "layers", "None (all layers) or a non-empty list of layer indices", self.layers
-                )
-            if len(set(layers)) != len(layers):
-                refuse("layers", "None or a list naming each layer once", self.layers)
-            self.layers = layers
+        # plain: the config is saved as JSON
+        check_integer("num_virtual_tokens", self.num_virtual_tokens, low=1, plain=True)
+        self.layers = check_layer_indices("layers", self.layers)
         for name, allowed in (("hidden_size", _USES_HIDDEN), ("latent_dim", _USES_LATENT)):
             value = getattr(self, name)
             if value is None:
@@ -151,7 +145,7 @@ class SharedPrefixTuningConfig(PeftConfig):
                 refuse(
                     name, f"None with share={self.share!r} (only share in {allowed} uses it)", value
                 )
-            if not _is_int(value) or value < 1:
+            if not is_plain_int(value) or value < 1:
                 refuse(name, "None or an integer >= 1", value)
         if not isinstance(self.dropout, (int, float)):
             refuse("dropout", "a finite number in [0.0, 1.0)", self.dropout)

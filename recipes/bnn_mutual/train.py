@@ -152,9 +152,10 @@ def main(
         BayesianMutualLearningTrainer, script_args, config, peers
     )
     model = trainer.accelerator.unwrap_model(trainer.model)
-    metrics["test_peer_distance"] = float("nan")
-    if len(model.peers) > 1:
-        metrics["test_peer_distance"] = peer_distance(model.peers[0], model.peers[1])
+    trained = model.peers  # one peer: no distance (nan)
+    metrics["test_peer_distance"] = (
+        peer_distance(*trained[:2]) if len(trained) > 1 else float("nan")
+    )
     return trainer, metrics
 
 
