@@ -11,8 +11,8 @@ Every ``recipes/<method>/train.py`` has the same shape::
     def demo():                                          # the embedded default, for `make demo`
         return run_demo(main, RECIPE_DIR / "digits.yaml", SUMMARY)
 
-    if __name__ == "__main__":
-        run_as_script(main, SUMMARY)               # summary on the main process, then clean up
+    if __name__ == "__main__":                 # summary, artifact, how to load it; clean up
+        run_as_script(main, SUMMARY, artifacts=lambda result: trainer_artifact(result[0]))
 
 * parse: :class:`RecipeArgumentParser`, an ``HfArgumentParser`` that also reads ``--config
   path/to/setting.yaml``. Values in the YAML become the defaults; flags given on the command line
@@ -22,10 +22,12 @@ Every ``recipes/<method>/train.py`` has the same shape::
 * train: :func:`run_training` resumes from ``--resume_from_checkpoint`` (see
   :func:`resume_checkpoint`); recipes whose loop is not ``Trainer.train`` call
   :func:`refuse_resume` instead.
-* finish: :func:`finish_training` evaluates the test split, saves, and writes (or pushes) the
-  model card.
+* finish: :func:`finish_training` evaluates the test split, saves, and writes (or pushes, one
+  commit) the model card, from the main process, then waits at a barrier; recipes with their
+  own loop save on the main process and push with :func:`push_folder`.
 * summary: :func:`summarize` picks the headline metrics (:data:`CLASSIFICATION_SUMMARY` for the
-  classifiers); :func:`run_demo` and :func:`run_as_script` print or return them.
+  classifiers); :func:`run_demo` returns them and :func:`run_as_script` prints them, then where
+  the artifact is and the one line of code that loads it (:class:`Artifact`).
 * clean-up: :func:`run_as_script` destroys the process group at the end (:func:`end_process_group`).
 """
 
@@ -38,6 +40,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +49,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from hf_extensions.checkpoints import resolve_checkpoint, restore_pretrained_weights
-from hf_extensions.hub import save_model_card
+from hf_extensions.hub import Usage, save_model_card, usage_for
 
 #: The headline metrics of a classification recipe: label -> key of the test metrics.
 CLASSIFICATION_SUMMARY: dict[str, str] = {
@@ -73,6 +76,21 @@ def use_cpu_for_multiprocess_launch() -> bool:
         logger.info("%d processes and no GPU: using CPU data parallelism (gloo).", world_size)
         return True
     return False
+
+
+def process_state():
+    """Accelerate's ``PartialState`` of this process, honouring ``ACCELERATE_USE_CPU`` as
+    ``AcceleratorState`` and ``TrainingArguments`` do.
+
+    A bare ``PartialState()`` ignores that variable: on a machine without a GPU, the processes
+    of ``accelerate launch --multi_gpu`` (or ``--config_file cpu_2proc.yaml``) then each see a
+    single-process run in which they are the main process, and all of them write. Recipes that
+    decide who writes with no ``Trainer`` or ``Accelerator`` in hand ask this one.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def resume_checkpoint(args, model: torch.nn.Module | None = None) -> str | None:
@@ -160,13 +178,17 @@ def finish_training(
     dataset: str | None = None,
     card: Callable[[dict[str, float]], Any] | None = None,
 ) -> dict[str, float]:
-    """The finish step of a recipe built on a ``Trainer``: evaluate the test split, save, and
-    write the model card, or push model and card (``args.push_to_hub``).
+    """The finish step of a recipe built on a ``Trainer``: evaluate the test split, then save
+    the model and write its card, or push model and card in one commit (``args.push_to_hub``).
+
+    Only the main process writes and pushes (``Trainer.save_model`` / ``push_to_hub`` see to
+    it); every process waits at a barrier until the artifact is complete. ``save_model`` is not
+    called before ``push_to_hub``: with ``push_to_hub`` set it would push a commit of its own.
 
     Args:
         trainer (`transformers.Trainer`):
-            The trained trainer. A method trainer (one with ``finish``:
-            :class:`trainers.MethodTrainer`) writes its own card.
+            The trained trainer. A method trainer (:class:`trainers.MethodTrainer`, one with
+            ``card_hyperparameters``) writes its own card.
         test_dataset (`datasets.Dataset`, *optional*):
             Evaluated once, metrics prefixed ``test_``; ``None`` skips the evaluation.
         dataset (`str`, *optional*):
@@ -178,28 +200,119 @@ def finish_training(
     Returns:
         `dict[str, float]`: the test metrics (empty without ``test_dataset``).
     """
-    if hasattr(trainer, "finish"):
-        return trainer.finish(test_dataset, dataset=dataset)
     metrics = {}
     if test_dataset is not None:
         metrics = trainer.evaluate(test_dataset, metric_key_prefix="test")
-    trainer.save_model()
-    model_card = card(metrics) if card is not None else None
+    if hasattr(trainer, "card_hyperparameters"):  # a method trainer: its own card
+        if trainer.args.push_to_hub:
+            trainer.push_to_hub(dataset=dataset)  # saves, writes the card, one commit
+        else:
+            trainer.save_model()
+            trainer.create_model_card(dataset=dataset)
+    else:
+        model_card = card(metrics) if card is not None else None
 
-    def write_card(**_ignored) -> None:
-        if model_card is not None and trainer.is_world_process_zero():
-            save_model_card(model_card, trainer.args.output_dir)
+        def write_card(**_ignored) -> None:
+            if model_card is not None and trainer.is_world_process_zero():
+                save_model_card(model_card, trainer.args.output_dir)
 
-    write_card()
-    if trainer.args.push_to_hub:
-        # Trainer.push_to_hub writes its card with `create_model_card` before uploading
-        # `output_dir`: for this one call, that card is ours.
-        trainer.create_model_card = write_card
-        try:
-            trainer.push_to_hub()
-        finally:
-            del trainer.create_model_card
+        if trainer.args.push_to_hub:
+            # Trainer.push_to_hub writes its card with `create_model_card` before uploading
+            # `output_dir`: for this one call, that card is ours.
+            trainer.create_model_card = write_card
+            try:
+                trainer.push_to_hub()
+            finally:
+                del trainer.create_model_card
+        else:
+            trainer.save_model()
+            write_card()
+    trainer.accelerator.wait_for_everyone()
     return metrics
+
+
+#: The subfolder of an adapter artifact that holds the model the adapter is applied to.
+BASE_MODEL_FOLDER = "base_model"
+
+
+def save_base_model(output_dir: str | os.PathLike, *objects) -> str:
+    """Save the model an adapter artifact applies to (and its tokenizer or processor, if
+    given) in ``output_dir/base_model``, from the main process; every process waits for it.
+
+    For the recipes that build their backbone (a tiny model from a config, pretrained here, or
+    a checkpoint with a new head): without it the saved adapter cannot be reloaded in a fresh
+    process. The folder becomes the model's ``name_or_path``, which PEFT records as an
+    adapter's ``base_model_name_or_path`` (instead of null). Returns the folder.
+    """
+    folder = str(Path(output_dir) / BASE_MODEL_FOLDER)
+    state = process_state()
+    if state.is_main_process:
+        for item in objects:
+            item.save_pretrained(folder)
+    if objects and hasattr(objects[0], "name_or_path"):
+        objects[0].name_or_path = folder
+    state.wait_for_everyone()
+    return folder
+
+
+def push_folder(folder: str | os.PathLike, repo_id: str, commit_message: str) -> str:
+    """Upload ``folder`` to the Hub repository ``repo_id`` (created if missing) in one commit,
+    from the main process only; every process waits until it is done. Returns the repo id."""
+    from huggingface_hub import HfApi
+
+    state = process_state()
+    if state.is_main_process:
+        api = HfApi()
+        repo_id = api.create_repo(repo_id, exist_ok=True).repo_id
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
+    state.wait_for_everyone()
+    return repo_id
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """What a recipe leaves behind, for the summary :func:`run_as_script` prints.
+
+    Attributes:
+        path: the folder it was saved to.
+        usage: how to load and run it (:class:`hf_extensions.hub.Usage`; its one-line form is
+            printed).
+        hub_id: the Hub repository it was pushed to, if it was.
+    """
+
+    path: str
+    usage: Usage
+    hub_id: str | None = None
+
+
+def artifact_id(args) -> str:
+    """Where the artifact of a run with ``args`` (``output_dir``, ``push_to_hub``,
+    ``hub_model_id``) is found: its Hub repository when it is pushed, else ``output_dir``.
+    The name a model card's usage snippet loads."""
+    if getattr(args, "push_to_hub", False):
+        return args.hub_model_id or Path(args.output_dir).name  # Trainer's default repository
+    return str(args.output_dir)
+
+
+def trainer_artifact(trainer, usage: Callable[[str], Usage] | None = None) -> Artifact:
+    """The :class:`Artifact` of a ``Trainer`` recipe: ``output_dir``, pushed to the trainer's
+    Hub repository with ``push_to_hub``; ``usage(path)`` defaults to the method's snippet
+    (:func:`hf_extensions.hub.usage_for`)."""
+    path = str(trainer.args.output_dir)
+    hub_id = None
+    if trainer.args.push_to_hub:
+        hub_id = getattr(trainer, "hub_model_id", None) or trainer.args.hub_model_id
+    if usage is None:
+        return Artifact(path, usage_for(trainer.method, path), hub_id)
+    return Artifact(path, usage(path), hub_id)
+
+
+def print_artifacts(artifacts: Artifact | Sequence[Artifact]) -> None:
+    """Print where each artifact is and the one line of code that loads it."""
+    for artifact in [artifacts] if isinstance(artifacts, Artifact) else artifacts:
+        pushed = f" and pushed to {artifact.hub_id}" if artifact.hub_id else ""
+        print(f"Saved to {artifact.path}{pushed} (its README.md has a usage example). Load it:")
+        print(f"    {artifact.usage.one_line}")
 
 
 def summarize(
@@ -281,9 +394,11 @@ def run_as_script(
     main: Callable[[list[str]], Any],
     summary: Mapping[str, str] | Callable[[Any], dict] | None = None,
     argv: Sequence[str] | None = None,
+    artifacts: Callable[[Any], Artifact | Sequence[Artifact]] | None = None,
 ) -> Any:
-    """``if __name__ == "__main__": run_as_script(main, SUMMARY)``: run ``main``, print the
-    summary on the main process, then :func:`end_process_group` with the result's trainer.
+    """``if __name__ == "__main__": run_as_script(main, SUMMARY, artifacts=...)``: run
+    ``main``; on the main process print the summary, where the artifact is and the line that
+    loads it; then :func:`end_process_group` with the result's trainer.
 
     Args:
         main (`Callable[[list[str]], Any]`):
@@ -292,14 +407,19 @@ def run_as_script(
             The figures to print, as :func:`summarize` takes them (missing ones are skipped).
         argv (`Sequence[str]`, *optional*):
             The arguments; defaults to ``sys.argv[1:]``.
+        artifacts (`Callable`, *optional*):
+            ``result -> Artifact`` (or a list of them): what :func:`print_artifacts` prints.
 
     Returns:
         What ``main`` returned.
     """
     result = main(list(sys.argv[1:] if argv is None else argv))
-    if summary is not None and int(os.environ.get("RANK", "0")) == 0:
-        for label, value in summarize(result, summary, strict=False).items():
-            print(f"{label}: {value:.4g}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        if summary is not None:
+            for label, value in summarize(result, summary, strict=False).items():
+                print(f"{label}: {value:.4g}")
+        if artifacts is not None:
+            print_artifacts(artifacts(result))
     parts = result if isinstance(result, tuple) else (result,)
     end_process_group(*(part for part in parts if hasattr(part, "accelerator")))
     return result

@@ -14,8 +14,12 @@ holds the standard Hub fields (``library_name``, ``base_model``, ``tags``, ``dat
       metrics: {accuracy: 0.91, ...}
 
 so that :func:`read_model_card_metadata` can read it back and :func:`check_model_card_method`
-can refuse a checkpoint of another method. Nothing here touches the network:
-``ModelCard.from_template`` renders locally and remote validation is never called.
+can refuse a checkpoint of another method. The body holds a hyper-parameter table, the measured
+metrics (rounded to 4 significant digits; timings and throughput are not metrics of the model and
+are left out) and a **usage snippet**: Python code that loads the artifact and runs it
+(:class:`Usage`; :data:`USAGES` holds the one of each method whose artifact is written by a
+trainer or a pipeline function). Nothing here touches the network: ``ModelCard.from_template``
+renders locally and remote validation is never called.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import math
 import os
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,10 +42,15 @@ from hf_extensions.validation import check_choice, refuse
 __all__ = [
     "LIBRARY_NAMES",
     "METADATA_KEY",
+    "USAGES",
+    "Usage",
     "build_model_card",
     "check_model_card_method",
+    "local_folder",
+    "measured_metrics",
     "read_model_card_metadata",
     "save_model_card",
+    "usage_for",
 ]
 
 METADATA_KEY = "hf_extensions"
@@ -70,7 +80,13 @@ It was trained from the base model `{{ base_model }}`.
 ## Measured metrics
 
 {{ metric_table }}
-{% endif %}{% if extra_text %}
+{% endif %}
+## Usage
+
+```python
+{{ usage }}
+```
+{% if extra_text %}
 {{ extra_text }}
 {% endif %}"""
 
@@ -121,6 +137,248 @@ def _resolve_paper_links(
     return paper_url, arxiv_id
 
 
+#: Suffixes of the figures a run logs that describe the run, not the model (Trainer's
+#: ``*_runtime``, ``*_samples_per_second``, ``*_steps_per_second``, ``total_flos``): never
+#: recorded as measured metrics.
+NOT_METRICS = ("runtime", "samples_per_second", "steps_per_second", "flos")
+#: Significant digits of the values in the card's metric table and model-index.
+METRIC_DIGITS = 4
+#: Stands in for the artifact in a usage snippet when the card's writer does not know it.
+ARTIFACT_PLACEHOLDER = "path/or/hub-id/of/this/model"
+
+
+def measured_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``metrics`` without the timings and throughput of the run (:data:`NOT_METRICS`)."""
+    return {
+        name: value
+        for name, value in (metrics or {}).items()
+        if not str(name).endswith(NOT_METRICS)
+    }
+
+
+def _rounded(value: float) -> float:
+    """``value`` to :data:`METRIC_DIGITS` significant digits (non-finite values unchanged)."""
+    if isinstance(value, bool) or not isinstance(value, float) or not math.isfinite(value):
+        return value
+    return float(f"{value:.{METRIC_DIGITS}g}")
+
+
+def local_folder(path_or_repo_id: str | os.PathLike, **download_options: Any) -> str:
+    """A local folder holding the artifact: ``path_or_repo_id`` itself when it is a folder,
+    else the downloaded snapshot of that Hub repository (``huggingface_hub.snapshot_download``).
+
+    For the loaders that read files (``ParticleEnsemble.from_pretrained``, ``load_erased``, ...)
+    in usage snippets that must work for a Hub id and a local folder alike.
+    """
+    if os.path.isdir(path_or_repo_id):
+        return os.fspath(path_or_repo_id)
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(str(path_or_repo_id), **download_options)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """A usage snippet: the imports, the lines that load the artifact, the lines that run it.
+
+    :attr:`code` is the card's Python block; :attr:`one_line` (imports and loading joined by
+    ``"; "``) is what a recipe prints at the end of a run.
+    """
+
+    imports: tuple[str, ...]
+    load: tuple[str, ...]
+    run: tuple[str, ...] = ()
+
+    @property
+    def code(self) -> str:
+        return "\n".join([*self.imports, "", *self.load, *self.run])
+
+    @property
+    def one_line(self) -> str:
+        """The loading lines with the imports they use (and side-effect imports), one line."""
+        loading = " ".join(self.load)
+        needed = [
+            line
+            for line in self.imports
+            if "noqa: F401" in line
+            or any(
+                re.search(rf"\b{re.escape(name.split(' as ')[-1].strip())}\b", loading)
+                for name in line.split(" import ", 1)[-1].removeprefix("import ").split(",")
+            )
+        ]
+        statements = [line.split("  #")[0] for line in (*needed, *self.load)]
+        return "; ".join(line for line in statements if not line.startswith("#"))
+
+
+def _q(value: str | None) -> str:
+    """A Python string literal (double quotes, as ruff formats them)."""
+    return json.dumps(value)
+
+
+def image_classifier_usage(artifact: str, base_model: str | None = None) -> Usage:
+    """A ``transformers`` image classifier saved with its image processor and label names."""
+    del base_model
+    return Usage(
+        imports=("from PIL import Image", "from transformers import pipeline"),
+        load=(f'classifier = pipeline("image-classification", model={_q(artifact)})',),
+        run=('print(classifier(Image.new("RGB", (64, 64), "white")))',),
+    )
+
+
+#: Two random images of the input shape of a ``transformers`` vision config ``config``.
+_RANDOM_IMAGES = (
+    'size = getattr(config, "image_size", 224)',
+    "pixel_values = torch.rand(2, config.num_channels, size, size)",
+)
+
+
+def _particle_ensemble_usage(artifact: str, base_model: str | None = None) -> Usage:
+    del base_model
+    return Usage(
+        imports=(
+            "import torch",
+            "from transformers import AutoModelForImageClassification",
+            "from hf_extensions.fhbi.particles import ParticleEnsemble",
+            "from hf_extensions.hub import local_folder",
+        ),
+        load=(
+            f"folder = local_folder({_q(artifact)})",
+            'base = AutoModelForImageClassification.from_pretrained(f"{folder}/base_model")',
+            "ensemble = ParticleEnsemble.from_pretrained(base, folder).eval()",
+        ),
+        run=(
+            "config = base.config",
+            *_RANDOM_IMAGES,
+            "with torch.no_grad():",
+            '    print(ensemble(pixel_values=pixel_values)["logits"].exp())  # particle average',
+        ),
+    )
+
+
+def _peer_ensemble_usage(artifact: str, base_model: str | None = None) -> Usage:
+    del base_model
+    return Usage(
+        imports=(
+            "import torch",
+            "from hf_extensions.bnn import PeerEnsemble",
+            "from hf_extensions.hub import local_folder",
+        ),
+        load=(f"peers = PeerEnsemble.from_pretrained(local_folder({_q(artifact)})).eval()",),
+        run=(
+            "config = peers.peers[0].config",
+            *_RANDOM_IMAGES,
+            "with torch.no_grad():",
+            "    print(peers(pixel_values=pixel_values).logits.exp())  # Bayesian model average",
+        ),
+    )
+
+
+def _hierarchical_cl_usage(artifact: str, base_model: str | None = None) -> Usage:
+    del base_model
+    return Usage(
+        imports=(
+            "import torch",
+            "from datasets import Dataset",
+            "from peft import PeftModel",
+            "from transformers import AutoModelForImageClassification",
+            "import peft_configs  # noqa: F401  (registers the prompt pool with PEFT)",
+            "from hf_extensions.hub import local_folder",
+            "from trainers import HierarchicalPromptCLConfig, HierarchicalPromptCLTrainer",
+        ),
+        load=(
+            f"folder = local_folder({_q(artifact)})",
+            'base = AutoModelForImageClassification.from_pretrained(f"{folder}/base_model")',
+            "model = PeftModel.from_pretrained(base, folder)",
+            "learner = HierarchicalPromptCLTrainer(model, HierarchicalPromptCLConfig(output_dir=folder))",
+            "learner.load_continual_state(folder)  # task-identity head, class mixtures, taxonomy",
+        ),
+        run=(
+            "config = base.config",
+            *_RANDOM_IMAGES,
+            'images = Dataset.from_dict({"pixel_values": pixel_values.numpy(), "labels": [0, 0]})',
+            'print(learner.predict_classes(images.with_format("torch"))["predictions"])',
+        ),
+    )
+
+
+def _pga_usage(artifact: str, base_model: str | None = None) -> Usage:
+    del base_model
+    return Usage(
+        imports=(
+            "import json",
+            "import torch",
+            "from safetensors.torch import load_file",
+            "from transformers import AutoTokenizer, CLIPModel",
+            "from hf_extensions.hub import local_folder",
+            "from hf_extensions.pga.clip_prompts import CLIPPromptLearner",
+        ),
+        load=(
+            f"folder = local_folder({_q(artifact)})",
+            'clip = CLIPModel.from_pretrained(f"{folder}/base_model")',
+            'tokenizer = AutoTokenizer.from_pretrained(f"{folder}/base_model")',
+            'settings = json.loads(open(f"{folder}/prompt_learner.json").read())',
+            "learner = CLIPPromptLearner(clip, tokenizer, **settings)",
+            'learner.load_state_dict(load_file(f"{folder}/model.safetensors"))',
+        ),
+        run=(
+            "config = clip.config.vision_config",
+            *_RANDOM_IMAGES,
+            "with torch.no_grad():",
+            '    print(learner.eval()(pixel_values=pixel_values)["logits"].exp())  # averaged over domains',
+        ),
+    )
+
+
+def _erasure_usage(artifact: str, base_model: str | None = None) -> Usage:
+    if base_model is None:  # the recipes' tiny offline pipeline (seeded: the same weights)
+        imports = ("from hf_extensions.models import tiny_stable_diffusion_pipeline",)
+        base = "tiny_stable_diffusion_pipeline()"
+    else:
+        imports, base = (), f"StableDiffusionPipeline.from_pretrained({_q(base_model)})"
+    return Usage(
+        imports=(
+            "import os",
+            "from diffusers import StableDiffusionPipeline",
+            "from hf_extensions.hub import local_folder",
+            "from hf_extensions.pipelines import load_erased",
+            *imports,
+        ),
+        load=(
+            f"folder = local_folder({_q(artifact)})",
+            "# a whole pipeline loads as it is; only the erased tensors load onto the base",
+            'full = os.path.isfile(os.path.join(folder, "model_index.json"))',
+            f"pipe = StableDiffusionPipeline.from_pretrained(folder) if full else load_erased({base}, folder)",
+        ),
+        run=(
+            'image = pipe("a photo of a dog", num_inference_steps=4).images[0]',
+            "print(image.size)",
+        ),
+    )
+
+
+#: The usage snippet of each method whose artifact a trainer or a pipeline function writes
+#: (their cards are built without a recipe's help): method id -> ``(artifact, base_model) ->
+#: Usage``. Recipes that build their own card pass ``usage=`` instead.
+USAGES: dict[str, Any] = {
+    "fine-tuning": image_classifier_usage,
+    "sam": image_classifier_usage,
+    "asam": image_classifier_usage,
+    "agnostic-sam": image_classifier_usage,
+    "fhbi": _particle_ensemble_usage,
+    "bnn-mutual-learning": _peer_ensemble_usage,
+    "hierarchical-prompt-cl": _hierarchical_cl_usage,
+    "pga": _pga_usage,
+    "eap-concept-erasure": _erasure_usage,
+}
+
+
+def usage_for(method: str, artifact: str | None = None, base_model: str | None = None) -> Usage:
+    """The :data:`USAGES` snippet of ``method`` for ``artifact`` (a folder or Hub id)."""
+    if method not in USAGES:
+        refuse("method", f"one of {sorted(USAGES)} (or pass `usage=` to the card)", method)
+    return USAGES[method](artifact or ARTIFACT_PLACEHOLDER, base_model)
+
+
 def _markdown_table(rows: Mapping[str, Any], header: tuple[str, str]) -> str:
     """A two-column Markdown table; values as JSON (strings as they are), pipes escaped."""
 
@@ -149,6 +407,8 @@ def build_model_card(
     model_name: str | None = None,
     license: str | None = None,
     extra_text: str = "",
+    usage: Usage | str | None = None,
+    artifact: str | None = None,
 ) -> ModelCard:
     """Build the model card of an artifact produced by ``method``, offline.
 
@@ -173,8 +433,10 @@ def build_model_card(
             The settings that define the run, recorded exactly (see :func:`_to_yaml_value` for
             the allowed types).
         metrics (`Mapping[str, float]`, *optional*, defaults to `None`):
-            Measured figures, name -> number. With ``task_type`` they also go into a
-            ``model-index`` (the finite ones).
+            Measured figures, name -> number; timings and throughput (:data:`NOT_METRICS`) are
+            dropped. Recorded exactly in the metadata, rounded to :data:`METRIC_DIGITS`
+            significant digits in the table and, with ``task_type``, in a ``model-index`` (the
+            finite ones).
         base_model (`str`, *optional*, defaults to `None`):
             The Hub id or path the artifact was trained from.
         library_name (`str`, *optional*, defaults to `"transformers"`):
@@ -194,6 +456,12 @@ def build_model_card(
             The Hub license identifier (e.g. ``"apache-2.0"``).
         extra_text (`str`, *optional*, defaults to `""`):
             Markdown appended to the body.
+        usage (`Usage` or `str`, *optional*, defaults to `None`):
+            The card's usage snippet (Python code that loads the artifact and runs it); `None`:
+            the :data:`USAGES` snippet of ``method``, else a generic loader of ``library_name``.
+        artifact (`str`, *optional*, defaults to `None`):
+            The Hub id or folder the default snippet loads; `None`:
+            :data:`ARTIFACT_PLACEHOLDER`.
 
     Returns:
         `huggingface_hub.ModelCard`: the card; save it with :func:`save_model_card`.
@@ -214,7 +482,7 @@ def build_model_card(
     check_choice("library_name", library_name, LIBRARY_NAMES)
     paper_url, arxiv_id = _resolve_paper_links(paper_url, arxiv_id)
     hyperparameters = _to_yaml_value(dict(hyperparameters or {}), "hyperparameters")
-    metrics = _to_yaml_value(dict(metrics or {}), "metrics")
+    metrics = _to_yaml_value(measured_metrics(metrics), "metrics")
     for name, value in metrics.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             refuse(f"metrics.{name}", "a number", value)
@@ -230,7 +498,7 @@ def build_model_card(
                 dataset_type=datasets[0],
                 dataset_name=datasets[0],
                 metric_type=name,
-                metric_value=value,
+                metric_value=_rounded(value),
             )
             for name, value in metrics.items()
             if math.isfinite(value)
@@ -268,17 +536,55 @@ def build_model_card(
         paper_url=paper_url,
         base_model=base_model,
         hyperparameter_table=_markdown_table(hyperparameters, ("hyper-parameter", "value")),
-        metric_table=_markdown_table(metrics, ("metric", "value")) if metrics else "",
+        metric_table=_markdown_table(
+            {name: _rounded(value) for name, value in metrics.items()}, ("metric", "value")
+        )
+        if metrics
+        else "",
+        usage=_usage_code(usage, method, library_name, artifact, base_model),
         extra_text=extra_text,
     )
 
 
+_GENERIC_LOADERS = {
+    "transformers": ("from transformers import AutoModel", "model = AutoModel.from_pretrained"),
+    "peft": ("from peft import AutoPeftModel", "model = AutoPeftModel.from_pretrained"),
+    "diffusers": (
+        "from diffusers import DiffusionPipeline",
+        "pipe = DiffusionPipeline.from_pretrained",
+    ),
+}
+
+
+def _usage_code(
+    usage: Usage | str | None,
+    method: str,
+    library_name: str,
+    artifact: str | None,
+    base_model: str | None,
+) -> str:
+    """The code of the card's usage block (see :func:`build_model_card`)."""
+    if isinstance(usage, Usage):
+        return usage.code
+    if isinstance(usage, str):
+        if not usage.strip():
+            refuse("usage", "Python code that loads the artifact (or None)", usage)
+        return usage.strip("\n")
+    if usage is not None:
+        refuse("usage", "a Usage, a string of Python code or None", usage)
+    if method in USAGES:
+        return usage_for(method, artifact, base_model).code
+    importer, loader = _GENERIC_LOADERS[library_name]
+    return f"{importer}\n\n{loader}({_q(artifact or ARTIFACT_PLACEHOLDER)})"
+
+
 def save_model_card(card: ModelCard, directory: str | os.PathLike) -> Path:
-    """Write ``card`` as ``directory/README.md`` (creating the directory); return the path."""
-    path = Path(directory) / "README.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    card.save(path)
-    return path
+    """Write ``card`` as ``directory/README.md`` (creating the directory); return the path.
+
+    Atomic (a temporary file, then ``os.replace``): a reader sees the old card or the new one."""
+    from hf_extensions.atomic import atomic_write_text
+
+    return atomic_write_text(Path(directory) / "README.md", str(card))
 
 
 def read_model_card_metadata(source: str | os.PathLike | ModelCard) -> dict[str, Any]:

@@ -38,6 +38,7 @@ in eager mode and is refused. Attention weights returned by ``eager`` include th
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -50,8 +51,11 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 __all__ = [
     "PREFIX_ATTENTION",
     "SUPPORTED_IMPLEMENTATIONS",
+    "SUPPORTED_MODELS",
     "PrefixSite",
     "attach_prefix_sites",
+    "check_attention_implementation",
+    "check_prefix_injection_supported",
     "detach_prefix_site",
     "extend_attention_mask",
     "find_self_attention_modules",
@@ -369,19 +373,99 @@ def _attention_classes(model: nn.Module) -> tuple[type, ...]:
     return tuple(classes)
 
 
+#: What prefix injection supports, for error messages.
+SUPPORTED_MODELS = (
+    "transformers models whose self-attention modules call the ALL_ATTENTION_FUNCTIONS registry "
+    "(tested: BERT, RoBERTa, MiniLM, ViT, GPT-2, Llama; most current encoders and decoders)"
+)
+#: What to do with a model prefix injection does not support.
+UNSUPPORTED_FIX = (
+    "use another PEFT method for this model (e.g. peft.LoraConfig, or peft.PrefixTuningConfig "
+    "for a model that takes past_key_values)"
+)
+
+
+def _describe(model: nn.Module) -> str:
+    """``ClassName (model_type 'x')`` of a model, for error messages."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return f"{type(model).__name__} (model_type {model_type!r})"
+
+
+def _code_names(code) -> set[str]:
+    """Global names a code object and the code objects nested in it refer to."""
+    names = set(code.co_names)
+    for constant in code.co_consts:
+        if hasattr(constant, "co_names"):
+            names |= _code_names(constant)
+    return names
+
+
+def _dispatches_through_registry(cls: type) -> bool:
+    """Whether a method of the attention class ``cls`` (or of a transformers base of it) looks
+    its attention function up in ``ALL_ATTENTION_FUNCTIONS``: the only route a prefix takes."""
+    for klass in cls.__mro__:
+        if klass is nn.Module or klass is object:
+            break
+        for attribute in vars(klass).values():
+            function = inspect.unwrap(attribute) if callable(attribute) else None
+            code = getattr(function, "__code__", None)
+            if code is not None and "ALL_ATTENTION_FUNCTIONS" in _code_names(code):
+                return True
+    return False
+
+
+def check_prefix_injection_supported(model: nn.Module) -> tuple[type, ...]:
+    """Refuse, naming the model and what is supported, a model whose attention a prefix cannot
+    reach; return its self-attention classes.
+
+    Raises:
+        ValueError: the model declares no attention modules (``_can_record_outputs``; e.g. a
+            CNN, Mamba, or an older architecture such as GPT-Neo), or its attention computes
+            the scores itself instead of calling the registry (e.g. T5, whose relative position
+            bias bypasses it): a prefix would fail deep in the forward or be silently ignored.
+    """
+    classes = _attention_classes(model)
+    if not classes:
+        raise ValueError(
+            f"prefix injection does not support {_describe(model)}: it declares no attention "
+            f"modules (`_can_record_outputs['attentions']`). Supported: {SUPPORTED_MODELS}. "
+            f"Fix: {UNSUPPORTED_FIX}."
+        )
+    bypassing = [cls.__name__ for cls in classes if not _dispatches_through_registry(cls)]
+    if bypassing:
+        raise ValueError(
+            f"prefix injection does not support {_describe(model)}: its attention "
+            f"{bypassing} computes attention itself, not through transformers' "
+            f"ALL_ATTENTION_FUNCTIONS, so a prefix cannot reach it. Supported: "
+            f"{SUPPORTED_MODELS}. Fix: {UNSUPPORTED_FIX}."
+        )
+    return classes
+
+
+def check_attention_implementation(model: nn.Module) -> None:
+    """Refuse a model whose attention implementation a prefix cannot be injected into.
+
+    Raises:
+        ValueError: ``config._attn_implementation`` is not one of
+            :data:`SUPPORTED_IMPLEMENTATIONS` (e.g. ``flash_attention_2``, ``flex_attention``).
+    """
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if implementation is not None and implementation not in SUPPORTED_IMPLEMENTATIONS:
+        raise ValueError(
+            f"prefix injection supports attn_implementation {SUPPORTED_IMPLEMENTATIONS}; "
+            f"{_describe(model)} uses {implementation!r}. Fix: load the model with "
+            "attn_implementation='sdpa' or call model.set_attn_implementation('sdpa') first."
+        )
+
+
 def find_self_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of every self-attention module of ``model``, in layer order.
 
     The attention classes are those a ``transformers`` model declares for recording attention
     weights (``_can_record_outputs["attentions"]``); cross-attention modules are left out.
+    Unsupported models are refused first (:func:`check_prefix_injection_supported`).
     """
-    classes = _attention_classes(model)
-    if not classes:
-        raise ValueError(
-            f"{type(model).__name__} declares no attention modules (`_can_record_outputs`); "
-            "prefix injection needs a transformers model whose attention uses the "
-            "ALL_ATTENTION_FUNCTIONS registry"
-        )
+    classes = check_prefix_injection_supported(model)
     found = [
         (name, module)
         for name, module in model.named_modules()
@@ -443,6 +527,7 @@ def attach_prefix_sites(
         ``{module name: site}`` in layer order. Nothing is injected until a site is given keys.
     """
     modules = find_self_attention_modules(model)
+    check_attention_implementation(model)
     sites = {}
     for index in _normalize_layers(layers, len(modules)):
         name, module = modules[index]

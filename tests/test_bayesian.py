@@ -303,7 +303,10 @@ def test_ensemble_save_and_load_round_trip(tmp_path):
         PeerEnsemble.from_pretrained(tmp_path / "mlp", peer_factory=lambda k: tiny_mlp_classifier())
     config_path.write_text(
         json.dumps(
-            {**config, "peers": [{**config["peers"][0], "class": "os.system", "config": {}}]}
+            {
+                **config,
+                "peers": [{**peer, "class": "os.system", "config": {}} for peer in config["peers"]],
+            }
         )
     )
     with pytest.raises(ValueError, match="not a transformers model class"):

@@ -186,3 +186,33 @@ def test_extra_candidates_join_the_adversary_and_are_validated():
         ConceptEraser(
             pipe, [CONCEPT], "eap", _fast_config(), extra_candidates={candidates.words[0]: target}
         )
+
+
+def test_accumulation_ignores_a_dataloader_another_run_left_open(tmp_path):
+    """Accelerate's gradient state is shared by the process: a Trainer stopped by max_steps at
+    the last batch of an epoch leaves that dataloader registered "at its end", which used to make
+    every cycle of a later erasure in the same process an optimizer step (the result then
+    depended on what ran before it)."""
+    from transformers import Trainer, TrainingArguments
+
+    from hf_extensions.data import load_digits
+    from hf_extensions.models import tiny_mlp_classifier
+    from hf_extensions.pipelines import ConceptEraser
+
+    rows = load_digits(seed=0, layout="vector")["train"].select(range(8))
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, use_cpu=True,
+        report_to=[], save_strategy="no", disable_tqdm=True,
+    )  # fmt: skip
+    trainer = Trainer(model=tiny_mlp_classifier(), args=args, train_dataset=rows)
+    trainer.train()  # stops on the epoch's last batch, before the dataloader unregisters
+    eraser = ConceptEraser(
+        tiny_stable_diffusion_pipeline(),
+        [CONCEPT],
+        "esd",
+        _fast_config(gradient_accumulation_steps=2),
+    )
+    eraser.step()
+    eraser.step()
+    steps = {int(state["step"]) for state in eraser.optimizer.optimizer.state.values()}
+    assert steps == {2}  # one optimizer step per model step, not per cycle

@@ -415,3 +415,18 @@ def test_compute_classification_metrics_with_eval_prediction(rng_data):
             "ece": F.expected_calibration_error(kept_probs, kept_refs),
         }
     )
+
+
+def test_classification_metrics_survive_importing_the_evaluate_module_folders():
+    """``pkgutil.walk_packages`` (the config fuzz registry) imports ``metrics/accuracy/`` as a
+    package, which rebinds ``hf_extensions.metrics.accuracy`` to it; the Trainer's
+    ``compute_metrics`` must not call the module (it did: 8 recipe tests failed after the walk)."""
+    import importlib
+
+    from hf_extensions.metrics import compute_classification_metrics
+
+    for name in ("accuracy", "expected_calibration_error", "nll"):
+        importlib.import_module(f"hf_extensions.metrics.{name}")
+    logits = np.array([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]])
+    result = compute_classification_metrics((logits, np.array([0, 1, 1])))
+    assert result["accuracy"] == pytest.approx(2 / 3)

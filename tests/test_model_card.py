@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import re
 from pathlib import Path
 from unittest import mock
 
@@ -14,10 +15,15 @@ from huggingface_hub import ModelCard
 
 from hf_extensions import __version__
 from hf_extensions.hub import (
+    ARTIFACT_PLACEHOLDER,
+    USAGES,
+    Usage,
     build_model_card,
     check_model_card_method,
+    local_folder,
     read_model_card_metadata,
     save_model_card,
+    usage_for,
 )
 
 
@@ -188,3 +194,89 @@ def test_no_network_is_touched(tmp_path):
         path = save_model_card(_card(task_type="image-classification"), tmp_path)
         read_model_card_metadata(Path(path))
     boom.assert_not_called()
+
+
+# ----------------------------------------------------------------------------- metrics, usage
+
+
+def test_run_figures_are_not_metrics_and_the_table_is_rounded():
+    """Trainer's timings, throughput and FLOs describe the run, not the model: they are not
+    recorded; measured values are exact in the metadata and 4 significant digits on the page."""
+    metrics = {
+        "test_accuracy": 0.912345678,
+        "test_nll": 0.0000246913578,
+        "test_runtime": 1.5,
+        "train_samples_per_second": 812.3,
+        "eval_steps_per_second": 3.1,
+        "total_flos": 12345.0,
+    }
+    card = _card(metrics=metrics, task_type="image-classification")
+    assert read_model_card_metadata(card)["metrics"] == {
+        "test_accuracy": 0.912345678,
+        "test_nll": 0.0000246913578,
+    }
+    assert "| test_accuracy | 0.9123 |" in card.text and "| test_nll | 2.469e-05 |" in card.text
+    for figure in ("runtime", "samples_per_second", "steps_per_second", "flos"):
+        assert figure not in str(card)
+    values = {r.metric_type: r.metric_value for r in ModelCard(str(card)).data.eval_results}
+    assert values == {"test_accuracy": 0.9123, "test_nll": 2.469e-05}
+
+
+def _python_blocks(card: ModelCard) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", card.text, re.DOTALL)
+
+
+def test_every_card_has_a_usage_snippet():
+    # a method of the USAGES table: its snippet, for the artifact named
+    (code,) = _python_blocks(_card(artifact="user/sam-vit"))
+    assert 'pipeline("image-classification", model="user/sam-vit")' in code
+    (code,) = _python_blocks(_card())  # the writer did not say where the artifact is
+    assert f'model="{ARTIFACT_PLACEHOLDER}"' in code
+    # a recipe's own snippet, as given
+    usage = Usage(imports=("import torch",), load=("x = torch.ones(1)",), run=("print(x)",))
+    assert _python_blocks(_card(usage=usage)) == ["import torch\n\nx = torch.ones(1)\nprint(x)\n"]
+    # any other method: the library's generic loader
+    for library, loader in [("transformers", "AutoModel"), ("peft", "AutoPeftModel"),
+                            ("diffusers", "DiffusionPipeline")]:  # fmt: skip
+        (code,) = _python_blocks(_card(method="other", library_name=library, artifact="u/m"))
+        assert f'{loader}.from_pretrained("u/m")' in code
+    with pytest.raises(ValueError, match="usage"):
+        _card(usage="  ")
+    with pytest.raises(ValueError, match="usage"):
+        _card(usage=3)
+    with pytest.raises(ValueError, match="method"):
+        usage_for("no-such-method", "u/m")
+
+
+def test_usage_one_line_keeps_the_imports_that_loading_needs():
+    usage = Usage(
+        imports=(
+            "import torch",
+            "from transformers import AutoModel, pipeline",
+            "import peft_configs  # noqa: F401  (registers the method)",
+        ),
+        load=("# the weights", "model = AutoModel.from_pretrained('x')  # any folder"),
+        run=("print(torch.ones(1))",),
+    )
+    assert usage.one_line == (
+        "from transformers import AutoModel, pipeline; import peft_configs; "
+        "model = AutoModel.from_pretrained('x')"
+    )
+    assert usage.code.splitlines()[:4] == [*usage.imports, ""]
+
+
+def test_every_tabled_usage_names_its_artifact_and_base():
+    for method in USAGES:
+        usage = usage_for(method, "user/artifact", base_model="org/base")
+        assert '"user/artifact"' in usage.code and usage.load and usage.run, method
+        compile(usage.code, method, "exec")  # valid Python
+        compile(usage.one_line, method, "exec")
+    assert "org/base" in usage_for("eap-concept-erasure", "a", "org/base").code
+    assert "tiny_stable_diffusion_pipeline()" in usage_for("eap-concept-erasure", "a").code
+
+
+def test_local_folder_downloads_only_hub_ids(tmp_path):
+    assert local_folder(tmp_path) == str(tmp_path)
+    with mock.patch("huggingface_hub.snapshot_download", return_value="/cache/x") as download:
+        assert local_folder("user/model", revision="v1") == "/cache/x"
+    download.assert_called_once_with("user/model", revision="v1")

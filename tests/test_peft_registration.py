@@ -21,12 +21,16 @@ from peft.mapping import (
     PEFT_TYPE_TO_TUNER_MAPPING,
 )
 from peft.utils import PeftType, register_peft_method
+from transformers import BertForSequenceClassification
 
 import peft_configs
 from hf_extensions.models import tiny_bert_classifier
 from peft_configs.registration import (
+    LOADING_HEADING,
     NAMESPACE,
+    add_loading_section,
     extend_peft_type,
+    loading_instructions,
     peft_type_name,
     register_method,
 )
@@ -123,3 +127,65 @@ def test_checkpoint_of_another_layout_version_is_refused(tmp_path):
     path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="format_version"):
         PeftConfig.from_pretrained(tmp_path)
+
+
+def _python_block(text: str) -> str:
+    return text.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_a_saved_adapter_says_how_to_load_it_and_that_code_runs_in_a_fresh_process(tmp_path):
+    # PEFT fails with a bare KeyError in a process that has not imported peft_configs, and
+    # nothing of ours can run before that lookup: the adapter's README must say so.
+    tiny_bert_classifier().save_pretrained(tmp_path / "base")
+    base = BertForSequenceClassification.from_pretrained(tmp_path / "base")
+    model = get_peft_model(base, SharedPrefixTuningConfig(num_virtual_tokens=2))
+    model.save_pretrained(tmp_path / "adapter")
+    readme = (tmp_path / "adapter" / "README.md").read_text()
+    assert readme.count(LOADING_HEADING) == 1 and f"KeyError: '{TYPE}'" in readme
+    # It fills the "get started" section of PEFT's card template instead of its placeholder.
+    started = readme.split(LOADING_HEADING, 1)[1].split("\n## ", 1)[0]
+    assert "[More Information Needed]" not in started
+    snippet = _python_block(readme.split(LOADING_HEADING, 1)[1])
+    assert "import peft_configs" in snippet and str(tmp_path / "base") in snippet
+    snippet = snippet.replace("<this repository or folder>", str(tmp_path / "adapter"))
+    snippet += "print(type(model.peft_config['default']).__name__)\n"
+    result = subprocess.run(
+        [sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("SharedPrefixTuningConfig")
+
+
+def test_the_loading_section_is_written_once_and_a_card_of_ours_is_kept(tmp_path):
+    model = get_peft_model(tiny_bert_classifier(), SharedPrefixTuningConfig(num_virtual_tokens=2))
+    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)  # re-saving does not add a second section
+    assert (tmp_path / "README.md").read_text().count(LOADING_HEADING) == 1
+    card = "---\nlibrary_name: peft\n---\n\nimport peft_configs first, then load.\n"
+    (tmp_path / "README.md").write_text(card)
+    model.save_pretrained(tmp_path)  # PEFT updates the card's metadata; our text stays alone
+    text = (tmp_path / "README.md").read_text()
+    assert LOADING_HEADING not in text and "import peft_configs first" in text
+    assert add_loading_section(tmp_path / "missing", "x") is None  # a config saved on its own
+
+
+def test_the_snippet_loads_the_base_model_with_the_right_class():
+    section = loading_instructions(
+        "HF_EXTENSIONS_PROMPT_POOL", base_model="org/model", task_type="SEQ_CLS"
+    )
+    assert "from transformers import AutoModelForSequenceClassification" in section
+    assert 'AutoModelForSequenceClassification.from_pretrained("org/model")' in section
+    section = loading_instructions(
+        TYPE,
+        base_model_class="ViTForImageClassification",
+        parent_library="transformers.models.vit.modeling_vit",
+    )
+    assert "from transformers import ViTForImageClassification" in section
+
+
+def test_a_registered_method_must_use_the_config_base_that_writes_the_section():
+    class Plain(PeftConfig):
+        pass
+
+    with pytest.raises(TypeError, match="RegisteredPeftConfig"):
+        register_method("plain_probe", Plain, SharedPrefixModel)

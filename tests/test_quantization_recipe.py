@@ -51,3 +51,5 @@ def test_recipe_settings_are_validated():
         QuantizationRecipeArguments(settings=["w4"])
     with pytest.raises(ValueError, match="dataset_name"):
         QuantizationRecipeArguments(dataset_name="ILSVRC/imagenet-1k")
+    with pytest.raises(ValueError, match="hub_model_id"):
+        QuantizationRecipeArguments(push_to_hub=True)

@@ -334,6 +334,25 @@ def test_agnostic_sam_handles_one_row_leftovers(tmp_path):
     assert all(torch.isfinite(p).all() for p in _params(chunked))
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [dict(per_device_train_batch_size=1, gradient_accumulation_steps=16),
+     dict(per_device_train_batch_size=16, sharpness_batch_size=1)],
+)  # fmt: skip
+def test_agnostic_sam_refuses_perturbations_of_one_row(tmp_path, settings):
+    """One row cannot be split into B_tr and B_val: every step would silently be a SAM step."""
+    field = next(name for name, value in settings.items() if value == 1)
+    with pytest.raises(ValueError, match=rf"^`{field}`=1: Agnostic-SAM splits"):
+        AgnosticSAMConfig(output_dir=str(tmp_path), **settings)
+
+
+def test_agnostic_sam_warns_once_on_a_one_row_leftover(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="trainers.agnostic_sam_trainer"):
+        _train(AgnosticSAMTrainer, AgnosticSAMConfig, "mlp", tmp_path, 33,
+               num_train_epochs=2, per_device_train_batch_size=16)  # fmt: skip
+    assert sum("got a batch of 1 row" in r.getMessage() for r in caplog.records) == 1
+
+
 def _with_dropout(model, p=0.2):
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):

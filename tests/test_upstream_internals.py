@@ -25,6 +25,7 @@ import math
 import platform
 import sys
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 
 import datasets
 import huggingface_hub.hf_api as hf_api_module
@@ -1008,6 +1009,16 @@ TRAINER_METHODS = {
         "overridden",
         "trainers/prompt_dsi_trainer.py (create_optimizer)",
     ),
+    "_save_checkpoint": (
+        ("model", "trial"),
+        "overridden",
+        "trainers/method_trainer.py (MethodTrainer._save_checkpoint)",
+    ),
+    "_get_output_dir": (
+        ("trial",),
+        "called",
+        "trainers/method_trainer.py (MethodTrainer._save_checkpoint)",
+    ),
 }
 
 
@@ -1036,6 +1047,51 @@ def test_trainer_method_signature(method):
             internal,
             f"Trainer.{method} now takes {found}",
         )
+
+
+def test_trainer_checkpoint_is_written_into_the_output_dir_with_trainer_state_last(
+    tmp_path, monkeypatch
+):
+    """hf_extensions/checkpoints.py reads a ``checkpoint-N`` folder as complete when its
+    ``trainer_state.json`` is there (and the weights, optimizer and RNG files it checks); that
+    holds only while ``Trainer._save_checkpoint`` writes that file after all the others."""
+    from transformers.trainer_callback import TrainerState
+
+    internal = Internal(
+        "transformers",
+        "Trainer._save_checkpoint's layout: _get_output_dir()/checkpoint-N/, "
+        "trainer_state.json written last",
+        "hf_extensions/checkpoints.py (checkpoint_problem), trainers/method_trainer.py "
+        "(MethodTrainer._save_checkpoint)",
+        "make checkpoint_problem check what now marks a finished save (or stage the "
+        "checkpoint and rename it into place in MethodTrainer._save_checkpoint)",
+    )
+    args = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], disable_tqdm=True, max_steps=1,
+        save_strategy="steps", save_steps=1, per_device_train_batch_size=2, optim="sgd",
+    )  # fmt: skip
+    data = [{"x": torch.ones(2)} for _ in range(2)]
+    trainer = Trainer(model=_ProbeModel(), args=args, train_dataset=data)
+    expect(trainer._get_output_dir(trial=None) == str(tmp_path), internal, "another run_dir")
+    seen: list[set[str]] = []
+    save_to_json = TrainerState.save_to_json
+
+    def spy(state, json_path):
+        seen.append({entry.name for entry in Path(json_path).parent.iterdir()})
+        return save_to_json(state, json_path)
+
+    monkeypatch.setattr(TrainerState, "save_to_json", spy)
+    trainer.train()
+    expect(seen, internal, "trainer_state.json is no longer written by TrainerState.save_to_json")
+    needed = {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"}
+    expect(
+        needed <= seen[0],
+        internal,
+        f"when trainer_state.json is written the folder holds only {sorted(seen[0])}",
+    )
+    expect(
+        (tmp_path / "checkpoint-1" / "trainer_state.json").is_file(), internal, "no checkpoint-1"
+    )
 
 
 @pytest.mark.parametrize(

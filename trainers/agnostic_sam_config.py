@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from hf_extensions.documentation import document_fields
-from hf_extensions.validation import check_choice, check_range
+from hf_extensions.validation import check_bool, check_choice, check_range
 from trainers.perturbation_config import PerturbationConfig
 
 FINAL_GRADIENT_SPLITS = ("full", "train", "sum")
@@ -68,9 +68,23 @@ class AgnosticSAMConfig(PerturbationConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check_range("rho_train", self.rho_train, low=0.0)
-        check_range("rho_val", self.rho_val, low=0.0)
-        check_range(
+        self.rho_train = check_range("rho_train", self.rho_train, low=0.0)
+        self.rho_val = check_range("rho_val", self.rho_val, low=0.0)
+        self.val_fraction = check_range(
             "val_fraction", self.val_fraction, low=0.0, high=1.0, low_open=True, high_open=True
         )
-        check_choice("final_grad_on", self.final_grad_on, FINAL_GRADIENT_SPLITS)
+        self.chain = check_bool("chain", self.chain)
+        self.final_grad_on = check_choice(
+            "final_grad_on", self.final_grad_on, FINAL_GRADIENT_SPLITS
+        )
+        # Each perturbation splits its rows into B_tr and B_val: one row cannot be split, and
+        # every step would silently be a SAM step of radius rho_train.
+        for name in ("per_device_train_batch_size", "sharpness_batch_size"):
+            rows = getattr(self, name)
+            if rows is not None and rows < 2:
+                raise ValueError(
+                    f"`{name}`={rows}: Agnostic-SAM splits each perturbation's rows into a "
+                    "training and a validation part, which needs at least 2 rows (with 1 every "
+                    f"step would be a plain SAM step). Set `{name}` >= 2 (lower "
+                    "`gradient_accumulation_steps` to keep the same global batch)."
+                )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -10,6 +11,8 @@ from torch import nn
 from hf_extensions.perturbation import combine_directions, direction_norm
 from trainers.agnostic_sam_config import AgnosticSAMConfig
 from trainers.perturbation_trainer import PerturbationTrainer, batch_rows, slice_rows
+
+logger = logging.getLogger(__name__)
 
 
 class AgnosticSAMTrainer(PerturbationTrainer):
@@ -46,17 +49,26 @@ class AgnosticSAMTrainer(PerturbationTrainer):
             raise TypeError(
                 f"AgnosticSAMTrainer needs an AgnosticSAMConfig, got {type(self.args).__name__}."
             )
+        self._warned_single_row = False
 
     min_chunk_rows = 2
 
     def split(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """``(B_tr, B_val)``: the last ``round(val_fraction * rows)`` rows (at least 1) are B_val.
 
-        A batch of one row (the last, short batch of an epoch) cannot be split: ``B_val`` is
-        ``None`` and the step is a SAM step of radius ``rho_train`` on that row.
+        A batch of one row (the last, short batch of an epoch; the config refuses batches of one
+        row) cannot be split: ``B_val`` is ``None`` and the step is a SAM step of radius
+        ``rho_train`` on that row, with a warning the first time.
         """
         rows = batch_rows(inputs)
         if rows < 2:
+            if not self._warned_single_row:
+                self._warned_single_row = True
+                logger.warning(
+                    "Agnostic-SAM got a batch of 1 row (the last batch of an epoch?), which "
+                    "cannot be split into training and validation parts: it takes a SAM step. "
+                    "Set dataloader_drop_last=True to drop such batches."
+                )
             return inputs, None
         val_rows = min(max(round(self.args.val_fraction * rows), 1), rows - 1)
         return slice_rows(inputs, 0, rows - val_rows), slice_rows(inputs, rows - val_rows, rows)

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from hf_extensions.bnn import GAUSSIAN_DIVERGENCES
 from hf_extensions.documentation import document_fields
-from hf_extensions.validation import check_choice, check_integer, check_range, refuse
+from hf_extensions.validation import check_choice, check_integer, check_names, check_range, refuse
 from trainers.method_config import MethodConfig
 
 PARAMETER_DIVERGENCES = GAUSSIAN_DIVERGENCES
@@ -180,25 +180,25 @@ class BayesianMutualLearningConfig(MethodConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check_range("kl_weight", self.kl_weight, low=0.0)
+        for name in (
+            "kl_weight",
+            "mutual_weight",
+            "parameter_diversity_weight",
+            "feature_diversity_weight",
+        ):
+            setattr(self, name, check_range(name, getattr(self, name), low=0.0))
+        for name in ("mutual_temperature", "parameter_diversity_scale", "feature_temperature"):
+            setattr(self, name, check_range(name, getattr(self, name), low=0.0, low_open=True))
         if self.kl_dataset_size is not None:
-            check_range("kl_dataset_size", self.kl_dataset_size, low=1)
-        check_range("mutual_weight", self.mutual_weight, low=0.0)
-        check_range("mutual_temperature", self.mutual_temperature, low=0.0, low_open=True)
-        check_range("parameter_diversity_weight", self.parameter_diversity_weight, low=0.0)
-        check_choice("parameter_divergence", self.parameter_divergence, PARAMETER_DIVERGENCES)
-        check_choice("parameter_diversity_bound", self.parameter_diversity_bound, PARAMETER_BOUNDS)
-        check_range(
-            "parameter_diversity_scale", self.parameter_diversity_scale, low=0.0, low_open=True
-        )
-        check_choice(
-            "parameter_diversity_normalization",
-            self.parameter_diversity_normalization,
-            PARAMETER_NORMALIZATIONS,
-        )
-        check_range("feature_diversity_weight", self.feature_diversity_weight, low=0.0)
-        check_choice("feature_divergence", self.feature_divergence, FEATURE_DIVERGENCES)
-        check_choice("feature_diversity_bound", self.feature_diversity_bound, FEATURE_BOUNDS)
+            self.kl_dataset_size = check_integer("kl_dataset_size", self.kl_dataset_size, low=1)
+        for name, allowed in (
+            ("parameter_divergence", PARAMETER_DIVERGENCES),
+            ("parameter_diversity_bound", PARAMETER_BOUNDS),
+            ("parameter_diversity_normalization", PARAMETER_NORMALIZATIONS),
+            ("feature_divergence", FEATURE_DIVERGENCES),
+            ("feature_diversity_bound", FEATURE_BOUNDS),
+        ):
+            setattr(self, name, check_choice(name, getattr(self, name), allowed))
         if self.feature_divergence == "kl" and self.feature_diversity_bound == "none":
             refuse(
                 "feature_diversity_bound",
@@ -206,17 +206,5 @@ class BayesianMutualLearningConfig(MethodConfig):
                 "diverges)",
                 self.feature_diversity_bound,
             )
-        check_range("feature_temperature", self.feature_temperature, low=0.0, low_open=True)
-        if self.feature_layers is not None and (
-            isinstance(self.feature_layers, str)
-            or not self.feature_layers
-            or not all(isinstance(name, str) and name for name in self.feature_layers)
-        ):
-            refuse(
-                "feature_layers", "a non-empty list of module names or None", self.feature_layers
-            )
-        if self.feature_layers is not None:
-            self.feature_layers = list(self.feature_layers)
-        if isinstance(self.mc_samples, bool) or not isinstance(self.mc_samples, int):
-            refuse("mc_samples", "an integer in [1, inf)", self.mc_samples)
-        check_integer("mc_samples", self.mc_samples, low=1)
+        self.feature_layers = check_names("feature_layers", self.feature_layers)
+        self.mc_samples = check_integer("mc_samples", self.mc_samples, low=1)

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hf_extensions.atomic import atomic_save
 from hf_extensions.bnn import (
     FlatPosterior,
     PeerEnsemble,
@@ -303,11 +304,15 @@ class BayesianMutualLearningTrainer(MethodTrainer):
             self._signature_columns = [*names, "label", "label_ids", *self.label_names]
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        """Trainer's save (weights as safetensors), plus ``peer_ensemble.json`` to rebuild the peers."""
-        super()._save(output_dir, state_dict=state_dict)
+        """Trainer's save (weights as safetensors), plus ``peer_ensemble.json`` to rebuild the
+        peers, as one all-or-nothing save (:func:`hf_extensions.atomic.atomic_save`)."""
         model = self.accelerator.unwrap_model(self.model)
-        if self.args.should_save and isinstance(model, PeerEnsemble):
-            model.save_config(output_dir if output_dir is not None else self.args.output_dir)
+        if not (self.args.should_save and isinstance(model, PeerEnsemble)):
+            super()._save(output_dir, state_dict=state_dict)
+            return
+        with atomic_save(output_dir if output_dir is not None else self.args.output_dir) as stage:
+            super()._save(str(stage), state_dict=state_dict)
+            model.save_config(stage)
 
     def card_hyperparameters(self) -> dict:
         """:class:`MethodTrainer`'s, with the number of peers."""

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from hf_extensions.documentation import document_fields
 from hf_extensions.fhbi.kernels import KERNEL_GRAD_SIGNS, KERNEL_SCOPES
-from hf_extensions.validation import check_choice, check_range, refuse
+from hf_extensions.validation import check_choice, check_integer, check_range, refuse
 from trainers.perturbation_config import PerturbationConfig
 
 KERNELS = ("rbf", "none")
@@ -110,17 +110,19 @@ class FHBIConfig(PerturbationConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check_range("num_particles", self.num_particles, low=1)
-        check_range("rho", self.rho, low=0.0)
-        check_choice("kernel", self.kernel, KERNELS)
-        check_choice("kernel_scope", self.kernel_scope, KERNEL_SCOPES)
-        check_choice("kernel_grad_sign", self.kernel_grad_sign, KERNEL_GRAD_SIGNS)
-        check_choice("ascent_norm", self.ascent_norm, ASCENT_NORMS)
-        check_choice("likelihood", self.likelihood, LIKELIHOODS)
-        if self.kernel_bandwidth is not None:
-            check_range("kernel_bandwidth", self.kernel_bandwidth, low=0.0, low_open=True)
-        if self.prior_std is not None:
-            check_range("prior_std", self.prior_std, low=0.0, low_open=True)
+        self.num_particles = check_integer("num_particles", self.num_particles, low=1)
+        self.rho = check_range("rho", self.rho, low=0.0)
+        self.kernel = check_choice("kernel", self.kernel, KERNELS)
+        self.kernel_scope = check_choice("kernel_scope", self.kernel_scope, KERNEL_SCOPES)
+        self.kernel_grad_sign = check_choice(
+            "kernel_grad_sign", self.kernel_grad_sign, KERNEL_GRAD_SIGNS
+        )
+        self.ascent_norm = check_choice("ascent_norm", self.ascent_norm, ASCENT_NORMS)
+        self.likelihood = check_choice("likelihood", self.likelihood, LIKELIHOODS)
+        for name in ("kernel_bandwidth", "prior_std"):  # None: median heuristic / flat prior
+            if getattr(self, name) is not None:
+                value = check_range(name, getattr(self, name), low=0.0, low_open=True)
+                setattr(self, name, value)
         check_choice("perturb_norm", self.perturb_norm, ("global",))
         if self.fp16:
             refuse(

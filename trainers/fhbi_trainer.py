@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from hf_extensions.atomic import atomic_save
 from hf_extensions.fhbi.kernels import mean_pairwise_distance, particle_sq_distances, svgd_gradients
 from hf_extensions.fhbi.particles import ParticleEnsemble
 from hf_extensions.perturbation import (
@@ -189,8 +190,11 @@ class FHBITrainer(PerturbationTrainer):
     # -- saving -----------------------------------------------------------------------------
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """The Trainer's state dict (for exact resume) plus one PEFT adapter per particle."""
-        super()._save(output_dir, state_dict)
-        if self.args.should_save:
-            output_dir = output_dir if output_dir is not None else self.args.output_dir
-            self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+        """The Trainer's state dict (for exact resume) plus one PEFT adapter per particle, as one
+        all-or-nothing save (:func:`hf_extensions.atomic.atomic_save`)."""
+        if not self.args.should_save:
+            super()._save(output_dir, state_dict)
+            return
+        with atomic_save(output_dir if output_dir is not None else self.args.output_dir) as stage:
+            super()._save(str(stage), state_dict)
+            self.accelerator.unwrap_model(self.model).save_pretrained(stage)

@@ -7,7 +7,13 @@ from typing import ClassVar
 
 from hf_extensions.documentation import document_fields
 from hf_extensions.hierarchical_cl.taxonomy import OT_SOLVERS
-from hf_extensions.validation import check_choice, check_range, refuse
+from hf_extensions.validation import (
+    check_bool,
+    check_choice,
+    check_integer,
+    check_range,
+    check_text,
+)
 from trainers.method_config import MethodConfig
 
 
@@ -131,16 +137,19 @@ class HierarchicalPromptCLConfig(MethodConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        for name in ("hierarchical", "use_ot", "init_from_previous", "eval_rescoring"):
+            setattr(self, name, check_bool(name, getattr(self, name)))
         for name in ("reg_glob", "reg_sub", "hide_reg", "rescoring_eta0", "rescoring_eta"):
-            check_range(name, getattr(self, name), low=0.0)
+            setattr(self, name, check_range(name, getattr(self, name), low=0.0))
         for name in ("hide_temperature", "supcon_temperature", "ot_delta", "ca_learning_rate"):
-            check_range(name, getattr(self, name), low=0.0, low_open=True)
+            setattr(self, name, check_range(name, getattr(self, name), low=0.0, low_open=True))
         for name in ("ot_samples", "num_components", "ca_samples_per_class"):
-            check_range(name, getattr(self, name), low=1)
+            setattr(self, name, check_integer(name, getattr(self, name), low=1))
         for name in ("replay_factor", "ca_epochs", "tii_epochs"):
-            check_range(name, getattr(self, name), low=0)
+            setattr(self, name, check_integer(name, getattr(self, name), low=0))
         if self.num_groups is not None:
-            check_range("num_groups", self.num_groups, low=1)
-        check_choice("ot_solver", self.ot_solver, OT_SOLVERS)
-        if not self.head_name or not isinstance(self.head_name, str):
-            refuse("head_name", "the name of the model's linear head", self.head_name)
+            self.num_groups = check_integer("num_groups", self.num_groups, low=1)
+        self.ot_solver = check_choice("ot_solver", self.ot_solver, OT_SOLVERS)
+        self.head_name = check_text(
+            "head_name", self.head_name, "the name of the model's linear head"
+        )

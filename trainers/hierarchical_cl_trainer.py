@@ -34,6 +34,7 @@ mixtures; the evaluation re-scoring is vectorised.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -45,10 +46,12 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from peft import PeftModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
+from hf_extensions.atomic import atomic_save, atomic_write_text, recover_interrupted_save
+from hf_extensions.checkpoints import last_complete_checkpoint, resolve_checkpoint
 from hf_extensions.data.streams import TaskStream
 from hf_extensions.hierarchical_cl.supcon import SupConTerms
 from hf_extensions.hierarchical_cl.taxonomy import (
@@ -57,6 +60,7 @@ from hf_extensions.hierarchical_cl.taxonomy import (
     LabelTree,
     fit_class_mixture,
 )
+from hf_extensions.loading import FIX, check_tensors, read_json, read_tensors
 from hf_extensions.metrics.functional import average_forgetting, final_average_accuracy
 from hf_extensions.seeding import keyed_generator
 from trainers.hierarchical_cl_config import HierarchicalPromptCLConfig
@@ -67,6 +71,9 @@ __all__ = ["HierarchicalPromptCLTrainer", "hide_regulariser", "same_group_cosine
 STATE_FILE = "continual_state.safetensors"
 REPLAY_CHUNK = 16  # training steps whose pseudo-features are drawn at once
 STATE_CONFIG = "continual_state.json"
+#: In a checkpoint of a task in progress: which task, and the stream's results so far.
+PROGRESS_FILE = "continual_progress.json"
+TASK_DIR = "task-{}"  # the checkpoints of task t go to output_dir/task-t/checkpoint-N
 
 
 def hide_regulariser(
@@ -104,6 +111,11 @@ def same_group_cosine(
     if not values:
         return None
     return float(torch.cat(values).mean())
+
+
+def _empty_results() -> dict[str, list]:
+    """The per-task results :meth:`HierarchicalPromptCLTrainer.fit_stream` accumulates."""
+    return {"accuracy_matrix": [], "tii_accuracy": [], "same_group_cosine": []}
 
 
 def _mixture_mean(mixture: ClassMixture) -> torch.Tensor:
@@ -177,6 +189,8 @@ class HierarchicalPromptCLTrainer(MethodTrainer):
         self._replay_chunk: tuple | None = None  # ((chunk, block), features, classes)
         self.tii_head: nn.Linear | None = None
         self._frozen_task_features: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._task_in_progress = False  # task_classes[-1] is being learned, not yet recorded
+        self._stream_results: dict[str, list] = _empty_results()
 
     # ------------------------------------------------------------------------ model plumbing
     def _pool(self):
@@ -192,7 +206,10 @@ class HierarchicalPromptCLTrainer(MethodTrainer):
         if active is not None:
             head = active[next(iter(active))]
         if not isinstance(head, nn.Linear):
-            raise ValueError(f"`{self.args.head_name}` must be an nn.Linear, got {type(head)}.")
+            raise ValueError(
+                f"`head_name`={self.args.head_name!r} must name the model's nn.Linear head, got "
+                f"{type(head).__name__}."
+            )
         return head
 
     @contextmanager
@@ -328,12 +345,19 @@ class HierarchicalPromptCLTrainer(MethodTrainer):
 
     # ------------------------------------------------------------------------ one task
     def _begin_task(self, dataset: Dataset, classes: list[int]) -> None:
-        task = len(self.task_classes)
+        """Register the task (its classes and frozen-feature mixtures), then :meth:`_prepare_task`."""
         self.task_classes.append(classes)
-        self.current_task = task
+        self.current_task = len(self.task_classes) - 1
+        self._task_in_progress = True
         frozen, labels = self._features(dataset, task=None)
         self._frozen_task_features = (frozen, labels)
         self.frozen_mixtures.update(self._fit_mixtures(frozen, labels, classes, offset=0))
+        self._prepare_task()
+
+    def _prepare_task(self) -> None:
+        """What the loss of the registered task uses: groups, Γ, SupCon terms, old centroids,
+        replay table; prompt ``t`` starts from prompt ``t − 1``."""
+        task = self.current_task
         seen = self.seen_classes
         if self.taxonomy is not None:
             self._groups = self.taxonomy.leaf_groups(seen)
@@ -427,15 +451,56 @@ class HierarchicalPromptCLTrainer(MethodTrainer):
         self._frozen_task_features = None
         return {} if cosine is None else {"same_group_cosine": cosine}
 
-    def train_task(self, dataset: Dataset, classes: list[int] | None = None) -> dict[str, float]:
+    def train_task(
+        self,
+        dataset: Dataset,
+        classes: list[int] | None = None,
+        resume_from_checkpoint: str | None = None,
+    ) -> dict[str, float]:
         """Learn the next task from ``dataset`` (its ``labels`` are the task's classes).
 
-        Returns the training metrics plus ``same_group_cosine`` (new-class features vs the stored
-        means of earlier classes in the same leaf group; from the second task on).
+        The task is recorded as learned only once its training and end-of-task steps finished:
+        if they raise (or are interrupted), its registration is undone and, for a task started
+        here, the prompts, heads and mixtures are rolled back, so it can be trained again (a
+        resumed task: resume it again from its checkpoint). Its checkpoints go to ``output_dir/task-t/``
+        (with the continual state and :data:`PROGRESS_FILE`). ``resume_from_checkpoint``: a
+        checkpoint of this task, whose continual state :meth:`fit_stream` has loaded (the task
+        is then registered already). Returns the training metrics plus ``same_group_cosine``
+        (new-class features vs the stored means of earlier classes in the same leaf group; from
+        the second task on).
         """
         if classes is None:
             classes = sorted({int(y) for y in dataset["labels"]})
         classes = [int(c) for c in classes]
+        snapshot = None
+        if resume_from_checkpoint is not None:
+            if not self._task_in_progress or self.task_classes[-1] != classes:
+                raise ValueError(
+                    f"resume_from_checkpoint={resume_from_checkpoint}: that checkpoint's task "
+                    f"is not the one given (classes {classes}); resume through fit_stream()."
+                )
+            self._frozen_task_features = self._features(dataset, task=None)
+            self._prepare_task()
+        else:
+            self._check_new_task(classes)
+            snapshot = self._snapshot()
+            self._begin_task(dataset, classes)
+        try:
+            self.train_dataset = dataset
+            self.optimizer = None  # a fresh optimizer per task (HiDe-Prompt's reinit_optimizer)
+            self.lr_scheduler = None
+            self.model_wrapped = self.model
+            with self._task_output_dir(self.current_task):
+                output = self.train(resume_from_checkpoint=resume_from_checkpoint)
+            metrics = dict(output.metrics)
+            metrics.update(self._end_task(dataset, classes))
+        except BaseException:
+            self._abandon_task(snapshot)
+            raise
+        self._task_in_progress = False
+        return metrics
+
+    def _check_new_task(self, classes: list[int]) -> None:
         overlap = set(classes) & set(self.seen_classes)
         if overlap:
             raise ValueError(f"classes {sorted(overlap)} were learned by an earlier task.")
@@ -445,15 +510,49 @@ class HierarchicalPromptCLTrainer(MethodTrainer):
                 f"the prompt pool holds {pool_size} prompts: one per task; build it with "
                 "pool_size = the number of tasks."
             )
-        self._begin_task(dataset, classes)
-        self.train_dataset = dataset
-        self.optimizer = None  # a fresh optimizer per task (HiDe-Prompt's reinit_optimizer)
-        self.lr_scheduler = None
-        self.model_wrapped = self.model
-        output = self.train()
-        metrics = dict(output.metrics)
-        metrics.update(self._end_task(dataset, classes))
-        return metrics
+
+    def _snapshot(self) -> dict[str, Any]:
+        """What a task changes besides its registration: the trainable tensors (prompts, head),
+        the TII head and the prompted mixtures (for :meth:`_abandon_task`)."""
+        model = self.accelerator.unwrap_model(self.model)
+        return {
+            "parameters": {
+                n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad
+            },
+            "tii_head": copy.deepcopy(self.tii_head),
+            "prompted": dict(self.prompted_mixtures),
+        }
+
+    def _abandon_task(self, snapshot: dict[str, Any] | None) -> None:
+        """Undo a task whose training or end did not finish, so that it can be trained again."""
+        classes = self.task_classes.pop() if self._task_in_progress else []
+        for c in classes:
+            self.frozen_mixtures.pop(c, None)
+        self._task_in_progress = False
+        self.current_task = len(self.task_classes) - 1 if self.task_classes else None
+        self._frozen_task_features = None
+        if snapshot is None:  # a resumed task: the earlier tasks' tensors are not on hand
+            for c in classes:
+                self.prompted_mixtures.pop(c, None)
+            return
+        parameters = dict(self.accelerator.unwrap_model(self.model).named_parameters())
+        with torch.no_grad():
+            for name, value in snapshot["parameters"].items():
+                parameters[name].copy_(value)
+        self.tii_head = snapshot["tii_head"]
+        self.prompted_mixtures.clear()
+        self.prompted_mixtures.update(snapshot["prompted"])
+
+    @contextmanager
+    def _task_output_dir(self, task: int) -> Iterator[None]:
+        """Checkpoints of task ``task`` go to ``output_dir/task-<task>/`` (each task's run of
+        ``Trainer.train`` restarts at step 0: one folder would mix the tasks' checkpoint-N)."""
+        output_dir = self.args.output_dir
+        self.args.output_dir = str(Path(output_dir) / TASK_DIR.format(task))
+        try:
+            yield
+        finally:
+            self.args.output_dir = output_dir
 
     # ------------------------------------------------------------------------ inference
     def _rescore(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
@@ -532,22 +631,45 @@ class HierarchicalPromptCLTrainer(MethodTrainer):
             tii.append(float(np.mean(out["task_predictions"] == task)))
         return {"accuracy": accuracy, "tii_accuracy": tii}
 
-    def fit_stream(self, stream: TaskStream, eval_split: str = "test") -> dict[str, Any]:
+    def fit_stream(
+        self,
+        stream: TaskStream,
+        eval_split: str = "test",
+        resume_from_checkpoint: str | bool | None = None,
+    ) -> dict[str, Any]:
         """Learn every task of ``stream``, evaluating all seen tasks after each one.
 
-        Returns ``accuracy_matrix`` (``acc[i][j]``: task ``j`` after task ``i``; NaN above the
-        diagonal), ``faa`` (final average accuracy), ``forgetting``, ``tii_accuracy`` (per stage,
-        averaged over seen tasks) and ``same_group_cosine`` (per task from the second).
+        ``resume_from_checkpoint``: ``True`` / ``"last"``: the newest complete checkpoint of
+        ``output_dir/task-*/`` (incomplete ones are skipped with a warning), or a checkpoint
+        folder; the continual state, the results of the finished tasks and the interrupted
+        task's training state are restored, and the stream goes on from that task (exactly as
+        if it had not stopped). Returns ``accuracy_matrix`` (``acc[i][j]``: task ``j`` after
+        task ``i``; NaN above the diagonal), ``faa`` (final average accuracy), ``forgetting``,
+        ``tii_accuracy`` (per stage, averaged over seen tasks) and ``same_group_cosine`` (per
+        task from the second).
         """
         size = len(stream)
         acc = np.full((size, size), np.nan)
-        tii, cosines = [], []
-        for task, data in enumerate(stream):
-            metrics = self.train_task(data["train"], stream.task_classes[task])
+        self._stream_results = results = _empty_results()
+        checkpoint = self._stream_checkpoint(resume_from_checkpoint)
+        start = 0
+        if checkpoint is not None:
+            start = self._restore_stream(checkpoint, stream)
+            for task, row in enumerate(results["accuracy_matrix"]):
+                acc[task, : task + 1] = row
+        tii, cosines = results["tii_accuracy"], results["same_group_cosine"]
+        for task in range(start, size):
+            data = stream[task]
+            metrics = self.train_task(
+                data["train"],
+                stream.task_classes[task],
+                resume_from_checkpoint=checkpoint if task == start else None,
+            )
             if "same_group_cosine" in metrics:
                 cosines.append(metrics["same_group_cosine"])
             seen = self.evaluate_seen([stream[j][eval_split] for j in range(task + 1)])
             acc[task, : task + 1] = seen["accuracy"]
+            results["accuracy_matrix"].append(list(seen["accuracy"]))
             tii.append(float(np.mean(seen["tii_accuracy"])))
             self.log({f"stage_{task}_average_accuracy": float(np.mean(seen["accuracy"]))})
         return {
@@ -558,69 +680,173 @@ class HierarchicalPromptCLTrainer(MethodTrainer):
             "same_group_cosine": cosines,
         }
 
+    # ------------------------------------------------------------------------ resume
+    def save_resume_state(self, folder: Path) -> None:
+        """In a checkpoint of the task in progress: which task it is and the stream's results
+        so far (:data:`PROGRESS_FILE`); the continual state is written by :meth:`save_model`."""
+        if not self._task_in_progress:
+            return
+        progress = {
+            "format_version": 1,
+            "task": self.current_task,
+            "classes": self.task_classes[self.current_task],
+            **self._stream_results,
+        }
+        atomic_write_text(Path(folder) / PROGRESS_FILE, json.dumps(progress, indent=2))
+
+    def checkpoint_problem(self, folder: Path) -> str | None:
+        """A Trainer checkpoint's problems, or a missing continual state / progress file."""
+        for name in (PROGRESS_FILE, STATE_CONFIG, STATE_FILE):
+            if not (Path(folder) / name).is_file():
+                return f"it has no {name} (not a checkpoint of fit_stream/train_task, or cut short)"
+        return super().checkpoint_problem(folder)
+
+    def _stream_checkpoint(self, value: str | bool | None) -> str | None:
+        """The checkpoint ``resume_from_checkpoint`` names: for ``True`` / ``"last"`` the newest
+        complete one of the latest task folder that has one."""
+        if value is None or value is False or value == "":
+            return None
+        if value is True or str(value).lower() in ("true", "last"):
+            root = Path(self.args.output_dir)
+            tasks = sorted(
+                (int(p.name.split("-")[1]) for p in root.glob("task-*") if p.name[5:].isdigit()),
+                reverse=True,
+            )
+            for task in tasks:
+                path = last_complete_checkpoint(
+                    root / TASK_DIR.format(task), self.checkpoint_problem
+                )
+                if path is not None:
+                    return path
+            raise ValueError(
+                f"`resume_from_checkpoint={value}` but {root} holds no complete "
+                "task-t/checkpoint-N folder (incomplete ones are named in the warnings above); "
+                "pass a checkpoint's path or run without the flag."
+            )
+        return resolve_checkpoint(value, self.args.output_dir, self.checkpoint_problem)
+
+    def _restore_stream(self, checkpoint: str, stream: TaskStream) -> int:
+        """Load ``checkpoint``'s continual state and results; return the task it interrupted."""
+        progress = json.loads((Path(checkpoint) / PROGRESS_FILE).read_text())
+        task = int(progress["task"])
+        expected = [list(map(int, c)) for c in stream.task_classes[: task + 1]]
+        self.load_continual_state(checkpoint)
+        if self.task_classes != expected:
+            raise ValueError(
+                f"the checkpoint {checkpoint} was written learning the tasks {self.task_classes}, "
+                f"but this stream's first {task + 1} tasks are {expected}; resume with the "
+                "stream (class order) the run was started with."
+            )
+        self._task_in_progress = True
+        self.current_task = task
+        for key in self._stream_results:
+            self._stream_results[key].extend(progress[key])
+        return task
+
     # ------------------------------------------------------------------------ save / load
     def save_continual_state(self, directory: str | Path) -> None:
         """Write the TII head, the class mixtures and the task/taxonomy bookkeeping.
 
         With the adapter (``save_model``) this is everything :meth:`predict_classes` needs:
-        reload with :meth:`load_continual_state` on a trainer around the reloaded adapter.
+        reload with :meth:`load_continual_state` on a trainer around the reloaded adapter. The
+        two files are one all-or-nothing save (:func:`hf_extensions.atomic.atomic_save`).
         """
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {}
         if self.tii_head is not None:
             tensors["tii.weight"] = self.tii_head.weight.detach().cpu()
             tensors["tii.bias"] = self.tii_head.bias.detach().cpu()
+        mixture_classes = {}
         for space, mixtures in (
             ("frozen", self.frozen_mixtures),
             ("prompted", self.prompted_mixtures),
         ):
+            mixture_classes[space] = sorted(int(c) for c in mixtures)
             for c, m in mixtures.items():
                 for name in ("means", "variances", "weights"):
                     tensors[f"{space}.{c}.{name}"] = getattr(m, name).contiguous()
-        save_file(tensors, str(directory / STATE_FILE))
         meta = {
             "task_classes": self.task_classes,
             "groups": self._groups,
             "taxonomy": None if self.taxonomy is None else self.taxonomy.to_dict(),
             "class_names": None if self.taxonomy is None else self.taxonomy.class_names,
             "ot_cache": [[i, j, v] for (i, j), v in self.distances.cache.items()],
+            "mixture_classes": mixture_classes,
+            "tii_head": self.tii_head is not None,
         }
-        (directory / STATE_CONFIG).write_text(json.dumps(meta, indent=2))
+        with atomic_save(directory) as stage:
+            save_file(tensors, str(stage / STATE_FILE))
+            (stage / STATE_CONFIG).write_text(json.dumps(meta, indent=2))
 
     def load_continual_state(self, directory: str | Path) -> None:
-        """Restore what :meth:`save_continual_state` wrote."""
+        """Restore what :meth:`save_continual_state` wrote.
+
+        An interrupted save is first finished or discarded; the record and every tensor are
+        checked (a class mixture or TII tensor that is missing, unexpected, or of another shape
+        than this model's features and labels is refused naming the file) before anything of
+        this trainer changes.
+        """
         directory = Path(directory)
-        tensors = load_file(str(directory / STATE_FILE))
-        meta = json.loads((directory / STATE_CONFIG).read_text())
+        recover_interrupted_save(directory)
+        meta_path, path = directory / STATE_CONFIG, directory / STATE_FILE
+        meta = read_json(meta_path)
+        keys = ("task_classes", "groups", "taxonomy", "class_names", "ot_cache")
+        lacking = [k for k in (*keys, "mixture_classes", "tii_head") if k not in meta]
+        if lacking:
+            raise ValueError(f"{meta_path} lacks {lacking}: {FIX}.")
+        tensors = read_tensors(path)
+        dim, labels = int(self._head().in_features), self.num_labels
+        expected: dict[str, tuple[int, ...]] = {}
+        for space, classes in meta["mixture_classes"].items():
+            for c in classes:
+                found = tensors.get(f"{space}.{c}.means", tensors.get(f"{space}.{c}.weights"))
+                k = int(found.shape[0]) if found is not None and found.dim() else 0
+                expected.update(
+                    {f"{space}.{c}.means": (k, dim), f"{space}.{c}.variances": (k, dim)}
+                )
+                expected[f"{space}.{c}.weights"] = (k,)
+        if meta["tii_head"]:
+            expected.update({"tii.weight": (labels, dim), "tii.bias": (labels,)})
+        check_tensors(path, tensors, expected)
+        mixtures = {
+            space: {
+                int(c): ClassMixture(
+                    *(tensors[f"{space}.{c}.{name}"] for name in ("means", "variances", "weights"))
+                )
+                for c in meta["mixture_classes"].get(space, [])
+            }
+            for space in ("frozen", "prompted")
+        }
         self.task_classes = [list(map(int, c)) for c in meta["task_classes"]]
         self.current_task = len(self.task_classes) - 1 if self.task_classes else None
         self._groups = [list(map(int, g)) for g in meta["groups"]]
-        if meta["taxonomy"] is not None:
-            self.taxonomy = LabelTree(meta["taxonomy"], meta["class_names"])
+        taxonomy = meta["taxonomy"]
+        self.taxonomy = None if taxonomy is None else LabelTree(taxonomy, meta["class_names"])
         self.distances.cache = {(int(i), int(j)): float(v) for i, j, v in meta["ot_cache"]}
         for space, target in (
             ("frozen", self.frozen_mixtures),
             ("prompted", self.prompted_mixtures),
         ):
             target.clear()
-            ids = {int(k.split(".")[1]) for k in tensors if k.startswith(space + ".")}
-            for c in ids:
-                target[c] = ClassMixture(
-                    *(tensors[f"{space}.{c}.{name}"] for name in ("means", "variances", "weights"))
-                )
-        if "tii.weight" in tensors:
+            target.update(mixtures[space])
+        self.tii_head = None
+        if meta["tii_head"]:
             weight = tensors["tii.weight"]
             self.tii_head = nn.Linear(weight.shape[1], weight.shape[0]).to(self.args.device)
             with torch.no_grad():
                 self.tii_head.weight.copy_(weight)
                 self.tii_head.bias.copy_(tensors["tii.bias"])
 
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """The adapter (prompts + head), then the continual state beside it."""
-        super().save_model(output_dir, _internal_call)
-        if self.is_world_process_zero() and self.task_classes:
-            self.save_continual_state(output_dir or self.args.output_dir)
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The adapter (prompts + head) and the continual state beside it, as one all-or-nothing
+        save (:func:`hf_extensions.atomic.atomic_save`): a kill between the two can no longer
+        leave a new adapter with the previous tasks' state."""
+        if not self.args.should_save:
+            super()._save(output_dir, state_dict)
+            return
+        with atomic_save(output_dir if output_dir is not None else self.args.output_dir) as stage:
+            super()._save(str(stage), state_dict)
+            if self.task_classes:
+                self.save_continual_state(stage)
 
     def card_hyperparameters(self) -> dict[str, Any]:
         values = super().card_hyperparameters()

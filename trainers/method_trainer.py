@@ -5,12 +5,20 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
+from pathlib import Path
 from typing import ClassVar
 
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from hf_extensions.checkpoints import resolve_checkpoint, restore_pretrained_weights
+from hf_extensions.checkpoints import (
+    TRAINER_STATE,
+    checkpoint_problem,
+    resolve_checkpoint,
+    restore_pretrained_weights,
+)
+from hf_extensions.distributed import require_process_group
 from hf_extensions.hub import build_model_card, save_model_card
 
 logger = logging.getLogger(__name__)
@@ -31,6 +39,7 @@ class MethodTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        require_process_group(self.accelerator.num_processes, type(self).__name__)
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
         if self.args.fp16 and not self.accelerator.native_amp and not self.is_deepspeed_enabled:
             # accelerate >= 1.16 sets up no float16 autocast and no GradScaler on a device without
@@ -42,13 +51,43 @@ class MethodTrainer(Trainer):
             )
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
-        """``Trainer.train``; a resumed ``PreTrainedModel`` first gets the checkpoint's weights
-        through ``from_pretrained`` (Trainer's own resume misses transformers 5's renamed keys:
-        see :mod:`hf_extensions.checkpoints`)."""
-        path = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        """``Trainer.train``, resuming from the newest *complete* checkpoint for ``True`` /
+        ``"last"`` (incomplete ones are skipped with a warning; a named incomplete one is
+        refused); a resumed ``PreTrainedModel`` first gets the checkpoint's weights through
+        ``from_pretrained`` (Trainer's own resume misses transformers 5's renamed keys). See
+        :mod:`hf_extensions.checkpoints`."""
+        path = resolve_checkpoint(
+            resume_from_checkpoint, self.args.output_dir, self.checkpoint_problem
+        )
         if path is not None:
             restore_pretrained_weights(self.accelerator.unwrap_model(self.model), path)
         return super().train(path, *args, **kwargs)
+
+    def checkpoint_problem(self, folder: Path) -> str | None:
+        """What makes ``folder`` unusable to resume this run (``None``: complete); see
+        :func:`hf_extensions.checkpoints.checkpoint_problem`."""
+        return checkpoint_problem(
+            folder, world_size=self.args.world_size, model_only=self.args.save_only_model
+        )
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """``Trainer._save_checkpoint`` (private, transformers 5.25; pinned in
+        ``tests/test_upstream_internals.py``), after deleting the ``trainer_state.json`` of a
+        ``checkpoint-N`` folder it is about to write again (a run resumed from an earlier
+        checkpoint re-saves step N): a save cut short then reads as incomplete, not as the old
+        checkpoint with some of the new files; then :meth:`save_resume_state`. Uses
+        ``Trainer._get_output_dir`` (private)."""
+        if self.args.should_save:
+            run_dir = Path(self._get_output_dir(trial=trial))
+            folder = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            (folder / TRAINER_STATE).unlink(missing_ok=True)
+            self.save_resume_state(folder)
+        super()._save_checkpoint(model, trial)
+
+    def save_resume_state(self, folder: Path) -> None:
+        """Files besides Trainer's that this method needs to resume exactly, written into the
+        checkpoint ``folder`` before Trainer's own (so that ``trainer_state.json``, written last,
+        still marks a finished save); called on the saving process. None by default."""
 
     def record(self, **values: torch.Tensor | float) -> None:
         """Add values to the averages logged at the next logging step."""
@@ -110,18 +149,16 @@ class MethodTrainer(Trainer):
             datasets=[dataset] if isinstance(dataset, str) else list(dataset or []),
             model_name=model_name,
             license=license,
+            artifact=(getattr(self, "hub_model_id", None) or self.args.hub_model_id)
+            if self.args.push_to_hub
+            else self.args.output_dir,
         )
         save_model_card(card, self.args.output_dir)
 
     def finish(self, test_dataset=None, dataset: str | None = None) -> dict[str, float]:
-        """End of a recipe: evaluate on ``test_dataset`` (metrics prefixed ``test_``), save the
-        model, and write its card, or push model and card when ``args.push_to_hub``."""
-        metrics = {}
-        if test_dataset is not None:
-            metrics = self.evaluate(test_dataset, metric_key_prefix="test")
-        self.save_model()
-        if self.args.push_to_hub:
-            self.push_to_hub(dataset=dataset)  # writes the model card first
-        else:
-            self.create_model_card(dataset=dataset)
-        return metrics
+        """End of a recipe: evaluate on ``test_dataset`` (metrics prefixed ``test_``), then save
+        the model and write its card, or push model and card as one commit when
+        ``args.push_to_hub`` (:func:`hf_extensions.cli.finish_training`)."""
+        from hf_extensions.cli import finish_training
+
+        return finish_training(self, test_dataset, dataset=dataset)

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 from hf_extensions.documentation import document_fields
 from hf_extensions.perturbation import PERTURBATION_NORMS
-from hf_extensions.validation import check_choice, check_range
+from hf_extensions.validation import check_bool, check_choice, check_integer, check_range
 from trainers.method_config import MethodConfig
 
 
@@ -67,10 +67,16 @@ class PerturbationConfig(MethodConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check_range("adaptive_eta", self.adaptive_eta, low=0.0)
-        check_choice("perturb_norm", self.perturb_norm, PERTURBATION_NORMS)
+        self.adaptive = check_bool("adaptive", self.adaptive)
+        self.adaptive_eta = check_range("adaptive_eta", self.adaptive_eta, low=0.0)
+        self.perturb_norm = check_choice("perturb_norm", self.perturb_norm, PERTURBATION_NORMS)
+        self.freeze_batchnorm_stats = check_bool(
+            "freeze_batchnorm_stats", self.freeze_batchnorm_stats
+        )
         if self.sharpness_batch_size is not None:
-            check_range("sharpness_batch_size", self.sharpness_batch_size, low=1)
+            self.sharpness_batch_size = check_integer(
+                "sharpness_batch_size", self.sharpness_batch_size, low=1
+            )
 
     def method_hyperparameters(self) -> dict[str, Any]:
         values = super().method_hyperparameters()

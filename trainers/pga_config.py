@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from hf_extensions.documentation import document_fields
-from hf_extensions.validation import check_range, refuse
+from hf_extensions.validation import check_bool, check_integer, check_range, check_text, refuse
 from trainers.method_config import MethodConfig
 
 
@@ -86,14 +86,23 @@ class PGAConfig(MethodConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check_range("pga_rho", self.pga_rho, low=0.0)
-        check_range("pga_align", self.pga_align, low=0.0)
-        check_range("pga_tradeoff", self.pga_tradeoff, low=0.0, low_open=True)
-        check_range("pseudo_label_threshold", self.pseudo_label_threshold, low=0.0, high=1.0)
-        check_range("n_ctx_shared", self.n_ctx_shared, low=1)
-        check_range("n_ctx_domain", self.n_ctx_domain, low=1)
-        if not self.target_domain:
-            refuse("target_domain", "a domain name", self.target_domain)
+        self.pga_rho = check_range("pga_rho", self.pga_rho, low=0.0)
+        self.pga_align = check_range("pga_align", self.pga_align, low=0.0)
+        self.pga_tradeoff = check_range("pga_tradeoff", self.pga_tradeoff, low=0.0, low_open=True)
+        self.pseudo_label_threshold = check_range(
+            "pseudo_label_threshold", self.pseudo_label_threshold, low=0.0, high=1.0
+        )
+        self.n_ctx_shared = check_integer("n_ctx_shared", self.n_ctx_shared, low=1)
+        self.n_ctx_domain = check_integer("n_ctx_domain", self.n_ctx_domain, low=1)
+        for name in (
+            "class_specific_shared",
+            "multi_source",
+            "pga_source_only",
+            "cache_image_features",
+            "remove_unused_columns",
+        ):
+            setattr(self, name, check_bool(name, getattr(self, name)))
+        self.target_domain = check_text("target_domain", self.target_domain, "a domain name")
         if self.pga_source_only and self.pga_align != 0:
             refuse(
                 "pga_align",

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from hf_extensions.documentation import document_fields
-from hf_extensions.validation import check_choice, check_range, refuse
+from hf_extensions.validation import check_bool, check_choice, check_range, refuse
 from trainers.method_config import MethodConfig
 
 #: How an increment of documents is learned.
@@ -81,7 +81,9 @@ class PromptDSIConfig(MethodConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check_choice("strategy", self.strategy, STRATEGIES)
+        self.strategy = check_choice("strategy", self.strategy, STRATEGIES)
+        self.train_encoder = check_bool("train_encoder", self.train_encoder, optional=True)
+        self.train_old_rows = check_bool("train_old_rows", self.train_old_rows, optional=True)
         pool = self.strategy in POOL_STRATEGIES
         if self.train_encoder is None:
             self.train_encoder = not pool
@@ -94,9 +96,13 @@ class PromptDSIConfig(MethodConfig):
                 "frozen, rehearsal-free; use 'sequential' or 'joint')",
                 self.train_encoder,
             )
-        check_range("auxiliary_loss_weight", self.auxiliary_loss_weight, low=0.0)
+        self.auxiliary_loss_weight = check_range(
+            "auxiliary_loss_weight", self.auxiliary_loss_weight, low=0.0
+        )
         if self.rows_learning_rate is not None:
-            check_range("rows_learning_rate", self.rows_learning_rate, low=0.0, low_open=True)
+            self.rows_learning_rate = check_range(
+                "rows_learning_rate", self.rows_learning_rate, low=0.0, low_open=True
+            )
 
     @property
     def uses_pool(self) -> bool:

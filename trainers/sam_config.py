@@ -35,4 +35,4 @@ class SAMConfig(PerturbationConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check_range("rho", self.rho, low=0.0)
+        self.rho = check_range("rho", self.rho, low=0.0)

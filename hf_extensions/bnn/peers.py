@@ -26,7 +26,9 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers.utils import ModelOutput
 
+from hf_extensions.atomic import atomic_save, atomic_write_text, recover_interrupted_save
 from hf_extensions.bnn.layers import bayesian_layers, convert_to_bayesian
+from hf_extensions.loading import check_tensors, read_json, read_tensors
 from hf_extensions.validation import check_integer, refuse
 
 ENSEMBLE_CONFIG_NAME = "peer_ensemble.json"
@@ -199,11 +201,16 @@ class PeerEnsemble(nn.Module):
             for spec in self.feature_layers:
                 name, _, where = spec.partition(":")
                 if where not in ("", "input"):
-                    raise ValueError(f"feature layer {spec!r}: the suffix may only be ':input'.")
+                    raise ValueError(
+                        f"`feature_layers` entry {spec!r}: the suffix may only be ':input'."
+                    )
                 try:
                     module = peer.get_submodule(name)
                 except AttributeError as error:
-                    raise ValueError(f"peer {index} has no submodule {name!r}.") from error
+                    raise ValueError(
+                        f"`feature_layers` entry {spec!r}: peer {index} has no submodule "
+                        f"{name!r} (allowed: names from peer.named_modules())."
+                    ) from error
                 capture = _CaptureHook(self, index, where == "input")
                 if where == "input":
                     hook = module.register_forward_pre_hook(capture)
@@ -313,18 +320,18 @@ class PeerEnsemble(nn.Module):
         }
 
     def save_config(self, save_directory: str | Path) -> Path:
-        """Write ``peer_ensemble.json`` in ``save_directory``."""
+        """Write ``peer_ensemble.json`` in ``save_directory`` (atomically: temporary file, then
+        ``os.replace``)."""
         path = Path(save_directory) / ENSEMBLE_CONFIG_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.ensemble_config(), indent=2) + "\n", encoding="utf-8")
-        return path
+        text = json.dumps(self.ensemble_config(), indent=2) + "\n"
+        return atomic_write_text(path, text)
 
     def save_pretrained(self, save_directory: str | Path) -> None:
-        """Weights as safetensors (shared tensors de-duplicated) and ``peer_ensemble.json``."""
-        directory = Path(save_directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_model(self, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-        self.save_config(directory)
+        """Weights as safetensors (shared tensors de-duplicated) and ``peer_ensemble.json``, in
+        one all-or-nothing save (:func:`hf_extensions.atomic.atomic_save`)."""
+        with atomic_save(save_directory) as stage:
+            save_model(self, str(stage / WEIGHTS_NAME), metadata={"format": "pt"})
+            self.save_config(stage)
 
     @classmethod
     def from_pretrained(
@@ -337,12 +344,18 @@ class PeerEnsemble(nn.Module):
         ``transformers`` peers are rebuilt from their saved configs (the class must be one of
         ``transformers``' model classes: nothing else is imported). Other peers need
         ``peer_factory(index)`` returning the deterministic architecture of peer ``index``.
+        An interrupted save is first finished or discarded; a weights file that lacks a tensor,
+        holds an unknown one or one of another shape is refused naming the file and the tensor.
         """
         directory = Path(directory)
+        recover_interrupted_save(directory)
         path = directory / ENSEMBLE_CONFIG_NAME
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: not a saved {cls.__name__}.")
-        config = json.loads(path.read_text(encoding="utf-8"))
+            raise FileNotFoundError(
+                f"{path} not found: not a saved {cls.__name__}; pass the folder "
+                f"{cls.__name__}.save_pretrained (or BNNMutualTrainer) wrote."
+            )
+        config = read_json(path)
         if config.get("hf_extensions_class") != cls.__name__:
             raise ValueError(
                 f"{path} describes a {config.get('hf_extensions_class')!r}, not a {cls.__name__}."
@@ -351,6 +364,13 @@ class PeerEnsemble(nn.Module):
             raise ValueError(
                 f"{path} has format version {config.get('format_version')!r}; this version of "
                 f"hf-extensions reads version {FORMAT_VERSION}."
+            )
+        if not isinstance(config.get("peers"), list) or config.get("num_peers") != len(
+            config["peers"]
+        ):
+            raise ValueError(
+                f"{path}: `peers` must be a list of `num_peers` ({config.get('num_peers')!r}) "
+                "entries; re-save the ensemble."
             )
         peers = []
         for index, entry in enumerate(config["peers"]):
@@ -374,8 +394,25 @@ class PeerEnsemble(nn.Module):
             peers.append(peer)
         ensemble = cls(peers, mc_samples=int(config["mc_samples"]))
         ensemble.set_feature_layers(config.get("feature_layers"))
-        load_model(ensemble, str(directory / WEIGHTS_NAME), strict=True)
+        weights = directory / WEIGHTS_NAME
+        # names and shapes first (load_state_dict would name neither the file nor the fix);
+        # tensors the saver de-duplicated (tied) may be absent: load_model reports the rest
+        check_tensors(
+            weights, read_tensors(weights), ensemble.state_dict(), optional=_aliases(ensemble)
+        )
+        missing, _ = load_model(ensemble, str(weights), strict=False)
+        if missing:
+            check_tensors(weights, {}, {name: () for name in missing})
         return ensemble.eval()
+
+
+def _aliases(module: nn.Module) -> set[str]:
+    """State-dict names that share storage with another name (tied: the saver keeps one)."""
+    groups: dict[tuple[int, int], list[str]] = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        groups.setdefault(key, []).append(name)
+    return {name for names in groups.values() if len(names) > 1 for name in names}
 
 
 _CLASS_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

@@ -19,10 +19,12 @@ it are those of the Bayesian model average.
 
 Save/load: every particle is written as its own PEFT adapter (``particle_<i>/``, loadable with
 ``PeftModel.from_pretrained``) or, for a plain model, as a safetensors file of its trainable
-tensors; :meth:`ParticleEnsemble.from_pretrained` reloads the set exactly, and
-:meth:`ParticleEnsemble.push_to_hub` uploads it. Departure from the official code (which keeps m
-separate PyTorch modules and loops over them): stacked weights and vmap, the layout that lets the
-particle count grow without growing the number of kernel launches.
+tensors, all in one all-or-nothing save; :meth:`ParticleEnsemble.from_pretrained` reloads
+the set exactly (refusing, by file and tensor, a particle that lacks a tensor or holds one of
+another shape), and :meth:`ParticleEnsemble.push_to_hub` uploads it. Departure from the
+official code (which keeps m separate PyTorch modules and loops over them): stacked weights and
+vmap, the layout that lets the particle count grow without growing the number of kernel
+launches.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,11 +41,17 @@ from typing import Any
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
-from peft.utils import load_peft_weights, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from peft.utils import (
+    SAFETENSORS_WEIGHTS_NAME,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
+from safetensors.torch import save_file
 from torch import nn
 from torch.func import functional_call, vmap
 
+from hf_extensions.atomic import atomic_save, recover_interrupted_save
+from hf_extensions.loading import check_tensors, load_peft_model, read_json, read_tensors
 from hf_extensions.validation import check_choice, check_integer
 
 ENSEMBLE_CONFIG_NAME = "particle_ensemble.json"
@@ -280,31 +289,39 @@ class ParticleEnsemble(nn.Module):
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
         """``particle_<i>/`` per particle (a PEFT adapter for a PeftModel, else a safetensors file
-        of its trainable tensors) and ``particle_ensemble.json`` (m, names, format version)."""
+        of its trainable tensors) and ``particle_ensemble.json`` (m, names, format version).
+
+        All-or-nothing (:func:`hf_extensions.atomic.atomic_save`): a process killed mid-save
+        leaves the previous ensemble or this one, never particles of both. ``particle_<i>``
+        folders of an earlier, larger ensemble are removed after the commit."""
         directory = Path(save_directory)
-        directory.mkdir(parents=True, exist_ok=True)
         peft = _is_peft_model(self.model)
-        for i in range(self.num_particles):
-            target = directory / f"particle_{i}"
-            with self.particle(i) as model:
-                if peft:
-                    model.save_pretrained(str(target), **kwargs)
-                else:
-                    target.mkdir(exist_ok=True)
-                    tensors = {
-                        n: p.detach().contiguous() for n, p in zip(self.names, self.particles)
-                    }
-                    save_file(
-                        {n: t[i].clone() for n, t in tensors.items()},
-                        target / PARTICLE_WEIGHTS_NAME,
-                    )
-        config = {
-            "format_version": FORMAT_VERSION,
-            "num_particles": self.num_particles,
-            "names": self.names,
-            "peft": peft,
-        }
-        (directory / ENSEMBLE_CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        with atomic_save(directory) as stage:
+            for i in range(self.num_particles):
+                target = stage / f"particle_{i}"
+                with self.particle(i) as model:
+                    if peft:
+                        model.save_pretrained(str(target), **kwargs)
+                    else:
+                        target.mkdir()
+                        save_file(
+                            {
+                                n: t[i].detach().contiguous()
+                                for n, t in zip(self.names, self.particles)
+                            },
+                            target / PARTICLE_WEIGHTS_NAME,
+                        )
+            config = {
+                "format_version": FORMAT_VERSION,
+                "num_particles": self.num_particles,
+                "names": self.names,
+                "peft": peft,
+            }
+            (stage / ENSEMBLE_CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        for folder in directory.glob("particle_*"):
+            index = folder.name.removeprefix("particle_")
+            if index.isdigit() and int(index) >= self.num_particles and folder.is_dir():
+                shutil.rmtree(folder, ignore_errors=True)
 
     @classmethod
     def from_pretrained(
@@ -314,50 +331,56 @@ class ParticleEnsemble(nn.Module):
 
         ``model`` is the base model for a PEFT save (each ``particle_<i>`` is loaded with
         ``PeftModel.from_pretrained`` semantics) or the same architecture for a plain save.
-        The saved configuration is validated: a wrong format version, particle count or tensor
-        names raise ``ValueError``.
+        An interrupted save is first finished or discarded
+        (:func:`hf_extensions.atomic.recover_interrupted_save`). The saved configuration is
+        validated and every particle's file is checked against the model's trainable tensors
+        (:func:`hf_extensions.loading.check_tensors`): a wrong format version, particle count or
+        tensor names, a missing or unexpected tensor, or one of another shape (e.g. a head of
+        another ``num_labels``) raise ``ValueError`` naming the file and the tensor.
         """
         directory = Path(directory)
+        recover_interrupted_save(directory)
         config_path = directory / ENSEMBLE_CONFIG_NAME
         if not config_path.is_file():
             raise ValueError(
-                f"{directory} holds no {ENSEMBLE_CONFIG_NAME}: not a particle ensemble."
+                f"{directory} holds no {ENSEMBLE_CONFIG_NAME}: not a particle ensemble; pass the "
+                "folder ParticleEnsemble.save_pretrained wrote."
             )
-        config = json.loads(config_path.read_text())
+        config = read_json(config_path)
         if config.get("format_version") != FORMAT_VERSION:
             raise ValueError(
-                f"Particle ensemble format {config.get('format_version')!r} is not supported "
-                f"(expected {FORMAT_VERSION})."
+                f"{config_path}: particle ensemble format {config.get('format_version')!r} is not "
+                f"supported (expected {FORMAT_VERSION}); re-save it with this version."
             )
         m = config.get("num_particles")
-        if not isinstance(m, int) or m < 1:
-            raise ValueError(f"Invalid `num_particles` {m!r} in {config_path}.")
-        if config.get("peft"):
-            model = PeftModel.from_pretrained(
-                model, str(directory / "particle_0"), is_trainable=True
+        if not isinstance(m, int) or isinstance(m, bool) or m < 1:
+            raise ValueError(
+                f"{config_path}: `num_particles` must be an integer in [1, inf), got {m!r}; "
+                "re-save the ensemble."
             )
-            states = [load_peft_weights(str(directory / f"particle_{i}")) for i in range(m)]
+        peft = config.get("peft")
+        if peft:
+            model = load_peft_model(model, directory / "particle_0", is_trainable=True)
+            expected = get_peft_model_state_dict(model)
+            files = [directory / f"particle_{i}" / SAFETENSORS_WEIGHTS_NAME for i in range(m)]
         else:
-            states = [
-                load_file(directory / f"particle_{i}" / PARTICLE_WEIGHTS_NAME) for i in range(m)
-            ]
-        ensemble = cls.__new__(cls)
-        nn.Module.__init__(ensemble)
+            expected = {n: p for n, p in model.named_parameters() if p.requires_grad}
+            files = [directory / f"particle_{i}" / PARTICLE_WEIGHTS_NAME for i in range(m)]
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         names = [n for n, _ in named]
         if names != config.get("names"):
             raise ValueError(
-                f"The saved particles hold tensors {config.get('names')}; the model trains {names}."
+                f"{config_path}: the saved particles hold tensors {config.get('names')}; the "
+                f"model trains {names}: load it into the architecture it was saved from."
             )
         columns: list[list[torch.Tensor]] = [[] for _ in named]
-        for state in states:
-            if config.get("peft"):
-                set_peft_model_state_dict(model, state)
-            else:
-                missing = set(names) - set(state)
-                if missing:
-                    raise ValueError(f"Saved particle lacks tensors {sorted(missing)}.")
-                with torch.no_grad():
+        for path in files:
+            state = read_tensors(path)
+            check_tensors(path, state, expected)  # every tensor, right shape: nothing kept over
+            with torch.no_grad():
+                if peft:
+                    set_peft_model_state_dict(model, state)
+                else:
                     for n, p in named:
                         p.copy_(state[n])
             for column, (_, p) in zip(columns, named):
@@ -366,6 +389,8 @@ class ParticleEnsemble(nn.Module):
             for (_, p), column in zip(named, columns):
                 p.copy_(column[0])
                 p.requires_grad_(False)
+        ensemble = cls.__new__(cls)
+        nn.Module.__init__(ensemble)
         ensemble.model = model
         ensemble.num_particles = m
         ensemble.seed = None

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from hf_extensions.metrics import functional
 from hf_extensions.metrics.functional import (
     CalibrationBins,
     accuracy,
@@ -107,7 +108,12 @@ def compute_classification_metrics(eval_pred: Any, n_bins: int = 15) -> dict[str
     keep = labels != -100
     logits, labels = logits[keep], labels[keep]
     return {
-        "accuracy": accuracy(logits.argmax(axis=-1), labels),
-        "nll": negative_log_likelihood(logits, labels, from_logits=True),
-        "ece": expected_calibration_error(logits, labels, n_bins=n_bins, from_logits=True),
+        # Through `functional`: importing the evaluate module folders `metrics/accuracy/` or
+        # `metrics/expected_calibration_error/` as packages (pkgutil.walk_packages does) rebinds
+        # this package's `accuracy` / `expected_calibration_error` to those submodules.
+        "accuracy": functional.accuracy(logits.argmax(axis=-1), labels),
+        "nll": functional.negative_log_likelihood(logits, labels, from_logits=True),
+        "ece": functional.expected_calibration_error(
+            logits, labels, n_bins=n_bins, from_logits=True
+        ),
     }

@@ -23,13 +23,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from datasets import ClassLabel, DatasetDict, load_dataset
-from transformers import AutoImageProcessor, AutoModelForImageClassification
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTImageProcessorPil
 
 from hf_extensions.cli import finish_training, run_training
 from hf_extensions.data import CLASS_NAMES, add_label_noise, load_digits
 from hf_extensions.metrics import compute_classification_metrics
 from hf_extensions.models.tiny import tiny_vit_classifier
-from hf_extensions.validation import check_integer, check_range
+from hf_extensions.validation import MAX_SEED, check_integer, check_range, check_text, refuse
+
+#: Attention heads of the tiny ViT built when no checkpoint is given (``hidden_size`` is a
+#: multiple of it).
+TINY_VIT_HEADS = 4
 
 
 @dataclass
@@ -64,7 +69,11 @@ class ImageClassificationArguments:
     )
     image_size: int = field(default=8, metadata={"help": "Digits: side they are resized to."})
     num_channels: int = field(
-        default=1, metadata={"help": "Digits: channels the gray image is repeated into."}
+        default=3,
+        metadata={
+            "help": "Digits: channels the gray image is repeated into (3: RGB, what the "
+            "transformers image pipelines feed a model)."
+        },
     )
     patch_size: int = field(
         default=2, metadata={"help": "Patch size of the tiny ViT (no checkpoint)."}
@@ -84,8 +93,30 @@ class ImageClassificationArguments:
     )
 
     def __post_init__(self):
-        check_range("label_noise", self.label_noise, low=0.0, high=1.0, high_open=True)
-        check_range(
+        for name in ("model_name_or_path", "dataset_name", "dataset_config_name", "data_dir"):
+            if getattr(self, name) is not None:
+                setattr(
+                    self, name, check_text(name, getattr(self, name), "None or a non-empty string")
+                )
+        for name in ("image_column", "label_column"):
+            setattr(self, name, check_text(name, getattr(self, name), "a column name"))
+        for name in ("image_size", "num_channels", "num_layers"):
+            setattr(self, name, check_integer(name, getattr(self, name), low=1))
+        self.patch_size = check_integer("patch_size", self.patch_size, low=1)
+        if self.patch_size > self.image_size:
+            refuse("patch_size", f"at most `image_size` ({self.image_size})", self.patch_size)
+        self.hidden_size = check_integer("hidden_size", self.hidden_size, low=TINY_VIT_HEADS)
+        if self.hidden_size % TINY_VIT_HEADS:
+            refuse(
+                "hidden_size",
+                f"a multiple of the tiny ViT's {TINY_VIT_HEADS} attention heads",
+                self.hidden_size,
+            )
+        self.split_seed = check_integer("split_seed", self.split_seed, low=0, high=MAX_SEED)
+        self.label_noise = check_range(
+            "label_noise", self.label_noise, low=0.0, high=1.0, high_open=True
+        )
+        self.validation_size = check_range(
             "validation_size",
             self.validation_size,
             low=0.0,
@@ -94,7 +125,9 @@ class ImageClassificationArguments:
             high_open=True,
         )
         if self.max_train_samples is not None:
-            check_integer("max_train_samples", self.max_train_samples, low=1)
+            self.max_train_samples = check_integer(
+                "max_train_samples", self.max_train_samples, low=1
+            )
         if self.dataset_name is not None and self.model_name_or_path is None:
             raise ValueError(
                 "`dataset_name` needs `model_name_or_path`: its image processor prepares the images."
@@ -107,17 +140,46 @@ def class_names(data: DatasetDict) -> list[str]:
     return list(feature.names) if isinstance(feature, ClassLabel) else list(CLASS_NAMES)
 
 
+def set_label_names(model, names: list[str]):
+    """Record ``names`` as the model's ``id2label`` / ``label2id`` (what pipelines print)."""
+    model.config.id2label = dict(enumerate(names))
+    model.config.label2id = {name: i for i, name in enumerate(names)}
+    return model
+
+
+def build_image_processor(args: ImageClassificationArguments):
+    """The image processor saved with the model: the checkpoint's, or for the digits one that
+    gives what :func:`hf_extensions.data.load_digits` gives (bilinear resize to
+    ``image_size``, pixels scaled to [0, 1], not normalised; RGB when ``num_channels`` is 3,
+    else the image's own channels), so ``pipeline("image-classification", model=output_dir)``
+    prepares an image as the model was trained."""
+    if args.model_name_or_path is not None:
+        return AutoImageProcessor.from_pretrained(args.model_name_or_path)
+    return ViTImageProcessorPil(
+        do_resize=True,
+        size={"height": args.image_size, "width": args.image_size},
+        resample=Image.Resampling.BILINEAR,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=False,
+        do_convert_rgb=args.num_channels == 3,
+    )
+
+
 def build_model(args: ImageClassificationArguments, names: list[str]):
-    """A Hub checkpoint with a new head for ``names``, or a tiny ViT for the digits."""
+    """A Hub checkpoint with a new head for ``names``, or a tiny ViT for the digits; either
+    way with ``names`` as its label names."""
     if args.model_name_or_path is None:
-        return tiny_vit_classifier(
+        model = tiny_vit_classifier(
             num_labels=len(names),
             image_size=args.image_size,
             patch_size=args.patch_size,
             num_channels=args.num_channels,
             hidden_size=args.hidden_size,
             num_layers=args.num_layers,
+            num_attention_heads=TINY_VIT_HEADS,
         )
+        return set_label_names(model, names)
     return AutoModelForImageClassification.from_pretrained(
         args.model_name_or_path,
         num_labels=len(names),
@@ -244,6 +306,9 @@ def train_image_classifier(
     """Build the data and the model, train on ``train`` (validating on ``validation``), then
     test, save, and write or push the card: the build → train → finish steps of a recipe.
 
+    The image processor (:func:`build_image_processor`) is the trainer's ``processing_class``,
+    so it is saved (and pushed) with the model.
+
     Args:
         trainer_class (`type`):
             ``transformers.Trainer`` or a method trainer (``trainers.AgnosticSAMTrainer``, ...).
@@ -270,6 +335,7 @@ def train_image_classifier(
         args=training_args,
         train_dataset=data["train"],
         eval_dataset=data["validation"],
+        processing_class=build_image_processor(script_args),
         compute_metrics=compute_classification_metrics,
     )
     run_training(trainer)

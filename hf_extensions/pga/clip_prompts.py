@@ -68,6 +68,43 @@ def _projected(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
+def check_clip_model(clip: nn.Module) -> None:
+    """Refuse, naming it, a model that is not a two-tower ``transformers.CLIPModel``.
+
+    The learner runs CLIP's text tower on context embeddings (token embeddings, causal mask,
+    EOS pooling, ``text_projection``) and CLIP's image tower with ``get_image_features``: other
+    dual encoders (SigLIP pools the last token, without EOS) and single towers
+    (``CLIPTextModel``, ``CLIPVisionModel``) have other structures.
+
+    Raises:
+        ValueError: ``clip`` is not a ``CLIPModel`` (or a subclass).
+    """
+    if not isinstance(clip, CLIPModel):
+        model_type = getattr(getattr(clip, "config", None), "model_type", None)
+        raise ValueError(
+            f"CLIPPromptLearner needs a transformers CLIPModel (both towers and their "
+            f"projections); got {type(clip).__name__} (model_type {model_type!r}). Supported: "
+            "CLIPModel checkpoints such as openai/clip-vit-base-patch16, or "
+            "hf_extensions.models.tiny_clip(). Fix: load it with CLIPModel.from_pretrained(...)."
+        )
+
+
+def _check_context_fits(clip: CLIPModel, tokenizer, class_names, n_ctx: int) -> None:
+    """The prompt ``BOS, n_ctx context tokens, class name, ".", EOS`` must fit CLIP's text
+    positions (else the text tower fails deep inside its embeddings)."""
+    limit = clip.config.text_config.max_position_embeddings
+    longest = max(
+        len(tokenizer(f"{name}.", add_special_tokens=False)["input_ids"]) for name in class_names
+    )
+    if n_ctx + longest + 2 > limit:
+        refuse(
+            "n_ctx_shared",
+            f"such that `n_ctx_shared` + `n_ctx_domain` + the longest class name ({longest} "
+            f"tokens with its '.') + 2 <= {limit}, CLIP's text context",
+            f"{n_ctx} context tokens in all",
+        )
+
+
 class CLIPPromptLearner(nn.Module):
     """Learnable shared + per-domain prompt contexts over a frozen CLIP (PGA, Sec. 3).
 
@@ -107,6 +144,8 @@ class CLIPPromptLearner(nn.Module):
             refuse("domains", "distinct names (at least one)", list(domains))
         check_integer("n_ctx_shared", n_ctx_shared, low=1)
         check_integer("n_ctx_domain", n_ctx_domain, low=1)
+        check_clip_model(clip)
+        _check_context_fits(clip, tokenizer, class_names, n_ctx_shared + n_ctx_domain)
         self.clip = clip.requires_grad_(False).eval()
         self.class_names = list(class_names)
         self.domains = list(domains)

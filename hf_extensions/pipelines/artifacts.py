@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from hf_extensions import __version__
+from hf_extensions.atomic import atomic_save, recover_interrupted_save
 from hf_extensions.hub import build_model_card, check_model_card_method, save_model_card
+from hf_extensions.loading import FIX, check_tensors, read_json, read_tensors
 from hf_extensions.pipelines.config import METHODS, ErasureConfig
 from hf_extensions.pipelines.erasure import ARXIV_ID, METHOD, PAPER, ErasureResult
 from hf_extensions.pipelines.parameter_groups import in_group
@@ -163,29 +165,34 @@ def save_erased(
 
     Raises:
         ValueError: ``pipe`` carries no ``erasure_result``.
+
+    The save is all-or-nothing (:func:`hf_extensions.atomic.atomic_save`): a process killed
+    mid-save leaves the previous artifact in ``directory`` or this one, never parts of both.
     """
     result = _result(pipe)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    if only_changed:
-        state = pipe.unet.state_dict()
-        tensors = {
-            name: state[name].detach().contiguous().cpu() for name in result.trained_parameters
-        }
-        save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"method": METHOD})
-        record = {
-            "method": METHOD,
-            "version": __version__,
-            "variant": result.method,
-            "concepts": list(result.concepts),
-            "base_model": base_model,
-            "config": result.config,
-            "adversarial_concepts": result.adversarial_concepts,
-        }
-        (directory / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
-    else:
-        pipe.save_pretrained(directory)
-    save_model_card(build_erasure_card(result, base_model, metrics), directory)
+    card = build_erasure_card(result, base_model, metrics)
+    with atomic_save(directory) as stage:
+        if only_changed:
+            state = pipe.unet.state_dict()
+            tensors = {
+                name: state[name].detach().contiguous().cpu() for name in result.trained_parameters
+            }
+            save_file(tensors, str(stage / WEIGHTS_NAME), metadata={"method": METHOD})
+            record = {
+                "method": METHOD,
+                "version": __version__,
+                "variant": result.method,
+                "concepts": list(result.concepts),
+                "base_model": base_model,
+                "config": result.config,
+                "adversarial_concepts": result.adversarial_concepts,
+                "trained_parameters": list(result.trained_parameters),
+            }
+            (stage / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
+        else:
+            pipe.save_pretrained(stage)
+        save_model_card(card, stage)
     return directory
 
 
@@ -210,37 +217,49 @@ def load_erased(pipe, directory: str | os.PathLike):
         FileNotFoundError: ``directory`` holds no ``erasure_config.json`` or no model card.
         ValueError: the record is validated like user input: the card or the record names
             another method, the variant is unknown, the config is invalid, or a tensor is not a
-            parameter of ``pipe.unet``, lies outside the recorded parameter group or has another
-            shape.
+            parameter of ``pipe.unet``, lies outside the recorded parameter group, has another
+            shape, is missing from the file or not in the record; each message names the file.
+
+    An interrupted :func:`save_erased` is first finished or discarded
+    (:func:`hf_extensions.atomic.recover_interrupted_save`), so the folder is read whole.
     """
     directory = Path(directory)
-    if not (directory / CONFIG_NAME).is_file():
+    recover_interrupted_save(directory)
+    record_path, path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not record_path.is_file():
         raise FileNotFoundError(
             f"No {CONFIG_NAME} in {directory}: not an only-changed erasure artifact (a full save "
             "loads with DiffusionPipeline.from_pretrained)."
         )
     check_model_card_method(directory, METHOD)
-    record = json.loads((directory / CONFIG_NAME).read_text())
+    record = read_json(record_path)
     if record.get("method") != METHOD:
-        raise ValueError(f"{CONFIG_NAME} records method {record.get('method')!r}, not {METHOD!r}.")
+        raise ValueError(f"{record_path} records method {record.get('method')!r}, not {METHOD!r}.")
     if record.get("variant") not in METHODS:
-        raise ValueError(f"variant must be one of {METHODS}, got {record.get('variant')!r}.")
+        raise ValueError(
+            f"{record_path}: variant must be one of {METHODS}, got {record.get('variant')!r}."
+        )
+    names = record.get("trained_parameters")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(
+            f"{record_path} lacks the list `trained_parameters`: {FIX} (save_erased writes it)."
+        )
+    if not isinstance(record.get("config"), dict):
+        raise ValueError(
+            f"{record_path} lacks the mapping `config`: {FIX} (save_erased writes it)."
+        )
     config = ErasureConfig(**record["config"])
-    tensors = load_file(str(directory / WEIGHTS_NAME))
+    tensors = read_tensors(path)
     parameters = dict(pipe.unet.named_parameters())
-    for name, tensor in tensors.items():
+    for name in sorted(set(names) | set(tensors)):
         if name not in parameters:
-            raise ValueError(f"Saved tensor {name!r} is not a parameter of this UNet.")
+            raise ValueError(f"{path}: tensor {name!r} is not a parameter of this UNet: {FIX}.")
         if not in_group(name, config.parameter_group):
             raise ValueError(
-                f"Saved tensor {name!r} lies outside the recorded parameter group "
-                f"{config.parameter_group!r}."
+                f"{path}: tensor {name!r} lies outside the recorded parameter group "
+                f"{config.parameter_group!r}: {FIX}."
             )
-        if tuple(tensor.shape) != tuple(parameters[name].shape):
-            raise ValueError(
-                f"Saved tensor {name!r} has shape {tuple(tensor.shape)}, the UNet's is "
-                f"{tuple(parameters[name].shape)}."
-            )
+    check_tensors(path, tensors, {name: parameters[name] for name in names})
     with torch.no_grad():
         for name, tensor in tensors.items():
             parameters[name].copy_(tensor.to(parameters[name].dtype))
@@ -248,7 +267,7 @@ def load_erased(pipe, directory: str | os.PathLike):
         method=record["variant"],
         concepts=list(record["concepts"]),
         config=config.to_dict(),
-        trained_parameters=list(tensors),
+        trained_parameters=list(names),
         adversarial_concepts=dict(record.get("adversarial_concepts") or {}),
     )
     return pipe

@@ -13,7 +13,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hf_extensions.documentation import document_fields
-from hf_extensions.validation import check_choice, check_integer, check_range, refuse
+from hf_extensions.validation import (
+    MAX_SEED,
+    check_bool,
+    check_choice,
+    check_integer,
+    check_names,
+    check_range,
+    check_text,
+    refuse,
+)
 
 __all__ = [
     "ADVERSARY_ESTIMATORS",
@@ -29,24 +38,27 @@ PARAMETER_GROUPS = ("xattn", "noxattn", "selfattn", "full")
 LOSS_SPACES = ("x0", "epsilon")
 METHODS = ("eap", "esd", "fixed")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+LAST = ("true", "last")  # resume_from_checkpoint values naming the newest checkpoint
+#: Fields that steer one run (its checkpoints), not the erasure it makes: not recorded with it.
+CHECKPOINT_FIELDS = ("save_steps", "save_total_limit", "checkpoint_dir", "resume_from_checkpoint")
 ADVERSARY_ESTIMATORS = ("straight_through", "score_function")
 ADVERSARY_REFERENCES = ("differentiable", "detached")
 
 
-def _choice(name: str, value: Any, allowed: tuple) -> None:
-    check_choice(name, value, allowed)
+def _choice(name: str, value: Any, allowed: tuple) -> Any:
+    return check_choice(name, value, allowed)
 
 
-def _number(name: str, value: float, low: float, *, strict: bool = False) -> None:
+def _number(name: str, value: float, low: float, *, strict: bool = False) -> float:
     if not isinstance(value, (int, float)):  # plain Python numbers only, as before
         refuse(name, f"a finite number in {'(' if strict else '['}{low}, inf)", value)
-    check_range(name, value, low=low, low_open=strict)
+    return check_range(name, value, low=low, low_open=strict)
 
 
-def _integer(name: str, value: int, low: int) -> None:
+def _integer(name: str, value: int, low: int, high: int | None = None) -> int:
     if not isinstance(value, int):  # a plain int only (numpy integers were refused before too)
-        refuse(name, f"an integer in [{low}, inf)", value)
-    check_integer(name, value, low=low)
+        refuse(name, f"an integer in [{low}, {'inf)' if high is None else f'{high}]'}", value)
+    return check_integer(name, value, low=low, high=high)
 
 
 @document_fields
@@ -159,39 +171,96 @@ class ErasureConfig:
     )
     seed: int = field(default=0, metadata={"help": "Seed of z, t, the Gumbel noise, k-means."})
     progress_bar: bool = field(default=True, metadata={"help": "Show a tqdm progress bar."})
+    save_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Write a checkpoint-N folder to `checkpoint_dir` every save_steps model "
+            "steps, all-or-nothing (0: no checkpoints)."
+        },
+    )
+    save_total_limit: int | None = field(
+        default=None, metadata={"help": "Keep the newest save_total_limit checkpoints (None: all)."}
+    )
+    checkpoint_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder of the checkpoint-N folders (save_steps, resume 'last')."},
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "Resume an interrupted erasure exactly: 'last' (the newest complete "
+            "checkpoint of `checkpoint_dir`) or a checkpoint-N folder."
+        },
+    )
 
     def __post_init__(self) -> None:
-        _choice("parameter_group", self.parameter_group, PARAMETER_GROUPS)
-        _choice("loss_space", self.loss_space, LOSS_SPACES)
-        _choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
-        _choice("adversary_estimator", self.adversary_estimator, ADVERSARY_ESTIMATORS)
-        _choice("adversary_reference", self.adversary_reference, ADVERSARY_REFERENCES)
-        _number("negative_guidance", self.negative_guidance, 0.0)
-        _number("preservation_weight", self.preservation_weight, 0.0)
-        _number("learning_rate", self.learning_rate, 0.0, strict=True)
-        _number("adversary_lr", self.adversary_lr, 0.0, strict=True)
-        _number("gumbel_temperature", self.gumbel_temperature, 0.0, strict=True)
-        _number("start_guidance", self.start_guidance, 0.0)
+        for name, allowed in (
+            ("parameter_group", PARAMETER_GROUPS),
+            ("loss_space", LOSS_SPACES),
+            ("mixed_precision", MIXED_PRECISIONS),
+            ("adversary_estimator", ADVERSARY_ESTIMATORS),
+            ("adversary_reference", ADVERSARY_REFERENCES),
+        ):
+            setattr(self, name, _choice(name, getattr(self, name), allowed))
+        for name in ("negative_guidance", "preservation_weight", "start_guidance"):
+            setattr(self, name, _number(name, getattr(self, name), 0.0))
+        for name in ("learning_rate", "adversary_lr", "gumbel_temperature"):
+            setattr(self, name, _number(name, getattr(self, name), 0.0, strict=True))
         if self.max_grad_norm is not None:
-            _number("max_grad_norm", self.max_grad_norm, 0.0, strict=True)
-        _integer("num_steps", self.num_steps, 0)
-        _integer("gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
-        _integer("ddim_steps", self.ddim_steps, 1)
-        _integer("k_closest", self.k_closest, 1)
-        _integer("num_centers", self.num_centers, 1)
-        _integer("pgd_num_steps", self.pgd_num_steps, 1)
+            self.max_grad_norm = _number("max_grad_norm", self.max_grad_norm, 0.0, strict=True)
+        for name, low in (
+            ("num_steps", 0),
+            ("gradient_accumulation_steps", 1),
+            ("ddim_steps", 1),
+            ("k_closest", 1),
+            ("num_centers", 1),
+            ("pgd_num_steps", 1),
+        ):
+            setattr(self, name, _integer(name, getattr(self, name), low))
+        self.seed = _integer("seed", self.seed, 0, MAX_SEED)
         if self.num_centers > self.k_closest:
             refuse("num_centers", f"<= `k_closest` ({self.k_closest})", self.num_centers)
+        self.candidate_template = check_text(
+            "candidate_template", self.candidate_template, "a template containing '{}'"
+        )
         if "{}" not in self.candidate_template:
             refuse("candidate_template", "a template containing '{}'", self.candidate_template)
-        if self.candidates is not None and len(self.candidates) == 0:
-            refuse("candidates", "None (the shipped vocabulary) or non-empty", self.candidates)
-        if not self.preserve_concepts:
-            refuse("preserve_concepts", "at least one concept", self.preserve_concepts)
+        self.candidates = check_names("candidates", self.candidates)
+        self.preserve_concepts = check_names(
+            "preserve_concepts", self.preserve_concepts, optional=False
+        )
+        for name in ("gumbel_hard", "progress_bar"):
+            setattr(self, name, check_bool(name, getattr(self, name)))
         for name in ("height", "width"):
             value = getattr(self, name)
             if value is not None:
-                _integer(name, value, 8)
+                setattr(self, name, _integer(name, value, 8))
+        self._check_checkpointing()
+
+    def _check_checkpointing(self) -> None:
+        self.save_steps = _integer("save_steps", self.save_steps, 0)
+        if self.save_total_limit is not None:
+            self.save_total_limit = _integer("save_total_limit", self.save_total_limit, 1)
+        if self.checkpoint_dir is not None and (
+            not isinstance(self.checkpoint_dir, str) or not self.checkpoint_dir
+        ):
+            refuse(
+                "checkpoint_dir", "None or a folder path (a non-empty string)", self.checkpoint_dir
+            )
+        resume = self.resume_from_checkpoint
+        if resume is not None and not isinstance(resume, (str, bool)):
+            refuse("resume_from_checkpoint", "None, 'last' or a checkpoint folder path", resume)
+        # one stored form (the field is a string): True is 'last', False and '' are None
+        resume = "last" if resume is True else None if resume is False or resume == "" else resume
+        self.resume_from_checkpoint = resume
+        if self.checkpoint_dir is None and self.save_steps > 0:
+            refuse("checkpoint_dir", "a folder for the checkpoints when `save_steps` > 0", None)
+        if self.checkpoint_dir is None and str(resume).lower() in LAST:
+            refuse(
+                "checkpoint_dir",
+                f"the checkpoints' folder to resume from `resume_from_checkpoint`={resume!r}",
+                None,
+            )
 
     def for_method(self, method: str) -> ErasureConfig:
         """This config as ``method`` uses it: ESD sets λ = 0 (the design's one mechanism)."""

@@ -53,8 +53,11 @@ from typing import Any
 
 import torch
 
+from hf_extensions.checkpoints import resolve_checkpoint
+from hf_extensions.distributed import require_process_group
+from hf_extensions.pipelines import erasure_checkpoints
 from hf_extensions.pipelines.adversary import CandidateSet, GumbelAdversary, select_candidates
-from hf_extensions.pipelines.config import ErasureConfig
+from hf_extensions.pipelines.config import CHECKPOINT_FIELDS, ErasureConfig
 from hf_extensions.pipelines.parameter_groups import set_trainable
 from hf_extensions.pipelines.vocabulary import common_words
 from hf_extensions.seeding import keyed_generator
@@ -64,6 +67,7 @@ __all__ = [
     "ConceptEraser",
     "ErasureResult",
     "LatentSampler",
+    "check_erasure_pipeline",
     "encode_prompts",
     "erase_concepts",
     "erasure_target",
@@ -77,6 +81,79 @@ ARXIV_ID = "2410.15618"
 
 
 # ----------------------------------------------------------------------------- building blocks
+
+
+#: What erasure supports, for error messages.
+SUPPORTED_PIPELINES = (
+    "Stable Diffusion 1.x/2.x-style text-to-image pipelines: `unet` (a UNet2DConditionModel "
+    "conditioned only on the hidden states of one `text_encoder`: addition_embed_type, "
+    "class_embed_type and encoder_hid_dim_type None), `tokenizer` and `scheduler`; not SDXL "
+    "(addition_embed_type='text_time', a second text encoder) nor transformer-based pipelines"
+)
+#: UNet config keys that add a conditioning input this loop does not provide (SDXL's
+#: ``"text_time"``, Kandinsky's ``"image"``, class labels, image-projected hidden states).
+_EXTRA_CONDITIONING = ("addition_embed_type", "class_embed_type", "encoder_hid_dim_type")
+
+
+_REQUIRED = ("unet", "text_encoder", "tokenizer", "scheduler")
+_PIPELINE_KEYS = (*_REQUIRED, "text_encoder_2")
+
+
+def _component(pipe, key: str):
+    """``pipe.<key>``, or ``None`` when absent (a removed diffusers component reads back as its
+    config entry, a ``(library, class)`` pair)."""
+    if hasattr(type(pipe), "register_modules"):  # a DiffusionPipeline: components live here
+        value = vars(pipe).get(key)  # (getattr would read a deleted one from the config)
+    else:
+        value = getattr(pipe, key, None)
+    return None if isinstance(value, (tuple, list)) else value
+
+
+def check_erasure_pipeline(pipe) -> None:
+    """Refuse, before anything runs, a pipeline the erasure loop cannot drive.
+
+    The loop calls ``pipe.unet(latents, t, encoder_hidden_states=text_encoder(ids)[0])`` and
+    nothing else (see :data:`SUPPORTED_PIPELINES`).
+
+    Raises:
+        ValueError: a component is missing (e.g. a DiT/Flux pipeline has a ``transformer``, no
+            ``unet``), the UNet is not a ``UNet2DConditionModel`` or takes extra conditioning
+            (SDXL: ``addition_embed_type="text_time"``), the pipeline has a second text encoder,
+            or the UNet's ``cross_attention_dim`` differs from the text encoder's width.
+    """
+    from diffusers import UNet2DConditionModel
+
+    name = type(pipe).__name__
+    fix = f"Supported: {SUPPORTED_PIPELINES}."
+    components = {key: _component(pipe, key) for key in _PIPELINE_KEYS}
+    missing = [key for key, value in components.items() if value is None and key in _REQUIRED]
+    if missing:
+        present = sorted(k for k in getattr(pipe, "components", None) or {} if _component(pipe, k))
+        raise ValueError(
+            f"concept erasure does not support {name}: it has no {missing} (its components: "
+            f"{present}). {fix}"
+        )
+    unet, text_encoder = components["unet"], components["text_encoder"]
+    if not isinstance(unet, UNet2DConditionModel):
+        raise ValueError(
+            f"concept erasure does not support {name}: its unet is a {type(unet).__name__}, not "
+            f"a UNet2DConditionModel. {fix}"
+        )
+    extra = {key: unet.config.get(key) for key in _EXTRA_CONDITIONING if unet.config.get(key)}
+    if extra or components.get("text_encoder_2") is not None:
+        extra = extra or {"text_encoder_2": type(components["text_encoder_2"]).__name__}
+        raise ValueError(
+            f"concept erasure does not support {name}: its UNet takes conditioning besides one "
+            f"text encoder's hidden states ({extra}). {fix}"
+        )
+    width = getattr(getattr(text_encoder, "config", None), "hidden_size", None)
+    cross = unet.config.get("cross_attention_dim")
+    if isinstance(width, int) and isinstance(cross, int) and width != cross:
+        raise ValueError(
+            f"concept erasure does not support {name}: the text encoder "
+            f"({type(text_encoder).__name__}) outputs width {width} but the UNet's "
+            f"cross_attention_dim is {cross}; the two must come from the same model. {fix}"
+        )
 
 
 @torch.no_grad()
@@ -257,7 +334,9 @@ class ConceptEraser:
         extra_candidates: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         from accelerate import Accelerator
+        from accelerate.utils import GradientAccumulationPlugin
 
+        check_erasure_pipeline(pipe)
         config = (config or ErasureConfig()).for_method(method)
         if isinstance(concepts, str):
             concepts = [concepts]
@@ -265,11 +344,17 @@ class ConceptEraser:
         if not concepts or any(not isinstance(c, str) or not c.strip() for c in concepts):
             refuse("concepts", "one or more non-empty strings", concepts)
         self.pipe, self.method, self.config, self.concepts = pipe, method, config, concepts
+        # The loop has no dataloader: accumulation must not follow one. Accelerate's gradient
+        # state is shared by the process, and a dataloader a Trainer left mid-epoch (max_steps)
+        # stays "at its end", which synced every cycle of a later erasure in the same process.
+        plugin = GradientAccumulationPlugin(
+            num_steps=config.gradient_accumulation_steps, sync_with_dataloader=False
+        )
         self.accelerator = accelerator or Accelerator(
-            gradient_accumulation_steps=config.gradient_accumulation_steps,
-            mixed_precision=config.mixed_precision,
+            gradient_accumulation_plugin=plugin, mixed_precision=config.mixed_precision
         )
         acc = self.accelerator
+        require_process_group(acc.num_processes, "ConceptEraser")
         self.device = acc.device
 
         pipe.text_encoder.to(self.device)
@@ -532,7 +617,7 @@ class ConceptEraser:
         self.pipe.erasure_result = ErasureResult(
             method=self.method,
             concepts=list(self.concepts),
-            config=self.config.to_dict(),
+            config={k: v for k, v in self.config.to_dict().items() if k not in CHECKPOINT_FIELDS},
             trained_parameters=list(self.trained_parameters),
             adversarial_concepts=adversarial,
             candidates={a.candidates.target: list(a.candidates.words) for a in self.adversaries},
@@ -593,7 +678,9 @@ def erase_concepts(
     Accelerate (gradient accumulation, mixed precision, data parallel: launch the script with
     ``accelerate launch``); the other components keep their weights. A progress bar shows the
     loss and the first concept's current adversarial word (``config.progress_bar``, local main
-    process only).
+    process only). With ``config.save_steps`` a checkpoint is written every that many steps to
+    ``config.checkpoint_dir``; ``config.resume_from_checkpoint`` (``"last"`` or a folder)
+    resumes an interrupted erasure exactly (see :mod:`hf_extensions.pipelines.erasure_checkpoints`).
 
     Args:
         pipe (`StableDiffusionPipeline`):
@@ -633,14 +720,33 @@ def erase_concepts(
     from tqdm.auto import tqdm
 
     eraser = ConceptEraser(pipe, concepts, method, config, accelerator, extra_candidates)
-    disable = not eraser.config.progress_bar or not eraser.accelerator.is_local_main_process
-    bar = tqdm(range(eraser.config.num_steps), desc=f"erase ({method})", disable=disable)
+    config = eraser.config
+    checkpoint = resolve_checkpoint(
+        config.resume_from_checkpoint,
+        config.checkpoint_dir or "",
+        erasure_checkpoints.checkpoint_problem,
+    )
+    if checkpoint is not None:
+        erasure_checkpoints.load_checkpoint(eraser, checkpoint)
+    disable = not config.progress_bar or not eraser.accelerator.is_local_main_process
+    steps = range(eraser.steps_done, config.num_steps)
+    bar = tqdm(
+        steps,
+        desc=f"erase ({method})",
+        total=config.num_steps,
+        initial=steps.start,
+        disable=disable,
+    )
     for _ in bar:
         loss = eraser.step()
         postfix = {"loss": f"{loss:.4g}"}
         if eraser.adversaries:
             postfix["c_a"] = eraser.adversaries[0].argmax_word()
         bar.set_postfix(postfix)
+        if config.save_steps and eraser.steps_done % config.save_steps == 0:
+            erasure_checkpoints.save_checkpoint(
+                eraser, config.checkpoint_dir, config.save_total_limit
+            )
     return eraser.finish()
 
 
@@ -706,6 +812,7 @@ def evaluate_erasure(
         - ``preserved_drift`` / ``heldout_drift``: mean ``|| ε'(z, c) − ε(z, c) ||²`` over the
           ``preserved`` / ``heldout`` prompts, divided by ``erasure_distance_before``.
     """
+    check_erasure_pipeline(pipe)
     device = next(original_unet.parameters()).device
     edited = pipe.unet
     sampler = LatentSampler(pipe.scheduler.config, ddim_steps)

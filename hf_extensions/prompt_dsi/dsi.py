@@ -34,19 +34,74 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from hf_extensions.atomic import atomic_save, recover_interrupted_save
+from hf_extensions.loading import FIX, check_tensors, load_peft_model, read_json, read_tensors
 from hf_extensions.models.encoders import mean_pool
-from hf_extensions.validation import check_choice, check_integer, check_positive, refuse
+from hf_extensions.validation import (
+    check_choice,
+    check_integer,
+    check_positive,
+    is_plain_int,
+    refuse,
+)
 
-__all__ = ["DSIModel", "fit_docid_head", "incdsi_add_documents", "incdsi_rows"]
+__all__ = [
+    "DSIModel",
+    "check_dsi_encoder",
+    "fit_docid_head",
+    "incdsi_add_documents",
+    "incdsi_rows",
+]
 
 POOLINGS = ("mean", "cls")
 DSI_FORMAT = "hf-extensions-dsi-1"
 ROWS_FILE = "docid_rows.safetensors"
 CONFIG_FILE = "dsi_config.json"
+
+
+#: What a DSI encoder must be, for error messages.
+SUPPORTED_ENCODERS = (
+    "a transformers text model without a task head that takes input_ids and returns "
+    "last_hidden_state (BertModel, the bundled MiniLM, RobertaModel, T5EncoderModel, ...), or a "
+    "PeftModel around one (a prompt pool)"
+)
+
+
+def check_dsi_encoder(encoder: nn.Module) -> None:
+    """Refuse, naming it, an encoder :class:`DSIModel` would fail on deep in its forward.
+
+    Raises:
+        ValueError: an encoder-decoder model (T5: pass its encoder), a model with a task head
+            (pass ``model.base_model``), a model whose main input is not ``input_ids`` (a
+            vision or audio model), or a config without ``hidden_size``.
+    """
+    from transformers import PreTrainedModel
+
+    model = encoder.get_base_model() if hasattr(encoder, "get_base_model") else encoder
+    config = getattr(model, "config", None)
+    described = f"{type(model).__name__} (model_type {getattr(config, 'model_type', None)!r})"
+    problem = fix = None
+    if isinstance(model, PreTrainedModel):
+        if getattr(config, "is_encoder_decoder", False):
+            problem = "an encoder-decoder model"
+            fix = "pass its encoder (T5EncoderModel.from_pretrained(...) or model.get_encoder())"
+        elif model.base_model is not model:
+            problem = f"a model with a task head around {type(model.base_model).__name__}"
+            fix = f"pass model.base_model ({type(model.base_model).__name__})"
+        elif getattr(model, "main_input_name", "input_ids") != "input_ids":
+            problem = f"a model whose main input is {model.main_input_name!r}, not text"
+            fix = "use a text encoder"
+    if problem is None and not isinstance(getattr(config, "hidden_size", None), int):
+        problem, fix = "a model without config.hidden_size", "use a transformers text encoder"
+    if problem is not None:
+        raise ValueError(
+            f"DSIModel does not support {described}: it is {problem}. Supported: "
+            f"{SUPPORTED_ENCODERS}. Fix: {fix}."
+        )
 
 
 class DSIModel(nn.Module):
@@ -80,6 +135,7 @@ class DSIModel(nn.Module):
         check_choice("pooling", pooling, POOLINGS)
         check_integer("num_docs", num_docs, low=1)
         check_positive("logit_scale", logit_scale)
+        check_dsi_encoder(encoder)
         self.encoder = encoder
         self.pooling = pooling
         self.normalize = normalize
@@ -173,15 +229,13 @@ class DSIModel(nn.Module):
         """Write the encoder (a PEFT adapter, or the full encoder) and the rows (safetensors).
 
         Layout: ``encoder/`` (``save_pretrained`` of the encoder: a PEFT model writes only its
-        adapter), ``docid_rows.safetensors`` (one tensor per block) and ``dsi_config.json``.
+        adapter), ``docid_rows.safetensors`` (one tensor per block) and ``dsi_config.json``, as
+        one all-or-nothing save (:func:`hf_extensions.atomic.atomic_save`: ``encoder/`` is
+        replaced whole).
         """
-        directory = Path(save_directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.encoder.save_pretrained(str(directory / "encoder"))
         blocks = {
             f"block_{i}": b.detach().cpu().contiguous() for i, b in enumerate(self.docid_blocks)
         }
-        save_file(blocks, str(directory / ROWS_FILE))
         config = {
             "format": DSI_FORMAT,
             "pooling": self.pooling,
@@ -191,36 +245,60 @@ class DSIModel(nn.Module):
             "block_sizes": [int(b.shape[0]) for b in self.docid_blocks],
             "peft": _is_peft_model(self.encoder),
         }
-        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        with atomic_save(save_directory) as stage:
+            self.encoder.save_pretrained(str(stage / "encoder"))
+            save_file(blocks, str(stage / ROWS_FILE))
+            (stage / CONFIG_FILE).write_text(json.dumps(config, indent=2))
 
     @classmethod
     def from_pretrained(cls, save_directory: str | os.PathLike, encoder: nn.Module) -> DSIModel:
         """Rebuild a saved DSI around ``encoder`` (the base encoder: a saved PEFT adapter is
         loaded onto it with ``PeftModel.from_pretrained``; a saved full encoder replaces it).
 
+        An interrupted save is first finished or discarded.
+
         Raises:
-            ValueError: the folder is not a DSI of this format, or its rows do not match.
+            ValueError: the folder is not a DSI of this format, its rows do not match the block
+                sizes and the encoder's width, or the encoder's files lack a tensor or hold one
+                of another shape; each message names the file.
         """
         directory = Path(save_directory)
-        config = json.loads((directory / CONFIG_FILE).read_text())
+        recover_interrupted_save(directory)
+        config_path, rows_path = directory / CONFIG_FILE, directory / ROWS_FILE
+        config = read_json(config_path)
         if config.get("format") != DSI_FORMAT:
             raise ValueError(
-                f"{directory} holds DSI format {config.get('format')!r}; this version reads "
+                f"{config_path} holds DSI format {config.get('format')!r}; this version reads "
                 f"{DSI_FORMAT!r}."
             )
-        if config["peft"]:
-            from peft import PeftModel
-
-            encoder = PeftModel.from_pretrained(encoder, str(directory / "encoder"))
+        lacking = [
+            key
+            for key in ("pooling", "normalize", "logit_scale", "init_std", "block_sizes", "peft")
+            if key not in config
+        ]
+        if lacking:
+            raise ValueError(f"{config_path} lacks {lacking}: {FIX}.")
+        sizes = config.get("block_sizes")
+        if not isinstance(sizes, list) or not sizes or not all(is_plain_int(n) for n in sizes):
+            raise ValueError(
+                f"{config_path}: `block_sizes` must be a non-empty list of integers, got "
+                f"{sizes!r}; re-save the model."
+            )
+        if config.get("peft"):
+            encoder = load_peft_model(encoder, directory / "encoder")
         else:
-            encoder = type(encoder).from_pretrained(str(directory / "encoder"))
-        blocks = load_file(str(directory / ROWS_FILE))
-        sizes = config["block_sizes"]
-        if len(blocks) != len(sizes) or any(
-            tuple(blocks[f"block_{i}"].shape) != (n, int(encoder.config.hidden_size))
-            for i, n in enumerate(sizes)
-        ):
-            raise ValueError(f"{directory / ROWS_FILE} does not match block sizes {sizes}.")
+            encoder, info = type(encoder).from_pretrained(
+                str(directory / "encoder"), output_loading_info=True, ignore_mismatched_sizes=True
+            )
+            problems = {k: v for k, v in info.items() if k != "error_msgs" and v}
+            if problems or info.get("error_msgs"):
+                raise ValueError(
+                    f"{directory / 'encoder'} does not load whole into "
+                    f"{type(encoder).__name__} ({problems or info['error_msgs']}): {FIX}."
+                )
+        blocks = read_tensors(rows_path)
+        hidden = int(encoder.config.hidden_size)
+        check_tensors(rows_path, blocks, {f"block_{i}": (n, hidden) for i, n in enumerate(sizes)})
         model = cls(
             encoder,
             sizes[0],

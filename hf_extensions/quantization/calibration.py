@@ -20,7 +20,7 @@ from torch import nn
 
 from hf_extensions.quantization.config import MetaAugConfig
 from hf_extensions.quantization.metaaug import train_transform
-from hf_extensions.quantization.modules import quantize_model_rtn
+from hf_extensions.quantization.modules import check_quantizable, quantize_model_rtn
 from hf_extensions.quantization.reconstruction import (
     _inside,
     capture_block,
@@ -29,6 +29,7 @@ from hf_extensions.quantization.reconstruction import (
     reconstruct_block,
     set_quant_enabled,
 )
+from hf_extensions.validation import check_finite_tensor
 
 __all__ = ["ReconstructionResult", "reconstruct_model"]
 
@@ -88,6 +89,8 @@ def reconstruct_model(
         `ReconstructionResult`: the blocks in order, with the seconds and losses of each (and
         MetaAug's loss history for the blocks it ran on).
     """
+    check_quantizable(model, config)
+    check_finite_tensor("images", images)  # NaN inputs give NaN scales everywhere
     start = time.perf_counter()
     device = images.device
     generator = torch.Generator().manual_seed(config.seed)

@@ -21,11 +21,13 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from hf_extensions.quantization.quantizers import MAX_BITS, MIN_BITS
 from hf_extensions.validation import (
+    MAX_SEED,
+    check_bool,
     check_choice,
     check_integer,
+    check_names,
     check_positive,
     check_range,
-    refuse,
 )
 
 __all__ = ["METHODS", "QUANT_METHOD", "MetaAugConfig"]
@@ -167,17 +169,21 @@ class MetaAugConfig(QuantizationConfigMixin):
     quant_method: str = QUANT_METHOD
 
     def __post_init__(self) -> None:
-        check_choice("method", self.method, METHODS)
-        check_integer("weight_bits", self.weight_bits, low=MIN_BITS, high=MAX_BITS)
+        self.method = check_choice("method", self.method, METHODS)
+        self.weight_bits = check_integer(
+            "weight_bits", self.weight_bits, low=MIN_BITS, high=MAX_BITS
+        )
         if self.activation_bits is not None:  # None: weight-only
-            check_integer("activation_bits", self.activation_bits, low=MIN_BITS, high=MAX_BITS)
+            self.activation_bits = check_integer(
+                "activation_bits", self.activation_bits, low=MIN_BITS, high=MAX_BITS
+            )
         for name in ("first_last_8bit", "quantize_first_layer_input"):
-            if not isinstance(getattr(self, name), bool):  # 1 == True: a choice check would pass it
-                refuse(name, "True or False", getattr(self, name))
+            setattr(self, name, check_bool(name, getattr(self, name)))
         for name in ("iterations", "batch_size", "max_block_layers", "transform_channels"):
-            check_integer(name, getattr(self, name), low=1)
-        for name in ("meta_iterations", "transform_blocks", "seed"):
-            check_integer(name, getattr(self, name), low=0)
+            setattr(self, name, check_integer(name, getattr(self, name), low=1))
+        for name in ("meta_iterations", "transform_blocks"):
+            setattr(self, name, check_integer(name, getattr(self, name), low=0))
+        self.seed = check_integer("seed", self.seed, low=0, high=MAX_SEED)
         for name in (
             "weight_lr",
             "activation_lr",
@@ -192,21 +198,15 @@ class MetaAugConfig(QuantizationConfigMixin):
             "pkt_weight",
             "margin",
         ):
-            check_positive(name, getattr(self, name), allow_zero=True)
-        check_positive("temperature", self.temperature)
+            setattr(self, name, check_positive(name, getattr(self, name), allow_zero=True))
+        self.temperature = check_positive("temperature", self.temperature)
         for name in ("warmup", "drop_prob"):
-            check_range(name, getattr(self, name), low=0.0, high=1.0)
-        blocks = self.block_names
-        if blocks is not None:
-            if isinstance(blocks, str) or not all(isinstance(n, str) and n for n in blocks):
-                refuse("block_names", "None or a list of module names", blocks)
-            self.block_names = list(blocks)
-        names = self.modules_to_not_convert
-        if names is not None:
-            if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
-                refuse("modules_to_not_convert", "None or a list of module names", names)
-            self.modules_to_not_convert = list(names)
-        check_choice("quant_method", self.quant_method, (QUANT_METHOD,))
+            setattr(self, name, check_range(name, getattr(self, name), low=0.0, high=1.0))
+        self.block_names = check_names("block_names", self.block_names, allow_empty=True)
+        self.modules_to_not_convert = check_names(
+            "modules_to_not_convert", self.modules_to_not_convert, allow_empty=True
+        )
+        self.quant_method = check_choice("quant_method", self.quant_method, (QUANT_METHOD,))
 
 
 if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:

@@ -22,9 +22,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from hf_extensions.atomic import atomic_save, recover_interrupted_save
+from hf_extensions.loading import FIX, check_tensors, read_safetensors_metadata, read_tensors
 from hf_extensions.quantization.config import MetaAugConfig
 from hf_extensions.quantization.modules import replace_with_quant_modules
 from hf_extensions.quantization.reconstruction import quant_layers
@@ -82,7 +84,6 @@ def export_integer(
         ValueError: no ``MetaAugConfig`` is given or found on the model.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     if config is None:
         config = getattr(getattr(model, "config", None), "quantization_config", None)
     if not isinstance(config, MetaAugConfig):
@@ -116,9 +117,9 @@ def export_integer(
         "quantization_config": json.dumps(config.to_dict()),
         "layers": json.dumps(layers),
     }
-    path = directory / FILE_NAME
-    save_file(tensors, str(path), metadata=metadata)
-    return path
+    with atomic_save(directory) as stage:
+        save_file(tensors, str(stage / FILE_NAME), metadata=metadata)
+    return directory / FILE_NAME
 
 
 @torch.no_grad()
@@ -127,27 +128,42 @@ def load_integer_export(model: nn.Module, directory: str | Path) -> nn.Module:
 
     Refuses a file of another format. The quantized layers are rebuilt with
     :func:`replace_with_quant_modules` from the stored config and their weights dequantized,
-    ``W = s (q - z)``.
+    ``W = s (q - z)``. An interrupted export is first finished or discarded, and the file's
+    tensors are checked against the model's (names and shapes) with messages naming the file.
     """
-    path = Path(directory) / FILE_NAME
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
+    directory = Path(directory)
+    recover_interrupted_save(directory)
+    path = directory / FILE_NAME
+    metadata = read_safetensors_metadata(path)
     if metadata.get("format") != EXPORT_FORMAT:
         raise ValueError(
-            f"format={metadata.get('format')!r} is invalid; allowed: {EXPORT_FORMAT!r}"
+            f"{path}: format={metadata.get('format')!r} is invalid; allowed: {EXPORT_FORMAT!r} "
+            "(write it with export_integer)"
         )
-    config = MetaAugConfig.from_dict(json.loads(metadata["quantization_config"]))
-    layers = json.loads(metadata["layers"])
-    tensors = load_file(str(path))
+    try:
+        config = MetaAugConfig.from_dict(json.loads(metadata["quantization_config"]))
+        layers = json.loads(metadata["layers"])
+    except (KeyError, ValueError) as error:
+        raise ValueError(f"{path}: unreadable metadata ({error!r}): {FIX}.") from error
+    tensors = read_tensors(path)
     replace_with_quant_modules(model, config)
-    found = {name for name, _ in quant_layers(model)}
-    if found != set(layers):
+    quantized = dict(quant_layers(model))
+    if set(quantized) != set(layers):
         raise ValueError(
-            f"layers={sorted(set(layers) ^ found)} differ between the export and the model; "
-            "allowed: the same architecture"
+            f"{path}: layers={sorted(set(layers) ^ set(quantized))} differ between the export and "
+            "the model; allowed: the same architecture"
         )
+    dequantized = {f"{name}.weight" for name in layers}
+    expected = {k: v for k, v in model.state_dict().items() if k not in dequantized}
+    for name, layer in quantized.items():
+        if list(layers[name]["shape"]) != list(layer.weight.shape):
+            raise ValueError(
+                f"{path}: layer {name!r} was exported with weight shape {layers[name]['shape']}, "
+                f"the model's is {list(layer.weight.shape)}: {FIX}."
+            )
+        numel, bits = layer.weight.numel(), layers[name]["weight_bits"]
+        expected[f"{name}.weight_int"] = (numel if bits > 4 else (numel + 1) // 2,)
+    check_tensors(path, tensors, expected)
     state = {}
     for name, info in layers.items():
         shape = info["shape"]

@@ -27,8 +27,10 @@ from hf_extensions.quantization.quantizers import fake_quantize, search_scale_ze
 from hf_extensions.validation import refuse
 
 __all__ = [
+    "UNSUPPORTED_LAYERS",
     "QuantConv2d",
     "QuantLinear",
+    "check_quantizable",
     "quantizable_module_names",
     "quantize_model_rtn",
     "replace_with_quant_modules",
@@ -135,6 +137,81 @@ def quantizable_module_names(model: nn.Module, config: MetaAugConfig) -> list[st
         for name, module in model.named_modules()
         if isinstance(module, (nn.Linear, nn.Conv2d)) and name and not _skipped(name, skip)
     ]
+
+
+#: Weight-bearing layers this quantizer has no quantized form of (their weights would stay in
+#: float while the model is reported as quantized). ``nn.MultiheadAttention`` is here because it
+#: reads ``out_proj.weight`` directly, bypassing a replaced ``out_proj``.
+UNSUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.Conv1d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.Bilinear,
+    nn.RNNBase,
+    nn.MultiheadAttention,
+)
+#: What the quantizer supports, for error messages.
+SUPPORTED_MODELS = (
+    "image models (a transformers model whose main input is pixel_values, or an nn.Module "
+    "called on an image batch [N, C, H, W]) made of nn.Linear / nn.Conv2d layers, such as "
+    "ResNet, MobileNetV2 and ViT classifiers"
+)
+
+
+def _unsupported_layers() -> tuple[type[nn.Module], ...]:
+    try:  # GPT-2-style transposed linear layers of transformers
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers moved it
+        return UNSUPPORTED_LAYERS
+    return (*UNSUPPORTED_LAYERS, Conv1D)
+
+
+def check_quantizable(model: nn.Module, config: MetaAugConfig) -> None:
+    """Refuse, before calibrating, a model this quantizer would fail on or quantize only partly.
+
+    Raises:
+        ValueError: a ``transformers`` model whose main input is not ``pixel_values`` (a text
+            or audio model); a layer of a type without a quantized form (:data:`UNSUPPORTED_LAYERS`
+            and transformers' ``Conv1D``) that ``config.modules_to_not_convert`` does not name;
+            or no ``nn.Linear`` / ``nn.Conv2d`` layer to quantize.
+    """
+    from transformers import PreTrainedModel
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    described = f"{type(model).__name__}" + (f" (model_type {model_type!r})" if model_type else "")
+    main_input = getattr(model, "main_input_name", "pixel_values")
+    if isinstance(model, PreTrainedModel) and main_input != "pixel_values":
+        raise ValueError(
+            f"MetaAug quantization does not support {described}: its main input is "
+            f"{main_input!r}, and calibration feeds images (pixel_values). Supported: "
+            f"{SUPPORTED_MODELS}."
+        )
+    skip = config.modules_to_not_convert or []
+    unsupported = {
+        name: type(module).__name__
+        for name, module in model.named_modules()
+        if name and isinstance(module, _unsupported_layers()) and not _skipped(name, skip)
+    }
+    # Layers inside an unsupported one are reported through it.
+    unsupported = {
+        name: kind
+        for name, kind in unsupported.items()
+        if not any(name.startswith(other + ".") for other in unsupported)
+    }
+    if unsupported:
+        raise ValueError(
+            f"MetaAug quantization cannot quantize these layers of {described}: {unsupported} "
+            "(it has quantized forms of nn.Linear and nn.Conv2d only). Fix: keep them in float "
+            f"with MetaAugConfig(modules_to_not_convert={sorted(unsupported)}), or use a model "
+            f"without them. Supported: {SUPPORTED_MODELS}."
+        )
+    if not quantizable_module_names(model, config):
+        raise ValueError(
+            f"MetaAug quantization found no nn.Linear / nn.Conv2d layer to quantize in "
+            f"{described} (after modules_to_not_convert={skip}). Supported: {SUPPORTED_MODELS}."
+        )
 
 
 def _bits_for(names: list[str], config: MetaAugConfig) -> dict[str, tuple[int, int | None]]:

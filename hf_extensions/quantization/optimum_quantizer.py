@@ -27,14 +27,17 @@ from typing import Any
 import torch
 from datasets import Dataset
 from optimum.quantization_base import OptimumQuantizer
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForImageClassification, PreTrainedModel
 
+from hf_extensions.atomic import atomic_save, recover_interrupted_save
+from hf_extensions.distributed import require_process_group
+from hf_extensions.loading import check_tensors, read_json, read_tensors
 from hf_extensions.quantization.calibration import ReconstructionResult, reconstruct_model
 from hf_extensions.quantization.config import QUANT_METHOD, MetaAugConfig
 from hf_extensions.quantization.modules import replace_with_quant_modules
-from hf_extensions.validation import refuse
+from hf_extensions.validation import check_finite_tensor, check_integer, refuse
 
 __all__ = ["MetaAugQuantizer", "calibration_images", "load_quantized"]
 
@@ -57,13 +60,14 @@ def calibration_images(
     else:
         refuse("calibration_dataset", "a datasets.Dataset or a tensor of images", type(dataset))
     if num_samples is not None:
-        images = images[:num_samples]
+        images = images[: check_integer("num_samples", num_samples, low=1)]
     if images.dim() != 4 or len(images) == 0:
         raise ValueError(
-            f"calibration images of shape {tuple(images.shape)} are invalid; allowed: "
+            f"`calibration_dataset` images of shape {tuple(images.shape)} are invalid; allowed: "
             "a non-empty [N, C, H, W] batch"
         )
-    return images.float()
+    # a NaN image makes every activation range NaN: the scales, and so the whole model
+    return check_finite_tensor("calibration_dataset", images.float())
 
 
 class MetaAugQuantizer(OptimumQuantizer):
@@ -172,6 +176,7 @@ class MetaAugQuantizer(OptimumQuantizer):
             from accelerate import Accelerator
 
             accelerator = Accelerator()
+        require_process_group(accelerator.num_processes, type(self).__name__)
         images = calibration_images(calibration_dataset, image_column, num_samples)
         self.model.to(accelerator.device)
         images = images.to(accelerator.device)
@@ -184,15 +189,18 @@ class MetaAugQuantizer(OptimumQuantizer):
         return self.model
 
     def save(self, save_dir: str | Path) -> Path:
-        """``save_pretrained`` for a transformers model; safetensors + JSON config otherwise."""
+        """``save_pretrained`` for a transformers model; safetensors + JSON config otherwise.
+
+        All-or-nothing (:func:`hf_extensions.atomic.atomic_save`): a process killed mid-save
+        leaves the previous model in ``save_dir`` or this one, never parts of both."""
         save_dir = Path(save_dir)
-        if isinstance(self.model, PreTrainedModel):
-            self.model.save_pretrained(save_dir)
-            return save_dir
-        save_dir.mkdir(parents=True, exist_ok=True)
-        state = {k: v.contiguous() for k, v in self.model.state_dict().items()}
-        save_file(state, str(save_dir / WEIGHTS_NAME), metadata={"quant_method": QUANT_METHOD})
-        (save_dir / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2))
+        with atomic_save(save_dir) as stage:
+            if isinstance(self.model, PreTrainedModel):
+                self.model.save_pretrained(stage)
+            else:
+                state = {k: v.contiguous() for k, v in self.model.state_dict().items()}
+                save_file(state, str(stage / WEIGHTS_NAME), metadata={"quant_method": QUANT_METHOD})
+                (stage / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2))
         return save_dir
 
 
@@ -214,17 +222,24 @@ def load_quantized(model: nn.Module, save_dir: str | Path) -> nn.Module:
         `nn.Module`: ``model``, quantized and loaded, in eval mode.
 
     Raises:
-        ValueError: the stored config is of another ``quant_method`` or has invalid values.
-        RuntimeError: the saved state does not match the converted ``model`` (another
-            architecture).
+        ValueError: the stored config is of another ``quant_method`` or has invalid values, or
+            the saved state does not match the converted ``model`` (a missing or unexpected
+            tensor, or one of another shape: another architecture), naming the file.
+
+    An interrupted :meth:`MetaAugQuantizer.save` is first finished or discarded.
     """
     save_dir = Path(save_dir)
-    data = json.loads((save_dir / CONFIG_NAME).read_text())
+    recover_interrupted_save(save_dir)
+    config_path, path = save_dir / CONFIG_NAME, save_dir / WEIGHTS_NAME
+    data = read_json(config_path)
     if data.get("quant_method") != QUANT_METHOD:
         raise ValueError(
-            f"quant_method={data.get('quant_method')!r} is invalid; allowed: {QUANT_METHOD!r}"
+            f"{config_path}: quant_method={data.get('quant_method')!r} is invalid; allowed: "
+            f"{QUANT_METHOD!r}"
         )
     config = MetaAugConfig.from_dict(data)
+    state = read_tensors(path)
     replace_with_quant_modules(model, config)
-    model.load_state_dict(load_file(str(save_dir / WEIGHTS_NAME)), strict=True)
+    check_tensors(path, state, model.state_dict())
+    model.load_state_dict(state, strict=True)
     return model.eval()

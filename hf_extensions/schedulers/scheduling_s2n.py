@@ -39,12 +39,21 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from hf_extensions.schedulers.snr import (
+    BETA_SCHEDULES,
     VPSchedule,
     make_betas,
     s2n_coefficients,
     s2n_second_order_coefficient,
 )
-from hf_extensions.validation import check_choice, check_integer, check_positive, check_range
+from hf_extensions.validation import (
+    check_bool,
+    check_choice,
+    check_finite_tensor,
+    check_integer,
+    check_positive,
+    check_range,
+    refuse,
+)
 
 __all__ = ["S2NGeneralizedScheduler", "S2NSchedulerOutput", "run_denoising_loop"]
 
@@ -52,6 +61,9 @@ PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 PREV_TIMESTEP_RULES = ("ddim", "next")
 SOLVER_ORDERS = (1, 2)
+#: Most training timesteps a schedule may have (VP models use 1000 to 4000; the tables cost
+#: memory linear in T, so a mistyped T is refused before they are built).
+MAX_TRAIN_TIMESTEPS = 1_000_000
 
 
 @dataclass
@@ -82,6 +94,94 @@ class _StepPlan:
     rho: float
     c_eps: float
     c_noise: float
+
+
+def _checked_settings(**settings: Any) -> dict[str, Any]:
+    """The scheduler's arguments checked (each error names its argument) and as plain Python
+    values (a numpy scalar would make ``scheduler_config.json`` unwritable)."""
+    out = dict(settings)
+    for name, allowed in (
+        ("prediction_type", PREDICTION_TYPES),
+        ("timestep_spacing", TIMESTEP_SPACINGS),
+        ("prev_timestep_rule", PREV_TIMESTEP_RULES),
+        ("solver_order", SOLVER_ORDERS),
+    ):
+        out[name] = check_choice(name, settings[name], allowed)
+    for name in ("rho", "s_noise"):
+        out[name] = check_positive(name, settings[name], allow_zero=True)
+    out["rho_t_min"] = check_integer("rho_t_min", settings["rho_t_min"], low=0)
+    if settings["rho_t_max"] is not None:
+        out["rho_t_max"] = check_integer("rho_t_max", settings["rho_t_max"], low=out["rho_t_min"])
+    out["num_train_timesteps"] = check_integer(
+        "num_train_timesteps", settings["num_train_timesteps"], low=2, high=MAX_TRAIN_TIMESTEPS
+    )
+    for name in ("clip_sample", "set_alpha_to_one", "thresholding", "rescale_betas_zero_snr"):
+        out[name] = check_bool(name, settings[name])
+    out["steps_offset"] = check_integer(  # timestep 0 + offset must be a training timestep
+        "steps_offset", settings["steps_offset"], low=0, high=out["num_train_timesteps"] - 1
+    )
+    out["dynamic_thresholding_ratio"] = check_range(
+        "dynamic_thresholding_ratio",
+        settings["dynamic_thresholding_ratio"],
+        low=0.0,
+        low_open=True,
+        high=1.0,
+    )
+    for name in ("beta_start", "beta_end"):  # checked with trained_betas too: saved all the same
+        out[name] = check_range(name, settings[name], low=0.0, high=1.0)
+    out["beta_schedule"] = check_choice("beta_schedule", settings["beta_schedule"], BETA_SCHEDULES)
+    if settings["trained_betas"] is not None:
+        out["trained_betas"] = _checked_trained_betas(
+            settings["trained_betas"], out["num_train_timesteps"]
+        )
+    for name in ("clip_sample_range", "sample_max_value"):
+        out[name] = check_positive(name, settings[name])
+    return out
+
+
+def _check_betas(betas: torch.Tensor, settings: dict[str, Any]) -> None:
+    """A VP schedule: β_0 > 0 (else ᾱ_0 = 1, σ_0 = 0 and λ_0 = inf) and β_t < 1 before the last
+    timestep (a β of 1 zeroes the signal of every later timestep; 0 at the last one alone is a
+    zero terminal SNR)."""
+    given = settings["trained_betas"] is not None
+    if not betas[0] > 0:
+        name = "trained_betas" if given else "beta_start"
+        refuse(
+            name,
+            "a schedule whose first beta is > 0 (with beta 0 the first timestep has no noise "
+            "and an infinite log-SNR)",
+            f"first beta {float(betas[0])}" if given else settings["beta_start"],
+        )
+    if bool((betas[:-1] >= 1).any()):
+        name = "trained_betas" if given else "beta_start"
+        refuse(
+            name,
+            "a schedule whose betas are < 1 before the last timestep (a beta of 1 zeroes the "
+            "signal of every later timestep; `beta_end` may reach 1)",
+            f"first beta 1 at timestep {int((betas >= 1).nonzero()[0])}"
+            if given
+            else settings["beta_start"],
+        )
+
+
+def _checked_trained_betas(trained_betas: Any, num_train_timesteps: int) -> list[float]:
+    """One β in [0, 1] per training timestep (a shorter table fails deep inside a step)."""
+    if isinstance(trained_betas, (str, bytes, dict)) or np.ndim(trained_betas) != 1:
+        refuse("trained_betas", "None or a 1-D list of betas", trained_betas)
+    try:
+        betas = np.asarray(trained_betas, dtype=np.float64)
+    except (TypeError, ValueError):
+        refuse("trained_betas", "None or a 1-D list of betas (numbers)", trained_betas)
+    check_finite_tensor("trained_betas", betas)
+    if len(betas) != num_train_timesteps:
+        refuse(
+            "trained_betas",
+            f"one beta per training timestep ({num_train_timesteps}, `num_train_timesteps`)",
+            f"{len(betas)} betas",
+        )
+    if betas.min() < 0 or betas.max() > 1:
+        refuse("trained_betas", "betas in [0, 1]", f"betas in [{betas.min()}, {betas.max()}]")
+    return betas.tolist()
 
 
 class S2NGeneralizedScheduler(SchedulerMixin, ConfigMixin):
@@ -163,10 +263,14 @@ class S2NGeneralizedScheduler(SchedulerMixin, ConfigMixin):
 
     Raises:
         ValueError: a choice outside its allowed values, a negative or non-finite ``rho`` /
-            ``s_noise``, a negative ``rho_t_min``, ``rho_t_max < rho_t_min``,
-            ``num_train_timesteps < 2``, ``dynamic_thresholding_ratio`` outside (0, 1], a
-            ``beta_start`` / ``beta_end`` outside [0, 1], or a ``clip_sample_range`` /
-            ``sample_max_value`` that is not a finite number > 0 (NaN and ±inf are refused).
+            ``s_noise``, a negative ``rho_t_min`` or ``steps_offset``, ``rho_t_max <
+            rho_t_min``, ``num_train_timesteps`` outside [2, 1000000], a flag that is not a
+            bool, ``dynamic_thresholding_ratio`` outside (0, 1], a ``beta_start`` /
+            ``beta_end`` outside [0, 1], ``trained_betas`` that are not one finite β in [0, 1]
+            per training timestep, a schedule whose first β is 0 or with a β of 1 before the
+            last timestep, or a ``clip_sample_range`` / ``sample_max_value`` that is not a
+            finite number > 0 (NaN and ±inf are refused). The config holds the checked values
+            as plain Python numbers.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -197,36 +301,41 @@ class S2NGeneralizedScheduler(SchedulerMixin, ConfigMixin):
         solver_order: int = 1,
         prev_timestep_rule: Literal["ddim", "next"] = "ddim",
     ):
-        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-        check_choice("prev_timestep_rule", prev_timestep_rule, PREV_TIMESTEP_RULES)
-        check_choice("solver_order", solver_order, SOLVER_ORDERS)
-        check_positive("rho", rho, allow_zero=True)
-        check_positive("s_noise", s_noise, allow_zero=True)
-        check_integer("rho_t_min", rho_t_min, low=0)
-        if rho_t_max is not None:
-            check_integer("rho_t_max", rho_t_max, low=rho_t_min)
-        check_integer("num_train_timesteps", num_train_timesteps, low=2)
-        check_range(
-            "dynamic_thresholding_ratio",
-            dynamic_thresholding_ratio,
-            low=0.0,
-            low_open=True,
-            high=1.0,
+        settings = _checked_settings(
+            num_train_timesteps=num_train_timesteps,
+            beta_start=beta_start,
+            beta_end=beta_end,
+            beta_schedule=beta_schedule,
+            trained_betas=trained_betas,
+            clip_sample=clip_sample,
+            set_alpha_to_one=set_alpha_to_one,
+            steps_offset=steps_offset,
+            prediction_type=prediction_type,
+            thresholding=thresholding,
+            dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+            clip_sample_range=clip_sample_range,
+            sample_max_value=sample_max_value,
+            timestep_spacing=timestep_spacing,
+            rescale_betas_zero_snr=rescale_betas_zero_snr,
+            rho=rho,
+            s_noise=s_noise,
+            rho_t_min=rho_t_min,
+            rho_t_max=rho_t_max,
+            solver_order=solver_order,
+            prev_timestep_rule=prev_timestep_rule,
         )
-        if trained_betas is None:
-            check_range("beta_start", beta_start, low=0.0, high=1.0)
-            check_range("beta_end", beta_end, low=0.0, high=1.0)
-        check_positive("clip_sample_range", clip_sample_range)
-        check_positive("sample_max_value", sample_max_value)
+        self.register_to_config(**settings)  # the checked, plain values (what the JSON saves)
+        num_train_timesteps = settings["num_train_timesteps"]
+        set_alpha_to_one = settings["set_alpha_to_one"]
         self.betas = make_betas(
             num_train_timesteps,
-            beta_start,
-            beta_end,
-            beta_schedule,
-            trained_betas,
-            rescale_betas_zero_snr,
+            settings["beta_start"],
+            settings["beta_end"],
+            settings["beta_schedule"],
+            settings["trained_betas"],
+            settings["rescale_betas_zero_snr"],
         )
+        _check_betas(self.betas, settings)
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
@@ -317,6 +426,13 @@ class S2NGeneralizedScheduler(SchedulerMixin, ConfigMixin):
             self.custom_timesteps = False
             self.num_inference_steps = int(num_inference_steps)
             values = self._spaced_timesteps(self.num_inference_steps)
+            if values[0] >= num_train:  # leading spacing shifted by steps_offset
+                raise ValueError(
+                    f"`steps_offset`={self.config.steps_offset} with num_inference_steps="
+                    f"{num_inference_steps} gives timestep {int(values[0])}, past the last "
+                    f"training timestep {num_train - 1}: lower `steps_offset` or use "
+                    "timestep_spacing='trailing'."
+                )
         self.timesteps = torch.from_numpy(values).to(device)
         self._plans = self._plan_steps(values)
         self._previous = None
@@ -448,9 +564,10 @@ class S2NGeneralizedScheduler(SchedulerMixin, ConfigMixin):
         if prediction_type == "epsilon":
             if alpha_t == 0:
                 raise ValueError(
-                    f"timestep {t} has SNR 0 (rescale_betas_zero_snr=True): an epsilon "
-                    "prediction carries no information on x0 there. Use v_prediction or "
-                    "sample, or a spacing that does not start at the last timestep."
+                    f"timestep {t} has SNR 0 (a zero terminal SNR: `rescale_betas_zero_snr` or a "
+                    "last beta of 1): an epsilon prediction carries no information on x0 there. "
+                    "Use `prediction_type` v_prediction or sample, or a `timestep_spacing` that "
+                    "does not start at the last timestep."
                 )
             pred_original_sample = (sample - sigma_t * model_output) / alpha_t
             pred_epsilon = model_output

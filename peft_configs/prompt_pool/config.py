@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from peft.config import PeftConfig
 from peft.utils import PeftType
 
 from hf_extensions.documentation import document_fields
@@ -12,11 +11,12 @@ from hf_extensions.validation import (
     check_choice,
     check_integer,
     check_layer_indices,
+    check_names,
     check_positive,
     is_plain_int,
     refuse,
 )
-from peft_configs.registration import extend_peft_type
+from peft_configs.registration import RegisteredPeftConfig, extend_peft_type
 
 __all__ = ["FORMAT_VERSION", "KEY_SOURCES", "QUERY_SOURCES", "PromptPoolConfig"]
 
@@ -32,7 +32,7 @@ extend_peft_type("prompt_pool")
 
 @document_fields
 @dataclass
-class PromptPoolConfig(PeftConfig):
+class PromptPoolConfig(RegisteredPeftConfig):
     """A pool of prefix key/value prompts chosen per input by query-key cosine similarity.
 
     Wang et al., "Learning to Prompt for Continual Learning" (L2P, CVPR 2022, Sec. 3.2-3.3) and
@@ -120,7 +120,7 @@ class PromptPoolConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PeftType.HF_EXTENSIONS_PROMPT_POOL
-        if self.format_version != FORMAT_VERSION:
+        if not is_plain_int(self.format_version) or self.format_version != FORMAT_VERSION:
             refuse(
                 "format_version",
                 f"{FORMAT_VERSION} (this hf-extensions reads prompt-pool adapters of that version "
@@ -132,8 +132,8 @@ class PromptPoolConfig(PeftConfig):
             check_integer(name, value, low=1, plain=True)  # plain: the config is saved as JSON
         check_integer("top_k", self.top_k, low=1, high=self.pool_size)
         self.layers = check_layer_indices("layers", self.layers)
-        check_choice("key_source", self.key_source, KEY_SOURCES)
-        check_choice("query_source", self.query_source, QUERY_SOURCES)
+        self.key_source = check_choice("key_source", self.key_source, KEY_SOURCES)
+        self.query_source = check_choice("query_source", self.query_source, QUERY_SOURCES)
         if self.query_source == "layer_k_cls":
             if not is_plain_int(self.query_layer):
                 refuse(
@@ -158,7 +158,9 @@ class PromptPoolConfig(PeftConfig):
             )
         if not isinstance(self.pull_loss_weight, (int, float)):
             refuse("pull_loss_weight", "a finite number in [0.0, inf)", self.pull_loss_weight)
-        check_positive("pull_loss_weight", self.pull_loss_weight, allow_zero=True)
+        self.pull_loss_weight = check_positive(
+            "pull_loss_weight", self.pull_loss_weight, allow_zero=True
+        )
         if self.pull_loss_weight > 0 and self.key_source != "learned":
             refuse(
                 "pull_loss_weight",
@@ -168,3 +170,6 @@ class PromptPoolConfig(PeftConfig):
             )
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
+        self.modules_to_save = check_names(
+            "modules_to_save", self.modules_to_save, allow_empty=True
+        )

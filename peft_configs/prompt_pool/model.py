@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
+from hf_extensions.validation import check_allocation
 from peft_configs.injection import (
     PrefixSite,
     attach_prefix_sites,
@@ -37,6 +38,7 @@ from peft_configs.prompt_pool.selection import (
     backbone_inputs,
     backbone_of,
     block_input,
+    check_query_backbone,
     cosine_top_k,
     embedding_mean,
     eval_mode,
@@ -65,7 +67,9 @@ class PromptPoolModel(BaseTuner):
     Weights: ``prompt_pool_keys[adapter]`` (``[pool_size, d_query]``, held here; trained only for
     ``key_source='learned'``) and each wrapped layer's ``prompt_pool_prompts[adapter]``
     (``[pool_size, 2, prompt_length, kv_dim]``). Fixed keys start as NaN and must be given with
-    :meth:`set_keys` before the first forward that selects by similarity.
+    :meth:`set_keys` before the first forward that selects by similarity. A pool whose prompts
+    and keys would not fit in the memory free on the model's device is refused (naming
+    ``pool_size``) before any of them is allocated.
 
     Example::
 
@@ -109,6 +113,7 @@ class PromptPoolModel(BaseTuner):
 
     def _prepare_model(self, peft_config: PromptPoolConfig, model: nn.Module) -> None:
         """Attach the prefix sites of the chosen layers and check the query layer against them."""
+        check_query_backbone(model)
         sites = attach_prefix_sites(model, peft_config.layers)
         if peft_config.query_source == "layer_k_cls":
             count = len(transformer_blocks(model))
@@ -123,7 +128,28 @@ class PromptPoolModel(BaseTuner):
                     f"`query_layer`={peft_config.query_layer!r} must be <= the first prompted "
                     f"layer ({first}): the query must not see the prompts."
                 )
+        self._check_memory(peft_config, model, sites)
         self._prefix_targets = {without_base_layer(name): site for name, site in sites.items()}
+
+    def _check_memory(
+        self, config: PromptPoolConfig, model: nn.Module, sites: dict[str, PrefixSite]
+    ) -> None:
+        """Refuse a pool whose prompts and keys cannot fit in memory, before any is allocated:
+        ``pool_size x (sum over layers of 2 x prompt_length x kv_dim + d_query)`` numbers."""
+        reference = next(model.parameters())
+        dtype = reference.dtype if reference.dtype.is_floating_point else torch.float32
+        per_prompt = sum(2 * config.prompt_length * site.kv_dim for site in sites.values())
+        per_prompt += self._query_dim(model, config)
+        nbytes = config.pool_size * per_prompt * torch.empty((), dtype=dtype).element_size()
+        check_allocation(
+            "pool_size",
+            nbytes,
+            reference.device,
+            what=f"a prompt pool ({config.pool_size} prompts of `prompt_length`="
+            f"{config.prompt_length} on {len(sites)} layer{'s' * (len(sites) != 1)}, with their "
+            "keys)",
+            fix="use a smaller pool_size or prompt_length, or prompt fewer `layers`",
+        )
 
     def _check_target_module_exists(self, peft_config, key: str) -> bool:
         return key in self._prefix_targets

@@ -91,6 +91,37 @@ def backbone_of(model: nn.Module) -> nn.Module:
     return model
 
 
+def check_query_backbone(model: nn.Module) -> nn.Module:
+    """Refuse a model the pool cannot compute a query feature for; return its backbone.
+
+    Every query source reads one stream of input embeddings (``get_input_embeddings()``: token
+    embeddings of a text model, patch embeddings of a ViT). A model with several input towers
+    (``CLIPModel``) or without input embeddings has none, and would fail inside transformers.
+
+    Raises:
+        ValueError: the model's attention cannot take a prefix (see
+            :func:`peft_configs.injection.check_prefix_injection_supported`), or
+            ``get_input_embeddings()`` of the backbone is not implemented or not a module.
+    """
+    find_self_attention_modules(model)  # refuses models the prompts cannot reach first
+    backbone = backbone_of(model)
+    try:
+        embeddings = backbone.get_input_embeddings()
+    except (NotImplementedError, AttributeError):
+        embeddings = None
+    if not isinstance(embeddings, nn.Module):
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        raise ValueError(
+            f"the prompt pool does not support {type(model).__name__} (model_type "
+            f"{model_type!r}): its backbone {type(backbone).__name__} has no single input "
+            "embedding (`get_input_embeddings()`) to compute the query from, as a model with "
+            "two input towers or none. Supported: one-tower transformers encoders and decoders "
+            "(BERT/RoBERTa/MiniLM text encoders, ViT image encoders, GPT-2/Llama). Fix: wrap one "
+            "tower, e.g. `model.text_model` or `model.vision_model` of a CLIPModel."
+        )
+    return backbone
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     """A ``PeftModel`` or a ``BaseTuner`` -> the ``transformers`` model inside."""
     if hasattr(model, "get_base_model"):
@@ -241,6 +272,7 @@ def query_features(
     """
     check_choice("query_source", query_source, QUERY_SOURCES)
     model = _unwrap(encoder)
+    check_query_backbone(model)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **inputs}
     with contextlib.ExitStack() as stack:
         for state in _pool_states(model):
@@ -323,7 +355,13 @@ def topic_keys(
     if isinstance(num_topics, bool) or not isinstance(num_topics, int) or num_topics < 1:
         refuse("num_topics", "an integer in [1, inf)", num_topics)
     if num_topics > array.shape[0]:
-        refuse("num_topics", f"at most the number of documents ({array.shape[0]})", num_topics)
+        refuse(
+            "num_topics",
+            f"at most the number of documents ({array.shape[0]}): one topic per prompt, so the "
+            "pool's `pool_size` is at most the documents too (count them before building the "
+            "pool with get_peft_model)",
+            num_topics,
+        )
     if normalize:
         array = array / np.clip(np.linalg.norm(array, axis=1, keepdims=True), 1e-12, None)
     kmeans = KMeans(n_clusters=num_topics, random_state=seed, n_init=n_init).fit(array)

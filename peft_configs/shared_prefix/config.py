@@ -4,19 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from peft.config import PeftConfig
 from peft.utils import PeftType
 
 from hf_extensions.documentation import document_fields
 from hf_extensions.validation import (
+    check_bool,
     check_choice,
     check_integer,
     check_layer_indices,
+    check_names,
     check_range,
     is_plain_int,
     refuse,
 )
-from peft_configs.registration import extend_peft_type
+from peft_configs.registration import RegisteredPeftConfig, extend_peft_type
 
 __all__ = ["FORMAT_VERSION", "SHARE_CHOICES", "SharedPrefixTuningConfig"]
 
@@ -32,7 +33,7 @@ extend_peft_type("shared_prefix")
 
 @document_fields
 @dataclass
-class SharedPrefixTuningConfig(PeftConfig):
+class SharedPrefixTuningConfig(RegisteredPeftConfig):
     """Prefix tuning whose keys and values share a reparameterised latent structure.
 
     Le, Nguyen, Nguyen, Tran, Le, Ho, "Revisiting Prefix-tuning: Statistical Benefits of
@@ -126,14 +127,14 @@ class SharedPrefixTuningConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PeftType.HF_EXTENSIONS_SHARED_PREFIX
-        if self.format_version != FORMAT_VERSION:
+        if not is_plain_int(self.format_version) or self.format_version != FORMAT_VERSION:
             refuse(
                 "format_version",
                 f"{FORMAT_VERSION} (this hf-extensions reads shared-prefix adapters of that "
                 "version only; upgrade hf-extensions)",
                 self.format_version,
             )
-        check_choice("share", self.share, SHARE_CHOICES)
+        self.share = check_choice("share", self.share, SHARE_CHOICES)
         # plain: the config is saved as JSON
         check_integer("num_virtual_tokens", self.num_virtual_tokens, low=1, plain=True)
         self.layers = check_layer_indices("layers", self.layers)
@@ -149,15 +150,16 @@ class SharedPrefixTuningConfig(PeftConfig):
                 refuse(name, "None or an integer >= 1", value)
         if not isinstance(self.dropout, (int, float)):
             refuse("dropout", "a finite number in [0.0, 1.0)", self.dropout)
-        check_range("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
+        self.dropout = check_range("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
+        self.shift_positions = check_bool("shift_positions", self.shift_positions, optional=True)
         if self.shift_positions is None:
             self.shift_positions = self.task_type == "CAUSAL_LM"
-        if not isinstance(self.shift_positions, bool):
-            refuse("shift_positions", "a bool or None", self.shift_positions)
-        if not isinstance(self.materialized, bool):
-            refuse("materialized", "a bool", self.materialized)
+        self.materialized = check_bool("materialized", self.materialized)
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
+        self.modules_to_save = check_names(
+            "modules_to_save", self.modules_to_save, allow_empty=True
+        )
 
     @property
     def is_shared(self) -> bool:

@@ -21,6 +21,8 @@ from peft.tuners.tuners_utils import BaseTuner
 from safetensors.torch import save_file
 from torch import nn
 
+from hf_extensions.atomic import atomic_save
+from hf_extensions.validation import check_allocation
 from peft_configs.injection import (
     PrefixSite,
     attach_prefix_sites,
@@ -106,10 +108,39 @@ class SharedPrefixModel(BaseTuner):
             peft_config.hidden_size = (
                 kv_dim if peft_config.share == "global_mlp" else DEFAULT_PER_LAYER_HIDDEN
             )
+        self._check_memory(peft_config, model, sites, kv_dim)
         self._prefix_targets = {
             without_base_layer(name): (position, site)
             for position, (name, site) in enumerate(sites.items())
         }
+
+    @staticmethod
+    def _check_memory(
+        config: SharedPrefixTuningConfig, model: nn.Module, sites: dict, kv_dim: int
+    ) -> None:
+        """Refuse prefixes (latents and MLPs) that cannot fit in memory, before allocating."""
+        n, layers, out = config.num_virtual_tokens, len(sites), 2 * kv_dim
+        latent, hidden = config.latent_dim or 0, config.hidden_size or 0
+        share = "none" if config.materialized else config.share
+        model_config = getattr(model, "config", None)
+        numbers = {
+            "none": layers * n * out,
+            "global_mlp": n * latent + (latent + 1) * hidden + (hidden + 1) * out * layers,
+            "per_layer_mlp": layers * (n * latent + (latent + 1) * hidden + (hidden + 1) * out),
+            "per_layer_linear": layers * (n * latent + (latent + 1) * out),
+            "simple_share": layers * n * int(getattr(model_config, "hidden_size", kv_dim)),
+        }[share]
+        reference = next(model.parameters())
+        dtype = reference.dtype if reference.dtype.is_floating_point else torch.float32
+        check_allocation(
+            "num_virtual_tokens",
+            numbers * torch.empty((), dtype=dtype).element_size(),
+            reference.device,
+            what=f"share={share!r} prefixes ({n} tokens on {layers} layers, `latent_dim`="
+            f"{config.latent_dim}, `hidden_size`={config.hidden_size})",
+            fix="use fewer num_virtual_tokens, a smaller latent_dim / hidden_size, or fewer "
+            "`layers`",
+        )
 
     def _check_target_module_exists(self, peft_config, key: str) -> bool:
         return key in self._prefix_targets
@@ -392,11 +423,11 @@ class SharedPrefixModel(BaseTuner):
             prefix_projection=False,
             inference_mode=True,
         )
-        os.makedirs(save_directory, exist_ok=True)
-        peft_config.save_pretrained(str(save_directory))
-        save_file(
-            {"prompt_embeddings": prompt_embeddings},
-            os.path.join(save_directory, "adapter_model.safetensors"),
-            metadata={"format": "pt"},
-        )
+        with atomic_save(save_directory) as stage:  # config and weights: all or nothing
+            peft_config.save_pretrained(str(stage))
+            save_file(
+                {"prompt_embeddings": prompt_embeddings},
+                str(stage / "adapter_model.safetensors"),
+                metadata={"format": "pt"},
+            )
         return str(save_directory)

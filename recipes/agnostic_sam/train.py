@@ -24,7 +24,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hf_extensions.cli import CLASSIFICATION_SUMMARY, RecipeArgumentParser, run_as_script, run_demo
+from hf_extensions.cli import (
+    CLASSIFICATION_SUMMARY,
+    RecipeArgumentParser,
+    run_as_script,
+    run_demo,
+    trainer_artifact,
+)
 from hf_extensions.models.image_classification import (
     ImageClassificationArguments,
     train_image_classifier,
@@ -46,5 +52,10 @@ def demo() -> dict[str, float]:
     return run_demo(main, RECIPE_DIR / "digits_noisy.yaml", CLASSIFICATION_SUMMARY)
 
 
+def artifact(result):
+    """The saved model and the line that loads it (printed at the end of a run)."""
+    return trainer_artifact(result[0])
+
+
 if __name__ == "__main__":
-    run_as_script(main, CLASSIFICATION_SUMMARY)
+    run_as_script(main, CLASSIFICATION_SUMMARY, artifacts=artifact)

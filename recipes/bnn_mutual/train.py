@@ -45,7 +45,13 @@ from hf_extensions.bnn import (
     convert_to_bayesian,
     peer_distance,
 )
-from hf_extensions.cli import CLASSIFICATION_SUMMARY, RecipeArgumentParser, run_as_script, run_demo
+from hf_extensions.cli import (
+    CLASSIFICATION_SUMMARY,
+    RecipeArgumentParser,
+    run_as_script,
+    run_demo,
+    trainer_artifact,
+)
 from hf_extensions.models import tiny_vit_classifier
 from hf_extensions.models.image_classification import (
     ImageClassificationArguments,
@@ -168,5 +174,10 @@ def demo() -> dict[str, float]:
     return run_demo(main, RECIPE_DIR / "digits.yaml", SUMMARY)
 
 
+def artifact(result):
+    """The saved model and the line that loads it (printed at the end of a run)."""
+    return trainer_artifact(result[0])
+
+
 if __name__ == "__main__":
-    run_as_script(main, SUMMARY)
+    run_as_script(main, SUMMARY, artifacts=artifact)

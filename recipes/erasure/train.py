@@ -33,17 +33,24 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import PartialState
 
-from hf_extensions.cli import RecipeArgumentParser, run_as_script, run_demo
+from hf_extensions.cli import (
+    Artifact,
+    RecipeArgumentParser,
+    process_state,
+    push_folder,
+    run_as_script,
+    run_demo,
+)
+from hf_extensions.hub import usage_for
 from hf_extensions.pipelines import (
     ErasureConfig,
     erase_concepts,
     evaluate_erasure,
     load_erased,
-    push_erased_to_hub,
     save_erased,
 )
+from hf_extensions.pipelines.erasure import METHOD
 from hf_extensions.validation import check_choice, refuse
 
 RECIPE_DIR = Path(__file__).resolve().parent
@@ -146,39 +153,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         del original
     result.metrics.update(metrics)
-    if not PartialState().is_main_process:
-        return {"metrics": metrics}  # the main process saves, checks the reload and pushes
+    state = process_state()
     folder = Path(args.output_dir) / "pipeline"
-    save_erased(
-        pipe, folder, only_changed=args.save_mode == "changed", base_model=args.model_name_or_path
-    )
-    reference = _images(pipe, args.concepts[0])
-    if args.save_mode == "full":
-        from diffusers import StableDiffusionPipeline
-
-        reloaded = StableDiffusionPipeline.from_pretrained(folder).to(pipe.device)
-        reloaded.set_progress_bar_config(disable=True)
-    else:
-        reloaded = load_erased(load_pipeline(args), folder)
-    metrics["reload_generates_identically"] = float(
-        np.array_equal(_images(reloaded, args.concepts[0]), reference)
-    )
-    if args.push_to_hub:
-        push_erased_to_hub(
+    results: dict[str, Any] = {"metrics": metrics}
+    if state.is_main_process:  # the main process saves and checks the reload; the others wait
+        save_erased(
             pipe,
-            args.hub_model_id,
+            folder,
             only_changed=args.save_mode == "changed",
             base_model=args.model_name_or_path,
         )
-    results = {
-        "metrics": metrics,
-        "adversarial_concepts": result.adversarial_concepts,
-        "final_loss": result.losses[-1] if result.losses else None,
-        "arguments": asdict(args),
-        "config": config.to_dict(),
-    }
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(args.output_dir) / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        reference = _images(pipe, args.concepts[0])
+        if args.save_mode == "full":
+            from diffusers import StableDiffusionPipeline
+
+            reloaded = StableDiffusionPipeline.from_pretrained(folder).to(pipe.device)
+            reloaded.set_progress_bar_config(disable=True)
+        else:
+            reloaded = load_erased(load_pipeline(args), folder)
+        metrics["reload_generates_identically"] = float(
+            np.array_equal(_images(reloaded, args.concepts[0]), reference)
+        )
+        results = {
+            "metrics": metrics,
+            "adversarial_concepts": result.adversarial_concepts,
+            "final_loss": result.losses[-1] if result.losses else None,
+            "arguments": asdict(args),
+            "config": config.to_dict(),
+        }
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(args.output_dir) / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    state.wait_for_everyone()
+    if args.push_to_hub:  # the saved folder, as it is, in one commit
+        concepts = ", ".join(args.concepts)
+        push_folder(folder, args.hub_model_id, f"Erase {concepts} ({args.method})")
     return results
 
 
@@ -208,5 +216,13 @@ def demo() -> dict[str, float]:
     return {f"tiny SD, EAP: {label}": value for label, value in figures.items()}
 
 
+def artifact(results: dict[str, Any]) -> Artifact:
+    """The saved erasure and the line that loads it (printed at the end of a run)."""
+    args = results["arguments"]
+    folder = str(Path(args["output_dir"]) / "pipeline")
+    usage = usage_for(METHOD, folder, args["model_name_or_path"])
+    return Artifact(folder, usage, args["hub_model_id"] if args["push_to_hub"] else None)
+
+
 if __name__ == "__main__":
-    run_as_script(main, summary)
+    run_as_script(main, summary, artifacts=artifact)

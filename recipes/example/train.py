@@ -14,7 +14,10 @@ It shows the recipe convention every method of hf-extensions follows:
           recipes/example/train.py --config recipes/example/digits.yaml
 
 - the skeleton of :mod:`hf_extensions.cli`: parse → build → train → finish (test metrics, save,
-  model card, push) → summary;
+  model card, push, from the main process) → summary (metrics, where the model is, the line
+  that loads it);
+- what is saved loads with the ecosystem's own loader: the model with its image processor and
+  label names, so ``pipeline("image-classification", model=output_dir)`` classifies an image;
 - a ``demo()`` that runs the embedded default quickly and returns its metrics, registered in
   ``recipes/demo.py``.
 """
@@ -28,10 +31,12 @@ from transformers import Trainer, TrainingArguments
 from hf_extensions.cli import (
     CLASSIFICATION_SUMMARY,
     RecipeArgumentParser,
+    artifact_id,
     run_as_script,
     run_demo,
+    trainer_artifact,
 )
-from hf_extensions.hub import build_model_card
+from hf_extensions.hub import build_model_card, image_classifier_usage
 from hf_extensions.models.image_classification import (
     ImageClassificationArguments,
     train_image_classifier,
@@ -60,6 +65,7 @@ def main(argv: list[str] | None = None) -> tuple[Trainer, dict[str, float]]:
             metrics={k: float(v) for k, v in metrics.items() if k.startswith("test_")},
             base_model=script_args.model_name_or_path,
             datasets=[dataset],
+            usage=image_classifier_usage(artifact_id(training_args)),
         )
 
     return train_image_classifier(Trainer, script_args, training_args, card=card)
@@ -70,5 +76,10 @@ def demo() -> dict[str, float]:
     return run_demo(main, RECIPE_DIR / "digits.yaml", CLASSIFICATION_SUMMARY)
 
 
+def artifact(result):
+    """The saved classifier and the line that loads it (printed at the end of a run)."""
+    return trainer_artifact(result[0], image_classifier_usage)
+
+
 if __name__ == "__main__":
-    run_as_script(main, CLASSIFICATION_SUMMARY)
+    run_as_script(main, CLASSIFICATION_SUMMARY, artifacts=artifact)

@@ -20,7 +20,9 @@ on query/value::
 Baselines are settings: ``--rho 0`` is SVGD, ``--kernel none`` a deep ensemble. Every field of
 ``FHBIConfig``, ``LoraArguments`` and ``TrainingArguments`` can be set in the YAML or on the
 command line; ``--help`` lists them. The saved output holds one PEFT adapter per particle
-(``particle_<i>/``), reloadable with ``ParticleEnsemble.from_pretrained(base_model, dir)``.
+(``particle_<i>/``) and the model they apply to (``base_model/``), reloadable with
+``ParticleEnsemble.from_pretrained(AutoModelForImageClassification.from_pretrained(
+f"{dir}/base_model"), dir)`` (the model card has the snippet).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from hf_extensions.cli import (
     RecipeArgumentParser,
     run_as_script,
     run_demo,
+    save_base_model,
+    trainer_artifact,
 )
 from hf_extensions.fhbi.particles import EVALUATION_MODES, ParticleEnsemble
 from hf_extensions.models.image_classification import (
@@ -100,6 +104,7 @@ def main(argv: list[str] | None = None) -> tuple[FHBITrainer, dict[str, float]]:
     def particles(names: list[str]) -> ParticleEnsemble:
         set_seed(config.seed)  # LoRA A matrices are drawn from the global generator
         model = build_model(script_args, names)
+        save_base_model(config.output_dir, model)  # the particles' adapters apply to it
         return build_ensemble(model, lora_args, config.num_particles, config.seed)
 
     return train_image_classifier(FHBITrainer, script_args, config, particles)
@@ -110,5 +115,10 @@ def demo() -> dict[str, float]:
     return run_demo(main, RECIPE_DIR / "digits.yaml", CLASSIFICATION_SUMMARY)
 
 
+def artifact(result):
+    """The saved model and the line that loads it (printed at the end of a run)."""
+    return trainer_artifact(result[0])
+
+
 if __name__ == "__main__":
-    run_as_script(main, CLASSIFICATION_SUMMARY)
+    run_as_script(main, CLASSIFICATION_SUMMARY, artifacts=artifact)

@@ -25,10 +25,11 @@ Launch with Accelerate, e.g.::
     accelerate launch --config_file recipes/accelerate_configs/multi_gpu.yaml \\
         recipes/hierarchical_cl/train.py --config recipes/hierarchical_cl/cifar100.yaml
 
-The run saves the adapter (all task prompts + the aligned head; ``PeftModel.from_pretrained``),
-the continual state beside it (task-identity head, class mixtures, taxonomy; reload with
+The run saves the adapter (all task prompts + the aligned head; ``PeftModel.from_pretrained``
+onto the frozen backbone saved in ``base_model/``), the continual state beside it
+(task-identity head, class mixtures, taxonomy; reload with
 ``HierarchicalPromptCLTrainer.load_continual_state``), ``accuracy_matrix.json`` and a model card
-with final average accuracy and forgetting.
+with final average accuracy and forgetting and the code that reloads and runs the learner.
 """
 
 from __future__ import annotations
@@ -47,7 +48,14 @@ from transformers import (
 )
 
 import peft_configs  # noqa: F401  (registers the prompt pool with PEFT)
-from hf_extensions.cli import RecipeArgumentParser, refuse_resume, run_as_script, run_demo
+from hf_extensions.cli import (
+    RecipeArgumentParser,
+    finish_training,
+    run_as_script,
+    run_demo,
+    save_base_model,
+    trainer_artifact,
+)
 from hf_extensions.data import CLASS_NAMES, class_incremental_stream, load_digits
 from hf_extensions.hierarchical_cl.taxonomy import DIGITS_TAXONOMY, LabelTree
 from hf_extensions.models.image_classification import digits_backbone
@@ -165,12 +173,12 @@ def main(argv: list[str] | None = None) -> tuple[HierarchicalPromptCLTrainer, di
     """Learn the stream task by task, evaluating all seen tasks after each; save."""
     parser = RecipeArgumentParser((HierarchicalCLScriptArguments, HierarchicalPromptCLConfig))
     script_args, config = parser.parse(argv)
-    refuse_resume(config, "hierarchical CL")
     set_seed(config.seed)
     build = _digits if script_args.dataset_name is None else _hub
     backbone, stream, tree, dataset_name = build(script_args, config)
     depth = backbone.config.num_hidden_layers
     layers = [i for i in script_args.prompt_layers if i < depth]
+    save_base_model(config.output_dir, backbone)  # the frozen backbone the adapter applies to
     pool = get_peft_model(
         backbone,
         PromptPoolConfig(
@@ -188,7 +196,8 @@ def main(argv: list[str] | None = None) -> tuple[HierarchicalPromptCLTrainer, di
     trainer = HierarchicalPromptCLTrainer(
         pool, config, taxonomy=tree, data_collator=DefaultDataCollator()
     )
-    result = trainer.fit_stream(stream)
+    # checkpoints (save_strategy) go to output_dir/task-t/; `last` resumes the newest complete one
+    result = trainer.fit_stream(stream, resume_from_checkpoint=config.resume_from_checkpoint)
     metrics = {
         "test_final_average_accuracy": result["faa"],
         "test_forgetting": result["forgetting"],
@@ -199,7 +208,8 @@ def main(argv: list[str] | None = None) -> tuple[HierarchicalPromptCLTrainer, di
         output_dir = Path(config.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "accuracy_matrix.json").write_text(json.dumps(result, indent=2))
-    trainer.finish(dataset=dataset_name)  # save; write the card or push model, matrix and card
+    # save; write the card, or push model, backbone, matrix and card in one commit
+    finish_training(trainer, dataset=dataset_name)
     return trainer, {**metrics, **result}
 
 
@@ -216,5 +226,10 @@ def demo() -> dict[str, float]:
     return run_demo(main, RECIPE_DIR / "digits.yaml", SUMMARY)
 
 
+def artifact(result):
+    """The saved learner and the line that loads it (printed at the end of a run)."""
+    return trainer_artifact(result[0])
+
+
 if __name__ == "__main__":
-    run_as_script(main, SUMMARY)
+    run_as_script(main, SUMMARY, artifacts=artifact)

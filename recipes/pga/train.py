@@ -22,10 +22,15 @@ CLIP's zero-shot prediction (kept when its confidence is >= ``pseudo_label_thres
 validation split reports target accuracy during training; the test split is scored once at the
 end (no selection on test). Every field of ``PGAConfig`` and ``TrainingArguments`` can be set in
 the YAML or on the command line; ``--help`` lists them.
+
+The output folder holds the learner's tensors (``model.safetensors``: the prompt contexts and the
+frozen CLIP), the CLIP and its tokenizer (``base_model/``), the learner's settings
+(``prompt_learner.json``) and a model card whose snippet rebuilds the learner and classifies.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,9 +41,12 @@ from transformers import CLIPModel, CLIPProcessor
 from hf_extensions.cli import (
     RecipeArgumentParser,
     finish_training,
+    process_state,
     run_as_script,
     run_demo,
     run_training,
+    save_base_model,
+    trainer_artifact,
 )
 from hf_extensions.metrics import compute_classification_metrics
 from hf_extensions.models import tiny_clip
@@ -54,6 +62,8 @@ from trainers.pga_config import PGAConfig
 from trainers.pga_trainer import PairedDomainDataset, PGATrainer
 
 RECIPE_DIR = Path(__file__).resolve().parent
+#: The prompt learner's settings (``CLIPPromptLearner`` keyword arguments) in the output folder.
+PROMPT_LEARNER_FILE = "prompt_learner.json"
 
 
 @dataclass
@@ -168,15 +178,20 @@ def main(argv: list[str] | None = None) -> tuple[PGATrainer, dict[str, float]]:
     build = _digits if script_args.model_name_or_path is None else _hub
     clip, tokenizer, names, splits, sources = build(script_args, config)
     torch.manual_seed(config.seed)
-    learner = CLIPPromptLearner(
-        clip,
-        tokenizer,
-        names,
-        [*sources, config.target_domain],
-        n_ctx_shared=config.n_ctx_shared,
-        n_ctx_domain=config.n_ctx_domain,
-        class_specific_shared=config.class_specific_shared,
-    ).to(config.device)
+    settings = {
+        "class_names": list(names),
+        "domains": [*sources, config.target_domain],
+        "n_ctx_shared": config.n_ctx_shared,
+        "n_ctx_domain": config.n_ctx_domain,
+        "class_specific_shared": config.class_specific_shared,
+    }
+    learner = CLIPPromptLearner(clip, tokenizer, **settings).to(config.device)
+    # what rebuilds the learner in a fresh process (the card's usage snippet): the CLIP it
+    # prompts, and its settings; the trained contexts are the Trainer's model.safetensors
+    save_base_model(config.output_dir, clip, tokenizer)
+    if process_state().is_main_process:
+        path = Path(config.output_dir) / PROMPT_LEARNER_FILE
+        path.write_text(json.dumps(settings, indent=2) + "\n")
     target = splits[config.target_domain]
     pseudo = learner.pseudo_labels(
         _column(target["train"], "pixel_values").to(config.device), config.pseudo_label_threshold
@@ -221,5 +236,10 @@ def demo() -> dict[str, float]:
     return run_demo(main, RECIPE_DIR / "digits.yaml", SUMMARY)
 
 
+def artifact(result):
+    """The saved prompt learner and the line that loads it (printed at the end of a run)."""
+    return trainer_artifact(result[0])
+
+
 if __name__ == "__main__":
-    run_as_script(main, SUMMARY)
+    run_as_script(main, SUMMARY, artifacts=artifact)

@@ -27,7 +27,9 @@ Launch with Accelerate, e.g.::
 
 The run saves the DSI (``DSIModel.save_pretrained``: the pool adapter, loadable with
 ``PeftModel.from_pretrained``, plus the docid rows in safetensors) and a model card with the
-method, hyper-parameters and the measured Hits@1/10 and MRR@10 on D0 and on the new documents.
+method, hyper-parameters, the measured Hits@1/10 and MRR@10 on D0 and on the new documents, and
+the code that reloads it and retrieves; ``--push_to_hub`` uploads the folder in one commit
+(the main process saves and pushes).
 """
 
 from __future__ import annotations
@@ -43,8 +45,16 @@ from peft import get_peft_model
 from transformers import AutoModel, AutoTokenizer, DataCollatorWithPadding, set_seed
 
 import peft_configs  # noqa: F401  (registers the prompt pool with PEFT)
-from hf_extensions.cli import RecipeArgumentParser, refuse_resume, run_as_script, run_demo
-from hf_extensions.hub import build_model_card, save_model_card
+from hf_extensions.cli import (
+    Artifact,
+    RecipeArgumentParser,
+    artifact_id,
+    push_folder,
+    refuse_resume,
+    run_as_script,
+    run_demo,
+)
+from hf_extensions.hub import Usage, build_model_card, read_model_card_metadata, save_model_card
 from hf_extensions.prompt_dsi.dsi import DSIModel, fit_docid_head
 from hf_extensions.prompt_dsi.retrieval import select_splits, stdlib_retrieval_corpus
 from hf_extensions.validation import check_integer
@@ -157,6 +167,35 @@ def load_data(args: ScriptArguments) -> tuple[DatasetDict, str]:
         if missing:
             raise ValueError(f"dataset split {split!r} lacks columns {sorted(missing)}.")
     return data, args.dataset_name
+
+
+def dsi_usage(artifact: str, encoder: str) -> Usage:
+    """Load the saved DSI onto its base encoder (all-MiniLM-L6-v2: the bundled copy, offline)
+    and retrieve the documents of a query."""
+    if encoder == MINILM_HUB_ID:
+        imports = ("from hf_extensions.models.encoders import load_minilm",)
+        base = ("tokenizer, encoder = load_minilm()  # the bundled all-MiniLM-L6-v2",)
+    else:
+        imports = ("from transformers import AutoModel, AutoTokenizer",)
+        base = (
+            f'tokenizer = AutoTokenizer.from_pretrained("{encoder}")',
+            f'encoder = AutoModel.from_pretrained("{encoder}")',
+        )
+    return Usage(
+        imports=(
+            "import torch",
+            "import peft_configs  # noqa: F401  (registers the prompt pool with PEFT)",
+            "from hf_extensions.hub import local_folder",
+            "from hf_extensions.prompt_dsi.dsi import DSIModel",
+            *imports,
+        ),
+        load=(*base, f'dsi = DSIModel.from_pretrained(local_folder("{artifact}"), encoder).eval()'),
+        run=(
+            'query = tokenizer(["Return the absolute value of a number."], return_tensors="pt")',
+            "with torch.no_grad():",
+            "    print(dsi(**query).logits.topk(10).indices)  # the 10 best document ids",
+        ),
+    )
 
 
 def load_encoder(args: ScriptArguments):
@@ -272,9 +311,9 @@ def main(argv: list[str] | None = None) -> tuple[PromptDSITrainer, dict[str, flo
         metrics["test_usage_entropy"] = pool.usage_entropy()
     trainer.log(metrics)
 
-    # ------------------------------------------------------------------ save
+    # ------------------------------------------------------------------ save (main process)
+    output_dir = Path(training_args.output_dir)
     if trainer.is_world_process_zero():
-        output_dir = Path(training_args.output_dir)
         model.save_pretrained(output_dir)
         card = build_model_card(
             method=trainer.method,
@@ -290,12 +329,12 @@ def main(argv: list[str] | None = None) -> tuple[PromptDSITrainer, dict[str, flo
             library_name="peft" if training_args.uses_pool else "transformers",
             tags=["differentiable-search-index", "prompt-pool", "continual-learning"],
             datasets=[dataset_label],
-            extra_text=(
-                "Load with `import peft_configs` (registers the prompt pool with PEFT), then "
-                "`hf_extensions.prompt_dsi.dsi.DSIModel.from_pretrained(path, base_encoder)`."
-            ),
+            usage=dsi_usage(artifact_id(training_args), base_model),
         )
         save_model_card(card, str(output_dir))
+    trainer.accelerator.wait_for_everyone()
+    if training_args.push_to_hub:
+        push_folder(output_dir, artifact_id(training_args), "PromptDSI: indexed documents")
     return trainer, metrics
 
 
@@ -316,5 +355,13 @@ def demo() -> dict[str, float]:
     return run_demo(main, RECIPE_DIR / "embedded.yaml", SUMMARY, *flags)
 
 
+def artifact(result) -> Artifact:
+    """The saved DSI and the line that loads it (printed at the end of a run)."""
+    args = result[0].args
+    encoder = read_model_card_metadata(args.output_dir)["base_model"]
+    hub_id = artifact_id(args) if args.push_to_hub else None
+    return Artifact(args.output_dir, dsi_usage(args.output_dir, encoder), hub_id)
+
+
 if __name__ == "__main__":
-    run_as_script(main, SUMMARY)
+    run_as_script(main, SUMMARY, artifacts=artifact)

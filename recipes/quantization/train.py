@@ -19,7 +19,10 @@ Launch (Accelerate places the model and data on the device; progress is shown pe
 Every setting (``--settings w4a4 w2a4``) is saved under ``output_dir/<setting>``: a transformers
 model with ``save_pretrained`` (reload: ``AutoModelForImageClassification.from_pretrained`` after
 ``import hf_extensions``), the embedded CNN as safetensors + ``quantization_config.json``
-(``load_quantized``), each with an integer export (``model_int.safetensors``) and a model card.
+(``load_quantized``), each with an integer export (``model_int.safetensors``) and a model card
+with the code that reloads and runs it; ``output_dir`` gets a card of every setting, and
+``--push_to_hub --hub_model_id user/name`` uploads the folder in one commit. The main process
+writes and pushes; the run ends with the accuracies and the line that loads each setting.
 """
 
 from __future__ import annotations
@@ -27,15 +30,22 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from transformers import PreTrainedModel
 
-from hf_extensions.cli import RecipeArgumentParser, run_as_script, run_demo
-from hf_extensions.hub import build_model_card, save_model_card
+from hf_extensions.cli import (
+    Artifact,
+    RecipeArgumentParser,
+    process_state,
+    push_folder,
+    run_as_script,
+    run_demo,
+)
+from hf_extensions.hub import Usage, build_model_card, save_model_card
 from hf_extensions.quantization import MetaAugConfig, MetaAugQuantizer, export_integer
 from hf_extensions.quantization.models import digits_tensors, evaluate_accuracy, train_digits_cnn
 from hf_extensions.validation import check_integer, refuse
@@ -73,6 +83,11 @@ class QuantizationRecipeArguments:
     train_epochs: int = field(default=20, metadata={"help": "Embedded CNN: training epochs."})
     output_dir: str = field(default="outputs/quantization", metadata={"help": "Where to save."})
     integer_export: bool = field(default=True, metadata={"help": "Also write the int export."})
+    push_to_hub: bool = field(
+        default=False,
+        metadata={"help": "Upload output_dir (every setting, one commit) to hub_model_id."},
+    )
+    hub_model_id: str | None = field(default=None, metadata={"help": "Repository to push to."})
 
     def __post_init__(self) -> None:
         for setting in self.settings:
@@ -84,12 +99,55 @@ class QuantizationRecipeArguments:
                     self.settings,
                 )
         check_integer("num_calibration", self.num_calibration, low=1)
+        if self.push_to_hub and not self.hub_model_id:
+            refuse(
+                "hub_model_id", "a Hub repository id when `push_to_hub` is set", self.hub_model_id
+            )
         if self.dataset_name is not None and self.model_name_or_path is None:
             refuse(
                 "model_name_or_path",
                 "set when `dataset_name` is (its image processor prepares the images)",
                 self.model_name_or_path,
             )
+
+
+def quantized_usage(artifact: str, setting: str, transformers_model: bool) -> Usage:
+    """Load the quantized model of ``setting`` (a subfolder of ``artifact``) and classify."""
+    if transformers_model:
+        return Usage(
+            imports=(
+                "import torch",
+                "from transformers import AutoModelForImageClassification",
+                "import hf_extensions  # noqa: F401  (registers the quantization method)",
+            ),
+            load=(
+                "model = AutoModelForImageClassification.from_pretrained("
+                f'"{artifact}", subfolder="{setting}").eval()',
+            ),
+            run=(
+                "config = model.config",
+                'size = getattr(config, "image_size", 224)',
+                "with torch.no_grad():",
+                "    print(model(torch.rand(2, config.num_channels, size, size)).logits.softmax(-1))",
+            ),
+        )
+    return Usage(
+        imports=(
+            "import os",
+            "import torch",
+            "from hf_extensions.hub import local_folder",
+            "from hf_extensions.quantization import load_quantized",
+            "from hf_extensions.quantization.models import DigitsResNet",
+        ),
+        load=(
+            f'folder = os.path.join(local_folder("{artifact}"), "{setting}")',
+            "model = load_quantized(DigitsResNet(), folder).eval()  # the embedded digits CNN",
+        ),
+        run=(
+            "with torch.no_grad():",
+            "    print(model(torch.rand(2, 1, 8, 8)).softmax(-1))  # 8x8 gray digits",
+        ),
+    )
 
 
 def _bits(setting: str) -> tuple[int, int | None]:
@@ -146,6 +204,8 @@ def main(argv: list[str] | None = None) -> tuple[dict[str, torch.nn.Module], dic
         "fp_heldout_acc": evaluate_accuracy(fp_model, *held),
     }
     models = {}
+    artifact = args.hub_model_id if args.push_to_hub else args.output_dir
+    usages = {}
     for setting in args.settings:
         weight_bits, activation_bits = _bits(setting)
         setting_config = dataclasses.replace(
@@ -161,24 +221,41 @@ def main(argv: list[str] | None = None) -> tuple[dict[str, torch.nn.Module], dic
         metrics[f"{prefix}_calib_acc"] = evaluate_accuracy(model, *calib)
         metrics[f"{prefix}_heldout_acc"] = evaluate_accuracy(model, *held)
         metrics[f"{prefix}_seconds"] = quantizer.result.total_seconds
-        if not PartialState().is_main_process:
+        usages[setting] = quantized_usage(artifact, setting, isinstance(model, PreTrainedModel))
+        if not process_state().is_main_process:
             continue  # the quantizer saved from the main process; so do the export and card
         if args.integer_export:
             export_integer(model, save_dir, config=setting_config)
-        card = build_model_card(
-            method=f"ptq-{config.method}",
-            paper="MetaAug: Meta-Data Augmentation for Post-Training Quantization",
-            arxiv_id="2407.14726",
-            hyperparameters=setting_config.to_dict(),
-            metrics={k: v for k, v in metrics.items() if k.startswith(("fp_", prefix))},
-            base_model=args.model_name_or_path,
-            tags=["quantization", config.method],
-            datasets=[args.dataset_name or "scikit-learn digits"],
-        )
+        card = _card(args, setting_config, metrics, prefix, usages[setting])
         save_model_card(card, save_dir)
-        if not isinstance(model, PreTrainedModel):
-            print(f"{setting}: saved to {save_dir} (reload with load_quantized)")
+    if process_state().is_main_process:  # the folder's own card: every setting, every metric
+        others = [f"### {name}\n\n```python\n{usages[name].code}\n```" for name in usages]
+        card = _card(args, config, metrics, "", next(iter(usages.values())), "\n\n".join(others))
+        save_model_card(card, args.output_dir)
+    process_state().wait_for_everyone()
+    if args.push_to_hub:
+        push_folder(args.output_dir, args.hub_model_id, f"PTQ ({config.method}): {args.settings}")
     return models, metrics
+
+
+def _card(args, config, metrics: dict, prefix: str, usage: Usage, extra_text: str = ""):
+    """The card of one setting (``prefix``: its metrics), or with ``prefix=""`` of them all."""
+    return build_model_card(
+        method=f"ptq-{config.method}",
+        paper="MetaAug: Meta-Data Augmentation for Post-Training Quantization",
+        arxiv_id="2407.14726",
+        hyperparameters=config.to_dict() if prefix else {"settings": list(args.settings)},
+        metrics={  # accuracies; how long calibration took is not a figure of the model
+            k: v
+            for k, v in metrics.items()
+            if k.startswith(("fp_", prefix)) and not k.endswith("_seconds")
+        },
+        base_model=args.model_name_or_path,
+        tags=["quantization", config.method],
+        datasets=[args.dataset_name or "scikit-learn digits"],
+        usage=usage,
+        extra_text=("## Every setting\n\n" + extra_text) if extra_text else "",
+    )
 
 
 def accuracies(result) -> dict[str, float]:
@@ -192,5 +269,23 @@ def demo() -> dict[str, float]:
     return run_demo(main, RECIPE_DIR / "digits.yaml", accuracies, *flags)
 
 
+def artifacts(result, argv: list[str]) -> list[Artifact]:
+    """Every setting's quantized model and the line that loads it (printed after a run of
+    ``main(argv)``)."""
+    models, _ = result
+    args, _ = RecipeArgumentParser((QuantizationRecipeArguments, MetaAugConfig)).parse(argv)
+    hub_id = args.hub_model_id if args.push_to_hub else None
+    return [
+        Artifact(
+            str(Path(args.output_dir) / setting),
+            quantized_usage(args.output_dir, setting, isinstance(model, PreTrainedModel)),
+            hub_id,
+        )
+        for setting, model in models.items()
+    ]
+
+
 if __name__ == "__main__":
-    run_as_script(main, lambda result: result[1])  # every metric
+    run_as_script(  # every metric
+        main, lambda result: result[1], artifacts=lambda result: artifacts(result, sys.argv[1:])
+    )

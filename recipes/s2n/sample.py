@@ -16,7 +16,8 @@ Settings:
   seconds on a CPU; its images are noise from random weights, its checks are real);
 - ``sd15.yaml``: Stable Diffusion 1.5 from the Hub on a GPU.
 
-Sampling is one process; run it directly or through Accelerate::
+Sampling is one process (under a multi-process launch the main process samples, saves and
+pushes; the others wait); run it directly or through Accelerate::
 
     python recipes/s2n/sample.py --config recipes/s2n/tiny.yaml
     accelerate launch --num_processes 1 recipes/s2n/sample.py --config recipes/s2n/sd15.yaml
@@ -34,8 +35,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from hf_extensions.cli import RecipeArgumentParser, run_as_script, run_demo
-from hf_extensions.hub import build_model_card, save_model_card
+from hf_extensions.cli import (
+    Artifact,
+    RecipeArgumentParser,
+    process_state,
+    push_folder,
+    run_as_script,
+    run_demo,
+)
+from hf_extensions.hub import Usage, build_model_card, save_model_card
 from hf_extensions.schedulers import GaussianMixture, S2NGeneralizedScheduler, run_denoising_loop
 from hf_extensions.validation import check_choice, check_integer, check_positive, refuse
 
@@ -100,6 +108,9 @@ class S2NSampleArguments:
         default=False, metadata={"help": "Upload the saved pipeline to hub_model_id."}
     )
     hub_model_id: str | None = field(default=None, metadata={"help": "Repository to push to."})
+    disable_tqdm: bool = field(
+        default=False, metadata={"help": "Hide the progress bar over the sweep's images."}
+    )
 
     def __post_init__(self):
         if not self.rhos or any(not (math.isfinite(r) and r >= 0) for r in self.rhos):
@@ -160,6 +171,13 @@ def render(pipe, args: S2NSampleArguments, steps: int, **kwargs) -> tuple[np.nda
 def sweep(pipe, args: S2NSampleArguments) -> dict[str, Any]:
     """Render DDIM eta 0 / eta 1 and S2N at every ρ for every number of steps."""
     from diffusers import DDIMScheduler
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=len(args.num_inference_steps) * (2 + len(args.rhos)),
+        desc="S2N sweep (settings)",
+        disable=args.disable_tqdm,
+    )
 
     original = pipe.scheduler
     base_config = dict(original.config)
@@ -170,12 +188,14 @@ def sweep(pipe, args: S2NSampleArguments) -> dict[str, Any]:
         pipe.scheduler = DDIMScheduler.from_config(base_config)
         ddim, ddim_seconds = render(pipe, args, steps)
         ddim_eta1, _ = render(pipe, args, steps, eta=1.0)
+        bar.update(2)
         _save(pipe, ddim, output_dir, f"steps{steps}_ddim", args)
         for rho in args.rhos:
             pipe.scheduler = S2NGeneralizedScheduler.from_config(
                 base_config, rho=rho, s_noise=args.s_noise, solver_order=args.solver_order
             )
             images, seconds = render(pipe, args, steps)
+            bar.update(1)
             _save(pipe, images, output_dir, f"steps{steps}_rho{rho:g}", args)
             setting = {
                 "steps": steps,
@@ -190,6 +210,7 @@ def sweep(pipe, args: S2NSampleArguments) -> dict[str, Any]:
                 elif rho == 1:
                     rho1_vs_ddim_eta1.append(float(np.abs(images - ddim_eta1).max()))
             results["settings"].append(setting)
+    bar.close()
     if rho0_vs_ddim:
         results["max_abs_diff_rho0_vs_ddim"] = max(rho0_vs_ddim)
     if rho1_vs_ddim_eta1:
@@ -205,6 +226,21 @@ def _save(pipe, images: np.ndarray, output_dir: Path, name: str, args) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(pipe.numpy_to_pil(images.astype(np.float32))):
         image.save(folder / f"{name}_{i}.png")
+
+
+def pipeline_usage(artifact: str) -> Usage:
+    """Load the saved pipeline (its scheduler is the S2N one) and sample an image."""
+    return Usage(
+        imports=(
+            "from diffusers import DiffusionPipeline",
+            "import hf_extensions.schedulers  # noqa: F401  (the S2N scheduler class)",
+        ),
+        load=(f'pipe = DiffusionPipeline.from_pretrained("{artifact}")',),
+        run=(
+            'image = pipe("a lighthouse at dawn", num_inference_steps=4).images[0]',
+            "print(type(pipe.scheduler).__name__, pipe.scheduler.config.rho, image.size)",
+        ),
+    )
 
 
 def save_and_check_pipeline(pipe, args: S2NSampleArguments, results: dict[str, Any]) -> Path:
@@ -236,9 +272,10 @@ def save_and_check_pipeline(pipe, args: S2NSampleArguments, results: dict[str, A
         base_model=args.model_name_or_path,
         library_name="diffusers",
         tags=["text-to-image", "stable-diffusion", "scheduler"],
+        usage=pipeline_usage(args.hub_model_id if args.push_to_hub else str(folder)),
         extra_text=(
             "The scheduler is `hf_extensions.schedulers.S2NGeneralizedScheduler`: install "
-            "`hf-extensions` and load the pipeline with `DiffusionPipeline.from_pretrained`."
+            "`hf-extensions` to load the pipeline."
         ),
     )
     save_model_card(card, folder)
@@ -252,22 +289,27 @@ def save_and_check_pipeline(pipe, args: S2NSampleArguments, results: dict[str, A
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the sweep; write ``sweep.json`` (and images, pipeline, card) to ``output_dir``."""
-    (args,) = RecipeArgumentParser((S2NSampleArguments,)).parse(argv)
-    pipe = load_pipeline(args)
-    results = sweep(pipe, args)
-    if args.save_pipeline:
-        folder = save_and_check_pipeline(pipe, args, results)
-        if args.push_to_hub:
-            from huggingface_hub import HfApi
+    """Run the sweep; write ``sweep.json`` (and images, pipeline, card) to ``output_dir``.
 
-            api = HfApi()
-            api.create_repo(args.hub_model_id, exist_ok=True)
-            api.upload_folder(repo_id=args.hub_model_id, folder_path=str(folder))
-    results["arguments"] = asdict(args)
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "sweep.json").write_text(json.dumps(results, indent=2) + "\n")
+    Sampling is one process: under a multi-process launch the main process samples, saves and
+    pushes, and the others wait for it (they return an empty dict).
+    """
+    (args,) = RecipeArgumentParser((S2NSampleArguments,)).parse(argv)
+    state = process_state()
+    results: dict[str, Any] = {}
+    if state.is_main_process:
+        pipe = load_pipeline(args)
+        results = sweep(pipe, args)
+        if args.save_pipeline:
+            save_and_check_pipeline(pipe, args, results)
+        results["arguments"] = asdict(args)
+        output_dir = Path(args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "sweep.json").write_text(json.dumps(results, indent=2) + "\n")
+    state.wait_for_everyone()
+    if args.push_to_hub:
+        message = f"Pipeline with the S2N scheduler (rho={args.pipeline_rho:g})"
+        push_folder(Path(args.output_dir) / "pipeline", args.hub_model_id, message)
     return results
 
 
@@ -330,5 +372,15 @@ def demo() -> dict[str, float]:
     }
 
 
+def artifact(results: dict[str, Any]) -> list[Artifact]:
+    """The saved pipeline (with ``save_pipeline``) and the line that loads it."""
+    args = results["arguments"]
+    if not args["save_pipeline"]:
+        return []
+    folder = str(Path(args["output_dir"]) / "pipeline")
+    hub_id = args["hub_model_id"] if args["push_to_hub"] else None
+    return [Artifact(folder, pipeline_usage(folder), hub_id)]
+
+
 if __name__ == "__main__":
-    run_as_script(main, SUMMARY)
+    run_as_script(main, SUMMARY, artifacts=artifact)

@@ -24,8 +24,10 @@ Launch with Accelerate, e.g.::
 
 The run saves the adapter (latents + MLPs: ``PeftModel.from_pretrained`` resumes or serves it),
 with ``--save_materialized`` also the materialised inference form under
-``<output_dir>/materialized``, and a model card recording the method, hyper-parameters and test
-metrics.
+``<output_dir>/materialized`` (the trained form stays the adapter at the top; both are pushed), a
+backbone built or bundled here under ``<output_dir>/base_model`` (the adapter's
+``base_model_name_or_path`` names it; a Hub backbone is named by its id), and a model card
+recording the method, hyper-parameters, test metrics and the code that reloads and runs it.
 """
 
 from __future__ import annotations
@@ -56,15 +58,19 @@ from transformers import (
 
 import peft_configs  # noqa: F401  (registers the PEFT method)
 from hf_extensions.cli import (
+    BASE_MODEL_FOLDER,
     CLASSIFICATION_SUMMARY,
     RecipeArgumentParser,
+    artifact_id,
     finish_training,
     run_as_script,
     run_demo,
     run_training,
+    save_base_model,
+    trainer_artifact,
 )
 from hf_extensions.data import load_digits
-from hf_extensions.hub import build_model_card
+from hf_extensions.hub import Usage, build_model_card
 from hf_extensions.metrics import compute_classification_metrics
 from hf_extensions.models import tiny_vit_classifier
 from hf_extensions.models.image_classification import pretrain_classifier
@@ -460,6 +466,69 @@ def text_setup(args: ScriptArguments, seed: int):
     return model, data, DataCollatorWithPadding(tokenizer), dataset
 
 
+# ----------------------------------------------------------------------------- usage
+
+
+def prefix_usage(
+    artifact: str,
+    task: str,
+    backbone: str | None,
+    num_labels: int,
+    subfolder: str | None = None,
+) -> Usage:
+    """Load the adapter (``subfolder``: e.g. the materialised one) onto its backbone and
+    classify: the backbone saved in the artifact (``backbone`` None), or a Hub checkpoint given
+    a new head of ``num_labels`` outputs (the trained head is in the adapter)."""
+    model_class = (
+        "AutoModelForImageClassification"
+        if task == "image"
+        else "AutoModelForSequenceClassification"
+    )
+    fetch = ()
+    if backbone is None:
+        fetch = (f'folder = local_folder("{artifact}")',)
+        source = f'f"{{folder}}/{BASE_MODEL_FOLDER}"'
+        base = f"base = {model_class}.from_pretrained({source})"
+    else:
+        source = f'"{backbone}"'
+        base = (
+            f"base = {model_class}.from_pretrained({source}, num_labels={num_labels}, "
+            "ignore_mismatched_sizes=True)"
+        )
+    where = f', subfolder="{subfolder}"' if subfolder else ""
+    if task == "image":
+        imports = ("import torch", f"from transformers import {model_class}")
+        inputs = (
+            "config = base.config",
+            'size = getattr(config, "image_size", 224)',
+            "inputs = dict(pixel_values=torch.rand(2, config.num_channels, size, size))",
+        )
+    else:
+        imports = ("import torch", f"from transformers import AutoTokenizer, {model_class}")
+        inputs = (
+            f"tokenizer = AutoTokenizer.from_pretrained({source})",
+            'inputs = tokenizer(["Return the square root of x."], return_tensors="pt")',
+        )
+    return Usage(
+        imports=(
+            *imports,
+            "from peft import PeftModel",
+            "import peft_configs  # noqa: F401  (registers the method with PEFT)",
+            *(("from hf_extensions.hub import local_folder",) if fetch else ()),
+        ),
+        load=(
+            *fetch,
+            base,
+            f'model = PeftModel.from_pretrained(base, "{artifact}"{where}).eval()',
+        ),
+        run=(
+            *inputs,
+            "with torch.no_grad():",
+            "    print(model(**inputs).logits.softmax(-1))",
+        ),
+    )
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -480,6 +549,11 @@ def main(argv: list[str] | None = None) -> tuple[Trainer, dict[str, float]]:
         task_type="SEQ_CLS" if script_args.task == "text" else None,
         modules_to_save=None if script_args.task == "text" else ["classifier"],
     )
+    num_labels = model.config.num_labels
+    if script_args.model_name_or_path is None:
+        # built (or bundled) here: the artifact carries its backbone, and the adapter names it
+        tokenizer = getattr(collator, "tokenizer", None)
+        save_base_model(training_args.output_dir, model, *([tokenizer] if tokenizer else []))
     set_seed(training_args.seed)  # the adapter's initial weights: the same for any process count
     peft_model = get_peft_model(model, config)
     trainer = Trainer(
@@ -496,6 +570,19 @@ def main(argv: list[str] | None = None) -> tuple[Trainer, dict[str, float]]:
         materialized = copy.deepcopy(peft_model)
         materialized.materialize()  # in place; returns the tuner, not the PeftModel
         materialized.save_pretrained(str(Path(training_args.output_dir) / "materialized"))
+
+    artifact = artifact_id(training_args)
+    usage = prefix_usage(artifact, script_args.task, script_args.model_name_or_path, num_labels)
+    extra_text = ""
+    if prefix_args.save_materialized:
+        inference_usage = prefix_usage(
+            artifact, script_args.task, script_args.model_name_or_path, num_labels, "materialized"
+        )
+        extra_text = (
+            "## Inference form\n\nThe materialised adapter (stored prefixes, the cost of plain "
+            "prefix tuning; it cannot be trained further) is in `materialized/`:\n\n"
+            f"```python\n{inference_usage.code}\n```"
+        )
 
     def card(metrics):
         resolved = peft_model.peft_config["default"]
@@ -522,13 +609,18 @@ def main(argv: list[str] | None = None) -> tuple[Trainer, dict[str, float]]:
             library_name="peft",
             tags=["prefix-tuning", "peft"],
             datasets=[dataset_name],
-            extra_text=(
-                "Load with `import peft_configs` (registers the method with PEFT), then "
-                "`PeftModel.from_pretrained(base_model, path)`."
-            ),
+            usage=usage,
+            extra_text=extra_text,
         )
 
-    return trainer, finish_training(trainer, data[script_args.test_split], card=card)
+    metrics = finish_training(trainer, data[script_args.test_split], card=card)
+    trainer.recipe_usage = prefix_usage(
+        str(training_args.output_dir),
+        script_args.task,
+        script_args.model_name_or_path,
+        num_labels,
+    )  # the summary's line: load the local copy
+    return trainer, metrics
 
 
 def demo() -> dict[str, float]:
@@ -536,5 +628,11 @@ def demo() -> dict[str, float]:
     return run_demo(main, RECIPE_DIR / "digits_vit.yaml", CLASSIFICATION_SUMMARY)
 
 
+def artifact(result):
+    """The saved adapter and the line that loads it (printed at the end of a run)."""
+    trainer = result[0]
+    return trainer_artifact(trainer, lambda _path: trainer.recipe_usage)
+
+
 if __name__ == "__main__":
-    run_as_script(main, CLASSIFICATION_SUMMARY)
+    run_as_script(main, CLASSIFICATION_SUMMARY, artifacts=artifact)
