@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import TrainingArguments
 
 from hf_extensions.cli import (
@@ -19,6 +20,7 @@ from hf_extensions.cli import (
     summarize,
     use_cpu_for_multiprocess_launch,
 )
+from hf_extensions.demo import Comparison, config_for
 from hf_extensions.hub import read_model_card_metadata
 from hf_extensions.models import tiny_vit_classifier
 from hf_extensions.models.image_classification import (
@@ -26,7 +28,7 @@ from hf_extensions.models.image_classification import (
 )
 from hf_extensions.testing import fake_hub
 from hf_extensions.testing.distributed import launch
-from recipes.demo import REGISTRY, format_table
+from recipes.demo import REGISTRY, format_table, save_figure
 from recipes.example.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -265,15 +267,44 @@ def test_summary_refuses_a_missing_metric_in_the_demo():
         summarize(metrics, {"ece": "test_ece"})
 
 
-def test_demo_table_lists_every_metric():
+def test_demo_table_lists_every_metric_beside_its_baseline(tmp_path):
     assert "example" in REGISTRY
-    table = format_table(
-        [("a", "desc", {"acc": 0.5, "nll": 1.25}, 3.0), ("b", "desc", "boom", 1.0)]
+    compared = Comparison(
+        "stock Trainer",
+        {"test accuracy": (0.5, 0.625), "test NLL": (1.0, 1.5)},
+        lower_is_better={"test NLL"},
+        fixture="vit",
+        fixture_quality={"accuracy": 0.9},
     )
-    lines = table.splitlines()
-    assert lines[0].split() == ["method", "metric", "value", "time", "(s)"]
-    assert any("acc" in line and "0.5" in line for line in lines)
+    rows = [("a", "d", compared, 3.0), ("b", "d", {"acc": 0.25}, 1.0), ("c", "d", "boom", 1.0)]
+    lines = format_table(rows).splitlines()
+    assert lines[0].split()[:3] == ["method", "baseline", "metric"]
+    assert any(line.split()[-4:] == ["0.5", "0.625", "better", "3.0"] for line in lines)
+    assert any("test NLL" in line and line.split()[-3:] == ["1", "1.5", "worse"] for line in lines)
+    assert any("zoo/vit" in line and "accuracy 0.9" in line for line in lines)
+    assert any(line.split()[:3] == ["b", "acc", "0.25"] for line in lines)
     assert any("FAILED" in line and "boom" in line for line in lines)
+    figure = save_figure(rows, tmp_path / "summary.png")
+    assert figure.read_bytes()[:4] == b"\x89PNG"
+    assert save_figure(rows[1:], tmp_path / "none.png") is None
+
+
+def test_comparison_gain_is_signed_by_the_metric_direction():
+    compared = Comparison("b", {"acc": (0.5, 0.75), "ece": (0.1, 0.3), "w": (1.0, 1.0005)},
+                          lower_is_better={"ece"})  # fmt: skip
+    assert compared.gain("acc") == 0.25 and compared.verdict("acc") == "better"
+    assert abs(compared.gain("ece") + 0.2) < 1e-12 and compared.verdict("ece") == "worse"
+    assert compared.verdict("w") == "tie"
+
+
+def test_baseline_config_keeps_only_the_baselines_fields(tmp_path):
+    method_yaml = tmp_path / "method.yaml"
+    method_yaml.write_text("rho_train: 0.05\nlearning_rate: 0.003\nlabel_noise: 0.4\n")
+    kept = config_for(method_yaml, (ScriptArguments, TrainingArguments))
+    try:
+        assert yaml.safe_load(kept.read_text()) == {"learning_rate": 0.003, "label_noise": 0.4}
+    finally:
+        kept.unlink()
 
 
 @pytest.mark.distributed

@@ -96,7 +96,7 @@ def scribbles(n: int, size: int, count: int, generator: torch.Generator) -> torc
 
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of ``[N, C, H, W]`` images (reflect padding)."""
-    radius = max(1, int(math.ceil(2.5 * sigma)))
+    radius = max(1, math.ceil(2.5 * sigma))
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
     kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
     kernel = kernel / kernel.sum()

@@ -4,6 +4,9 @@ One place builds what every image-classification recipe trains on:
 
 - the embedded default: scikit-learn's digits (offline), optionally with symmetric label noise on
   the training split, and a tiny ViT built from a config;
+- the embedded hard digits (``dataset_name: hard_digits``; :mod:`hf_extensions.data.hard_digits`:
+  32x32 RGB digits in coloured inks and named styles), with the zoo's pretrained ViT
+  (``model_name_or_path: zoo/vit``) or a tiny ViT;
 - a real run: a Hub (or local) image dataset through ``datasets.load_dataset`` (e.g.
   ``uoft-cs/cifar100`` with ``image_column: img``, ``label_column: fine_label``; or
   ``imagefolder`` with ``data_dir``) and a Hub checkpoint whose image processor prepares the
@@ -28,10 +31,22 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, Vi
 
 from hf_extensions.cli import finish_training, run_training
 from hf_extensions.data import CLASS_NAMES, add_label_noise, load_digits
+from hf_extensions.data.hard_digits import COLOURS, LABELS, STYLES, load_hard_digits
+from hf_extensions.data.hard_digits import IMAGE_SIZE as HARD_DIGITS_SIZE
 from hf_extensions.metrics import compute_classification_metrics
 from hf_extensions.models.tiny import tiny_vit_classifier
-from hf_extensions.validation import MAX_SEED, check_integer, check_range, check_text, refuse
+from hf_extensions.validation import (
+    MAX_SEED,
+    check_choice,
+    check_integer,
+    check_names,
+    check_range,
+    check_text,
+    refuse,
+)
 
+#: ``dataset_name`` of the embedded hard digits (not a Hub dataset).
+HARD_DIGITS = "hard_digits"
 #: Attention heads of the tiny ViT built when no checkpoint is given (``hidden_size`` is a
 #: multiple of it).
 TINY_VIT_HEADS = 4
@@ -52,7 +67,7 @@ class ImageClassificationArguments:
         default=None,
         metadata={
             "help": "Dataset for datasets.load_dataset (Hub id, or a builder such as 'imagefolder'). "
-            "Empty: scikit-learn's digits (offline)."
+            "Empty: scikit-learn's digits (offline); 'hard_digits': the embedded hard digits."
         },
     )
     dataset_config_name: str | None = field(
@@ -87,6 +102,28 @@ class ImageClassificationArguments:
     )
     label_noise: float = field(
         default=0.0, metadata={"help": "Rate of symmetric label noise on the training split."}
+    )
+    hard_digits_styles: list[str] = field(
+        default_factory=lambda: ["plain"],
+        metadata={"help": f"Hard digits: the styles (domains) drawn from, of {list(STYLES)}."},
+    )
+    hard_digits_colours: list[str] = field(
+        default_factory=lambda: ["red", "green", "blue", "yellow"],
+        metadata={"help": f"Hard digits: the ink colours, of {list(COLOURS)}."},
+    )
+    hard_digits_label: str = field(
+        default="digit",
+        metadata={
+            "help": f"Hard digits: the label to learn, one of {list(LABELS)} (fine: "
+            "digit x colour)."
+        },
+    )
+    hard_digits_train_images: int = field(
+        default=2000, metadata={"help": "Hard digits: training images (from the train sources)."}
+    )
+    hard_digits_eval_images: int = field(
+        default=1000,
+        metadata={"help": "Hard digits: validation and test images each (their own sources)."},
     )
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Keep only the first N training examples (quick runs)."}
@@ -128,10 +165,30 @@ class ImageClassificationArguments:
             self.max_train_samples = check_integer(
                 "max_train_samples", self.max_train_samples, low=1
             )
+        self.hard_digits_label = check_choice("hard_digits_label", self.hard_digits_label, LABELS)
+        for name in ("hard_digits_train_images", "hard_digits_eval_images"):
+            setattr(self, name, check_integer(name, getattr(self, name), low=1))
+        for name, known in (("hard_digits_styles", STYLES), ("hard_digits_colours", COLOURS)):
+            for entry in check_names(name, getattr(self, name), optional=False):
+                check_choice(name, entry, tuple(known))
+        tiny_on_hard_digits = self.dataset_name == HARD_DIGITS and self.model_name_or_path is None
+        if tiny_on_hard_digits and (self.image_size, self.num_channels) != (HARD_DIGITS_SIZE, 3):
+            refuse(
+                "image_size and num_channels",
+                f"{HARD_DIGITS_SIZE} and 3 with dataset_name: {HARD_DIGITS} (32x32 RGB)",
+                (self.image_size, self.num_channels),
+            )
+        if self.is_embedded:
+            return
         if self.dataset_name is not None and self.model_name_or_path is None:
             raise ValueError(
                 "`dataset_name` needs `model_name_or_path`: its image processor prepares the images."
             )
+
+    @property
+    def is_embedded(self) -> bool:
+        """Whether the data ships with the project (the digits or the hard digits)."""
+        return self.dataset_name in (None, HARD_DIGITS)
 
 
 def class_names(data: DatasetDict) -> list[str]:
@@ -215,6 +272,18 @@ def build_datasets(args: ImageClassificationArguments, seed: int) -> DatasetDict
         data = load_digits(
             args.split_seed, image_size=args.image_size, num_channels=args.num_channels
         )
+    elif args.dataset_name == HARD_DIGITS:
+        data = load_hard_digits(
+            {
+                "train": args.hard_digits_train_images,
+                "validation": args.hard_digits_eval_images,
+                "test": args.hard_digits_eval_images,
+            },
+            styles=args.hard_digits_styles,
+            colours=args.hard_digits_colours,
+            label=args.hard_digits_label,
+            seed=args.split_seed,
+        )
     else:
         data = _load_hub_dataset(args)
     train = data["train"]
@@ -226,9 +295,9 @@ def build_datasets(args: ImageClassificationArguments, seed: int) -> DatasetDict
     if args.model_name_or_path is None:
         return data
     processor = AutoImageProcessor.from_pretrained(args.model_name_or_path)
-    if (
-        args.dataset_name is None
-    ):  # digits are arrays in [0, 1]: normalise as the checkpoint expects
+    if args.is_embedded:  # arrays in [0, 1]: normalise as the checkpoint expects, if it does
+        if not getattr(processor, "do_normalize", True):
+            return data
         mean = np.asarray(processor.image_mean, dtype=np.float32)[:, None, None]
         std = np.asarray(processor.image_std, dtype=np.float32)[:, None, None]
 
@@ -325,7 +394,7 @@ def train_image_classifier(
     Returns:
         `tuple`: ``(trainer, test_metrics)``.
     """
-    if script_args.dataset_name is not None:
+    if not script_args.is_embedded:
         training_args.remove_unused_columns = False  # the transform needs the image column
     data = build_datasets(script_args, seed=training_args.seed)
     names = class_names(data)
@@ -339,5 +408,7 @@ def train_image_classifier(
         compute_metrics=compute_classification_metrics,
     )
     run_training(trainer)
-    dataset = script_args.dataset_name or "scikit-learn digits"
+    dataset = {None: "scikit-learn digits", HARD_DIGITS: "hf-extensions hard digits"}.get(
+        script_args.dataset_name, script_args.dataset_name
+    )
     return trainer, finish_training(trainer, data["test"], dataset=dataset, card=card)

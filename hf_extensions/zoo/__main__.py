@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "list":
-        for name, module in FIXTURES.items():
+        for name in FIXTURES:
             built = (zoo_root() / name / "quality.json").is_file()
             description = fixture_module(name).DESCRIPTION
             print(f"{name:<14} {'built' if built else 'missing':<8} {description}")

@@ -1,0 +1,100 @@
+"""What ``make demo`` shows for one method: its figures beside its baseline's, on a zoo fixture.
+
+A recipe's ``demo()`` returns a :class:`Comparison`: the same metrics measured for the baseline
+(the stock way to do the job: a stock ``Trainer``, zero-shot CLIP, round-to-nearest, the
+unedited pipeline, DDIM) and for the method, on the same data and budget, plus the quality of the
+trained fixture they start from. :func:`run_comparison` runs both arms of a recipe through
+:func:`hf_extensions.cli.run_demo`; a baseline recipe that takes fewer fields than the method's
+YAML gets the YAML filtered to its own fields (:func:`config_for`).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["Comparison", "config_for", "run_comparison"]
+
+
+@dataclass
+class Comparison:
+    """A method beside its baseline.
+
+    Args:
+        baseline (`str`): what the baseline is, e.g. ``"stock Trainer (AdamW)"``.
+        metrics (`dict[str, tuple[float, float]]`): metric -> ``(baseline, method)``; the first
+            metric is the headline of the demo's figure.
+        lower_is_better (`set[str]`): the metrics where smaller wins (NLL, ECE, W1, ...).
+        fixture (`str`, *optional*): the zoo fixture both arms start from, e.g. ``"vit"``.
+        fixture_quality (`dict[str, float]`): that fixture's own measured quality.
+    """
+
+    baseline: str
+    metrics: dict[str, tuple[float, float]]
+    lower_is_better: set[str] = field(default_factory=set)
+    fixture: str | None = None
+    fixture_quality: dict[str, float] = field(default_factory=dict)
+
+    def gain(self, metric: str) -> float:
+        """Method minus baseline, signed so that positive means the method is better."""
+        baseline, method = self.metrics[metric]
+        sign = -1.0 if metric in self.lower_is_better else 1.0
+        return sign * (method - baseline)
+
+    def verdict(self, metric: str, tie: float = 1e-3) -> str:
+        """``"better"``, ``"worse"`` or ``"tie"`` (within ``tie``, or NaN) for the method."""
+        gain = self.gain(metric)
+        if math.isnan(gain) or abs(gain) <= tie:
+            return "tie"
+        return "better" if gain > 0 else "worse"
+
+
+def config_for(config: str | Path, dataclass_types: Sequence[type]) -> Path:
+    """A temporary copy of the YAML ``config`` holding only fields of ``dataclass_types``
+    (what a baseline recipe's parser accepts). The caller deletes the file."""
+    names = {f.name for cls in dataclass_types for f in fields(cls)}
+    values = yaml.safe_load(Path(config).read_text()) or {}
+    kept = {key: value for key, value in values.items() if key in names}
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
+        yaml.safe_dump(kept, handle)
+    return Path(handle.name)
+
+
+def run_comparison(
+    *,
+    method: Callable[[list[str]], Any],
+    baseline: Callable[[list[str]], Any],
+    baseline_types: Sequence[type],
+    baseline_name: str,
+    config: str | Path,
+    summary: Mapping[str, str] | Callable[[Any], dict],
+    flags: Sequence[str] = (),
+    lower_is_better: Sequence[str] = (),
+    fixture: str | None = None,
+) -> Comparison:
+    """Run the baseline recipe and the method recipe on the same YAML (the baseline's copy
+    filtered to ``baseline_types``) with the same ``flags``; summarise both with ``summary``."""
+    from hf_extensions.cli import run_demo
+    from hf_extensions.zoo import fixture_path
+    from hf_extensions.zoo.building import read_quality
+
+    baseline_config = config_for(config, baseline_types)
+    try:
+        before = run_demo(baseline, baseline_config, summary, *flags)
+    finally:
+        baseline_config.unlink()
+    after = run_demo(method, config, summary, *flags)
+    quality = read_quality(fixture_path(fixture))["quality"] if fixture else {}
+    return Comparison(
+        baseline=baseline_name,
+        metrics={name: (before[name], after[name]) for name in after},
+        lower_is_better=set(lower_is_better),
+        fixture=fixture,
+        fixture_quality=quality,
+    )
