@@ -4,22 +4,20 @@ A recipe's ``demo()`` returns a :class:`Comparison`: the same metrics measured f
 (the stock way to do the job: a stock ``Trainer``, zero-shot CLIP, round-to-nearest, the
 unedited pipeline, DDIM) and for the method, on the same data and budget, plus the quality of the
 trained fixture they start from. :func:`run_comparison` runs both arms of a recipe through
-:func:`hf_extensions.cli.run_demo`; a baseline recipe that takes fewer fields than the method's
-YAML gets the YAML filtered to its own fields (:func:`config_for`).
+:func:`hf_extensions.cli.run_demo`: the baseline is the method's own recipe with the flags that
+switch its mechanism off (``--rho 0``: the stock step, as the conformance suite checks), so
+both arms share every other setting.
 """
 
 from __future__ import annotations
 
 import math
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-__all__ = ["Comparison", "config_for", "run_comparison"]
+__all__ = ["Comparison", "run_comparison"]
 
 
 @dataclass
@@ -55,40 +53,34 @@ class Comparison:
         return "better" if gain > 0 else "worse"
 
 
-def config_for(config: str | Path, dataclass_types: Sequence[type]) -> Path:
-    """A temporary copy of the YAML ``config`` holding only fields of ``dataclass_types``
-    (what a baseline recipe's parser accepts). The caller deletes the file."""
-    names = {f.name for cls in dataclass_types for f in fields(cls)}
-    values = yaml.safe_load(Path(config).read_text()) or {}
-    kept = {key: value for key, value in values.items() if key in names}
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
-        yaml.safe_dump(kept, handle)
-    return Path(handle.name)
-
-
 def run_comparison(
     *,
     method: Callable[[list[str]], Any],
-    baseline: Callable[[list[str]], Any],
-    baseline_types: Sequence[type],
     baseline_name: str,
+    baseline_flags: Sequence[str],
     config: str | Path,
     summary: Mapping[str, str] | Callable[[Any], dict],
     flags: Sequence[str] = (),
     lower_is_better: Sequence[str] = (),
     fixture: str | None = None,
+    fixture_argument: str | None = "model_name_or_path",
 ) -> Comparison:
-    """Run the baseline recipe and the method recipe on the same YAML (the baseline's copy
-    filtered to ``baseline_types``) with the same ``flags``; summarise both with ``summary``."""
+    """Run the baseline recipe and the method recipe on the same YAML with the same ``flags``;
+    summarise both with ``summary``.
+
+    The baseline is the method's recipe with ``baseline_flags``, which switch the mechanism
+    off (e.g. ``--rho 0``).
+
+    With ``fixture``, both arms get ``--<fixture_argument> <its built folder>`` (the YAML's
+    relative ``zoo/<name>`` then need not match the working directory), and the comparison
+    carries the fixture's measured quality."""
     from hf_extensions.cli import run_demo
     from hf_extensions.zoo import fixture_path
     from hf_extensions.zoo.building import read_quality
 
-    baseline_config = config_for(config, baseline_types)
-    try:
-        before = run_demo(baseline, baseline_config, summary, *flags)
-    finally:
-        baseline_config.unlink()
+    if fixture and fixture_argument:
+        flags = [*flags, f"--{fixture_argument}", str(fixture_path(fixture))]
+    before = run_demo(method, config, summary, *flags, *baseline_flags)
     after = run_demo(method, config, summary, *flags)
     quality = read_quality(fixture_path(fixture))["quality"] if fixture else {}
     return Comparison(

@@ -20,7 +20,7 @@ from hf_extensions.cli import (
     summarize,
     use_cpu_for_multiprocess_launch,
 )
-from hf_extensions.demo import Comparison, config_for
+from hf_extensions.demo import Comparison
 from hf_extensions.hub import read_model_card_metadata
 from hf_extensions.models import tiny_vit_classifier
 from hf_extensions.models.image_classification import (
@@ -74,7 +74,6 @@ def test_help_lists_the_fields(capsys):
 def test_shipped_settings_leave_progress_bars_on():
     """Every digits YAML used to set ``disable_tqdm: true`` (and the erasure one
     ``progress_bar: false``): progress is shown by default, the flag still hides it."""
-    import yaml
 
     for path in sorted((ROOT / "recipes").glob("*/*.yaml")):
         values = yaml.safe_load(path.read_text()) or {}
@@ -295,16 +294,6 @@ def test_comparison_gain_is_signed_by_the_metric_direction():
     assert compared.gain("acc") == 0.25 and compared.verdict("acc") == "better"
     assert abs(compared.gain("ece") + 0.2) < 1e-12 and compared.verdict("ece") == "worse"
     assert compared.verdict("w") == "tie"
-
-
-def test_baseline_config_keeps_only_the_baselines_fields(tmp_path):
-    method_yaml = tmp_path / "method.yaml"
-    method_yaml.write_text("rho_train: 0.05\nlearning_rate: 0.003\nlabel_noise: 0.4\n")
-    kept = config_for(method_yaml, (ScriptArguments, TrainingArguments))
-    try:
-        assert yaml.safe_load(kept.read_text()) == {"learning_rate": 0.003, "label_noise": 0.4}
-    finally:
-        kept.unlink()
 
 
 @pytest.mark.distributed

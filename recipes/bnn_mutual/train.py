@@ -49,9 +49,9 @@ from hf_extensions.cli import (
     CLASSIFICATION_SUMMARY,
     RecipeArgumentParser,
     run_as_script,
-    run_demo,
     trainer_artifact,
 )
+from hf_extensions.demo import Comparison, run_comparison
 from hf_extensions.models import tiny_vit_classifier
 from hf_extensions.models.image_classification import (
     ImageClassificationArguments,
@@ -169,9 +169,19 @@ def main(
 SUMMARY = {**CLASSIFICATION_SUMMARY, "peer distance (W2^2 per weight)": "test_peer_distance"}
 
 
-def demo() -> dict[str, float]:
-    """The embedded default: two tiny ViT BNNs on digits; test metrics of their average."""
-    return run_demo(main, RECIPE_DIR / "digits.yaml", SUMMARY)
+def demo() -> Comparison:
+    """Two BNN peers from the zoo's ViT (MOPED) on held-out styles, beside independent BNNs
+    (mutual and diversity weights 0); test metrics of their average."""
+    off = ("mutual_weight", "parameter_diversity_weight", "feature_diversity_weight")
+    return run_comparison(
+        method=main,
+        baseline_name="independent BNNs (weights 0)",
+        baseline_flags=[item for name in off for item in (f"--{name}", "0")],
+        config=RECIPE_DIR / "zoo_vit.yaml",
+        summary=SUMMARY,
+        lower_is_better=("test NLL", "test ECE"),
+        fixture="vit",
+    )
 
 
 def artifact(result):

@@ -37,10 +37,10 @@ from hf_extensions.cli import (
     CLASSIFICATION_SUMMARY,
     RecipeArgumentParser,
     run_as_script,
-    run_demo,
     save_base_model,
     trainer_artifact,
 )
+from hf_extensions.demo import Comparison, run_comparison
 from hf_extensions.fhbi.particles import EVALUATION_MODES, ParticleEnsemble
 from hf_extensions.models.image_classification import (
     ImageClassificationArguments,
@@ -110,9 +110,17 @@ def main(argv: list[str] | None = None) -> tuple[FHBITrainer, dict[str, float]]:
     return train_image_classifier(FHBITrainer, script_args, config, particles)
 
 
-def demo() -> dict[str, float]:
-    """The embedded default: 4 LoRA particles of a tiny ViT on digits; test metrics."""
-    return run_demo(main, RECIPE_DIR / "digits.yaml", CLASSIFICATION_SUMMARY)
+def demo() -> Comparison:
+    """4 LoRA particles of the zoo's ViT on held-out styles, beside SVGD (``rho`` 0)."""
+    return run_comparison(
+        method=main,
+        baseline_name="SVGD (rho 0)",
+        baseline_flags=["--rho", "0"],
+        config=RECIPE_DIR / "zoo_vit.yaml",
+        summary=CLASSIFICATION_SUMMARY,
+        lower_is_better=("test NLL", "test ECE"),
+        fixture="vit",
+    )
 
 
 def artifact(result):
