@@ -40,8 +40,8 @@ from hf_extensions.cli import (
     process_state,
     push_folder,
     run_as_script,
-    run_demo,
 )
+from hf_extensions.demo import Comparison, run_comparison
 from hf_extensions.hub import usage_for
 from hf_extensions.pipelines import (
     ErasureConfig,
@@ -52,6 +52,8 @@ from hf_extensions.pipelines import (
 )
 from hf_extensions.pipelines.erasure import METHOD
 from hf_extensions.validation import check_choice, refuse
+from hf_extensions.zoo import fixture_path
+from hf_extensions.zoo.scoring import recognition_rate
 
 RECIPE_DIR = Path(__file__).resolve().parent
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -81,6 +83,19 @@ class ErasureRecipeArguments:
     evaluate: bool = field(
         default=True, metadata={"help": "Measure gap and drift (keeps a copy of the UNet)."}
     )
+    scorer_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "An image classifier whose class names start with the concept's word (the "
+            "zoo's digit_scorer: 'seven red'): also measure how often samples of each concept "
+            "and held-out prompt are recognised, before and after erasure."
+        },
+    )
+    scorer_samples: int = field(
+        default=20, metadata={"help": "Samples per prompt scored by the scorer."}
+    )
+    scorer_steps: int = field(default=25, metadata={"help": "Sampling steps of scored samples."})
+    scorer_guidance: float = field(default=4.0, metadata={"help": "Guidance of scored samples."})
     tiny_image_size: int = field(default=16, metadata={"help": "Image side of the tiny pipeline."})
     device: str | None = field(default=None, metadata={"help": "Device (default: Accelerate's)."})
     torch_dtype: str = field(default="float32", metadata={"help": f"One of {sorted(DTYPES)}."})
@@ -126,6 +141,32 @@ def _images(pipe, prompt: str, seed: int = 0) -> np.ndarray:
     return pipe(prompt, num_inference_steps=4, generator=generator, output_type="np").images
 
 
+def _scored(pipe, original_unet, args: ErasureRecipeArguments) -> dict[str, float]:
+    """Recognition of the erased concepts and of the held-out prompts, after and before."""
+    from transformers import AutoModelForImageClassification
+
+    classifier = AutoModelForImageClassification.from_pretrained(args.scorer_name_or_path)
+    classifier = classifier.to(pipe.unet.device).eval()
+    sampling = {
+        "samples_per_prompt": args.scorer_samples,
+        "num_inference_steps": args.scorer_steps,
+        "guidance_scale": args.scorer_guidance,
+    }
+    out = {}
+    for suffix, unet in (("", pipe.unet), ("_before", original_unet)):
+        edited, pipe.unet = pipe.unet, unet
+        try:
+            out[f"concept_recognition{suffix}"] = recognition_rate(
+                pipe, classifier, args.concepts, **sampling
+            )
+            out[f"heldout_recognition{suffix}"] = recognition_rate(
+                pipe, classifier, args.heldout_prompts, **sampling
+            )
+        finally:
+            pipe.unet = edited
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Erase, measure, save, reload; write ``results.json`` to ``output_dir``."""
     args, config = RecipeArgumentParser((ErasureRecipeArguments, ErasureConfig)).parse(argv)
@@ -151,6 +192,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             negative_guidance=config.negative_guidance,
             seed=config.seed,
         )
+        if args.scorer_name_or_path is not None:
+            metrics.update(_scored(pipe, original, args))
         del original
     result.metrics.update(metrics)
     state = process_state()
@@ -202,18 +245,30 @@ def summary(results: dict[str, Any]) -> dict[str, float]:
     return {label: float(metrics[key]) for label, key in labels.items() if key in metrics}
 
 
-def demo() -> dict[str, float]:
-    """The embedded default: erase a prompt from the tiny pipeline with EAP, measure, reload.
+#: What the demo compares: scorer recognition of the erased concept (lower is better) and of the
+#: held-out prompts (preservation), and the noise drift of the held-out prompts.
+ZOO_SUMMARY = {
+    "erased concept recognised": "concept_recognition",
+    "held-out prompts recognised": "heldout_recognition",
+    "held-out drift": "heldout_drift",
+}
 
-    One intra-op thread (restored after): every tensor is small and the machine is shared.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        figures = run_demo(main, RECIPE_DIR / "tiny.yaml", summary)
-    finally:
-        torch.set_num_threads(threads)
-    return {f"tiny SD, EAP: {label}": value for label, value in figures.items()}
+
+def demo() -> Comparison:
+    """Erase "seven" from the zoo's text-to-image model: EAP beside ESD (the same objective
+    without adversarial preservation); scored by the zoo's digit scorer."""
+    flags = ["--scorer_name_or_path", str(fixture_path("digit_scorer"))]
+    comparison = run_comparison(
+        method=main,
+        baseline_name="ESD (no adversarial preservation)",
+        baseline_flags=["--method", "esd"],
+        config=RECIPE_DIR / "zoo_text_to_image.yaml",
+        summary=ZOO_SUMMARY,
+        flags=flags,
+        lower_is_better=("erased concept recognised", "held-out drift"),
+        fixture="text_to_image",
+    )
+    return comparison
 
 
 def artifact(results: dict[str, Any]) -> Artifact:

@@ -52,13 +52,15 @@ from hf_extensions.cli import (
     RecipeArgumentParser,
     finish_training,
     run_as_script,
-    run_demo,
     save_base_model,
     trainer_artifact,
 )
 from hf_extensions.data import CLASS_NAMES, class_incremental_stream, load_digits
+from hf_extensions.data.hard_digits import DIGIT_WORDS, load_hard_digits
+from hf_extensions.demo import Comparison, run_comparison
 from hf_extensions.hierarchical_cl.taxonomy import DIGITS_TAXONOMY, LabelTree
-from hf_extensions.models.image_classification import digits_backbone
+from hf_extensions.models.image_classification import HARD_DIGITS, digits_backbone
+from hf_extensions.validation import refuse
 from peft_configs.prompt_pool import PromptPoolConfig
 from trainers.hierarchical_cl_config import HierarchicalPromptCLConfig
 from trainers.hierarchical_cl_trainer import HierarchicalPromptCLTrainer
@@ -78,7 +80,18 @@ class HierarchicalCLScriptArguments:
         },
     )
     dataset_name: str | None = field(
-        default=None, metadata={"help": "Hub dataset (e.g. uoft-cs/cifar100). Empty: digits."}
+        default=None,
+        metadata={
+            "help": "Hub dataset (e.g. uoft-cs/cifar100); 'hard_digits': the embedded hard "
+            "digits' digit x ink classes under their digit (with the zoo's ViT). Empty: digits."
+        },
+    )
+    hard_digits_styles: list[str] = field(
+        default_factory=lambda: ["cluttered", "blurred"],
+        metadata={"help": "Hard digits: the styles drawn from."},
+    )
+    hard_digits_images: int = field(
+        default=4000, metadata={"help": "Hard digits: training images (test: half)."}
     )
     image_column: str = field(default="img", metadata={"help": "Hub dataset: image column."})
     label_column: str = field(default="fine_label", metadata={"help": "Hub: class column."})
@@ -128,6 +141,37 @@ def _digits(script_args: HierarchicalCLScriptArguments, config: HierarchicalProm
     return backbone, stream, tree, "scikit-learn digits"
 
 
+def _hard_digits(script_args: HierarchicalCLScriptArguments, config: HierarchicalPromptCLConfig):
+    """Fine classes digit x ink (40 with four inks), each under its digit in the taxonomy (a
+    real hierarchy), on a frozen pretrained backbone (the zoo's ViT by default)."""
+    if script_args.model_name_or_path is None:
+        refuse(
+            "model_name_or_path", "a pretrained image classifier with hard digits (zoo/vit)", None
+        )
+    sizes = {"train": script_args.hard_digits_images, "test": script_args.hard_digits_images // 2}
+    data = load_hard_digits(
+        sizes, styles=script_args.hard_digits_styles, label="fine", seed=config.seed
+    )
+    names = data["train"].features["labels"].names
+    tree = LabelTree.from_coarse_labels(
+        data["train"]["labels"], data["train"]["digit"], list(DIGIT_WORDS)
+    )
+    model = AutoModelForImageClassification.from_pretrained(
+        script_args.model_name_or_path,
+        num_labels=len(names),
+        id2label=dict(enumerate(names)),
+        label2id={name: i for i, name in enumerate(names)},
+        ignore_mismatched_sizes=True,
+    )
+    keep = DatasetDict(
+        {split: data[split].select_columns(["pixel_values", "labels"]) for split in data}
+    )
+    stream = class_incremental_stream(
+        keep, script_args.num_tasks, seed=script_args.class_order_seed
+    )
+    return model, stream, tree, "hf-extensions hard digits"
+
+
 def _hub(script_args: HierarchicalCLScriptArguments, config: HierarchicalPromptCLConfig):
     raw = load_dataset(script_args.dataset_name)
     if "train" not in raw or "test" not in raw:
@@ -174,7 +218,8 @@ def main(argv: list[str] | None = None) -> tuple[HierarchicalPromptCLTrainer, di
     parser = RecipeArgumentParser((HierarchicalCLScriptArguments, HierarchicalPromptCLConfig))
     script_args, config = parser.parse(argv)
     set_seed(config.seed)
-    build = _digits if script_args.dataset_name is None else _hub
+    builders = {None: _digits, HARD_DIGITS: _hard_digits}
+    build = builders.get(script_args.dataset_name, _hub)
     backbone, stream, tree, dataset_name = build(script_args, config)
     depth = backbone.config.num_hidden_layers
     layers = [i for i in script_args.prompt_layers if i < depth]
@@ -192,7 +237,7 @@ def main(argv: list[str] | None = None) -> tuple[HierarchicalPromptCLTrainer, di
     )
     # digits rows carry sample_id/task_id (dropped); Hub rows are transformed on the fly, and
     # their image column must reach the transform (the HF image-classification convention)
-    config.remove_unused_columns = script_args.dataset_name is None
+    config.remove_unused_columns = script_args.dataset_name in (None, HARD_DIGITS)
     trainer = HierarchicalPromptCLTrainer(
         pool, config, taxonomy=tree, data_collator=DefaultDataCollator()
     )
@@ -221,9 +266,19 @@ SUMMARY = {
 }
 
 
-def demo() -> dict[str, float]:
-    """The embedded default: digits in 5 tasks; final average accuracy and forgetting."""
-    return run_demo(main, RECIPE_DIR / "digits.yaml", SUMMARY)
+def demo() -> Comparison:
+    """The zoo's frozen ViT learning 40 digit x ink classes in 5 tasks (held-out styles), the
+    taxonomy and OT terms beside the same prompts without them (HiDe-Prompt); final average
+    accuracy and forgetting."""
+    return run_comparison(
+        method=main,
+        baseline_name="no taxonomy / OT (HiDe-Prompt)",
+        baseline_flags=["--hierarchical", "false", "--use_ot", "false"],
+        config=RECIPE_DIR / "zoo_vit.yaml",
+        summary=SUMMARY,
+        lower_is_better=("forgetting",),
+        fixture="vit",
+    )
 
 
 def artifact(result):

@@ -43,9 +43,13 @@ from hf_extensions.cli import (
     run_as_script,
     run_demo,
 )
+from hf_extensions.demo import Comparison
 from hf_extensions.hub import Usage, build_model_card, save_model_card
 from hf_extensions.schedulers import GaussianMixture, S2NGeneralizedScheduler, run_denoising_loop
 from hf_extensions.validation import check_choice, check_integer, check_positive, refuse
+from hf_extensions.zoo import fixture_path
+from hf_extensions.zoo.building import read_quality
+from hf_extensions.zoo.scoring import recognition_rate
 
 RECIPE_DIR = Path(__file__).resolve().parent
 METHOD = "s2n-scheduler"
@@ -111,6 +115,18 @@ class S2NSampleArguments:
     disable_tqdm: bool = field(
         default=False, metadata={"help": "Hide the progress bar over the sweep's images."}
     )
+    scorer_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "An image classifier whose class names start with a word of the prompt (the "
+            "zoo's digit_scorer): also measure, per setting, the share of samples of "
+            "`score_prompts` it recognises."
+        },
+    )
+    score_prompts: list[str] = field(
+        default_factory=list, metadata={"help": "Prompts scored by the scorer (with a scorer)."}
+    )
+    scorer_samples: int = field(default=20, metadata={"help": "Scored samples per prompt."})
 
     def __post_init__(self):
         if not self.rhos or any(not (math.isfinite(r) and r >= 0) for r in self.rhos):
@@ -124,6 +140,9 @@ class S2NSampleArguments:
         check_positive("pipeline_rho", self.pipeline_rho, allow_zero=True)
         check_choice("torch_dtype", self.torch_dtype, sorted(DTYPES))
         check_integer("num_images", self.num_images, low=1)
+        check_integer("scorer_samples", self.scorer_samples, low=1)
+        if self.scorer_name_or_path is not None and not self.score_prompts:
+            refuse("score_prompts", "a non-empty list of prompts with a scorer", self.score_prompts)
         if self.push_to_hub and not (self.save_pipeline and self.hub_model_id):
             refuse(
                 "push_to_hub",
@@ -168,6 +187,29 @@ def render(pipe, args: S2NSampleArguments, steps: int, **kwargs) -> tuple[np.nda
     return np.asarray(images, dtype=np.float64), (time.perf_counter() - start) / args.num_images
 
 
+def _scorer(args: S2NSampleArguments, pipe):
+    if args.scorer_name_or_path is None:
+        return None
+    from transformers import AutoModelForImageClassification
+
+    classifier = AutoModelForImageClassification.from_pretrained(args.scorer_name_or_path)
+    return classifier.to(pipe.device).eval()
+
+
+def _recognition(pipe, classifier, args: S2NSampleArguments, steps: int) -> float:
+    """Share of the samples of ``score_prompts`` the scorer recognises (same seeds for every
+    scheduler, so settings differ only by the sampler)."""
+    return recognition_rate(
+        pipe,
+        classifier,
+        args.score_prompts,
+        samples_per_prompt=args.scorer_samples,
+        num_inference_steps=steps,
+        guidance_scale=args.guidance_scale,
+        seed=args.seed,
+    )
+
+
 def sweep(pipe, args: S2NSampleArguments) -> dict[str, Any]:
     """Render DDIM eta 0 / eta 1 and S2N at every ρ for every number of steps."""
     from diffusers import DDIMScheduler
@@ -184,8 +226,11 @@ def sweep(pipe, args: S2NSampleArguments) -> dict[str, Any]:
     output_dir = Path(args.output_dir)
     results: dict[str, Any] = {"settings": [], "base_scheduler": type(original).__name__}
     rho0_vs_ddim, rho1_vs_ddim_eta1 = [], []
+    classifier = _scorer(args, pipe)
     for steps in args.num_inference_steps:
         pipe.scheduler = DDIMScheduler.from_config(base_config)
+        if classifier is not None:
+            results[f"recognition_ddim_steps{steps}"] = _recognition(pipe, classifier, args, steps)
         ddim, ddim_seconds = render(pipe, args, steps)
         ddim_eta1, _ = render(pipe, args, steps, eta=1.0)
         bar.update(2)
@@ -195,6 +240,9 @@ def sweep(pipe, args: S2NSampleArguments) -> dict[str, Any]:
                 base_config, rho=rho, s_noise=args.s_noise, solver_order=args.solver_order
             )
             images, seconds = render(pipe, args, steps)
+            if classifier is not None:
+                key = f"recognition_rho{rho:g}_steps{steps}"
+                results[key] = _recognition(pipe, classifier, args, steps)
             bar.update(1)
             _save(pipe, images, output_dir, f"steps{steps}_rho{rho:g}", args)
             setting = {
@@ -352,24 +400,30 @@ SUMMARY = {
 }
 
 
-def demo() -> dict[str, float]:
-    """The embedded default: the tiny pipeline sweep, its save/reload, and the toy W1.
-
-    Runs on one intra-op thread (restored after): every tensor here is small, and on a shared
-    two-core machine a second OpenMP thread only waits for a busy core.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        figures = run_demo(main, RECIPE_DIR / "tiny.yaml", SUMMARY)
-        toy = toy_mixture_w1()
-    finally:
-        torch.set_num_threads(threads)
-    return {
-        **figures,
-        "mixture W1, eps x1.1, 50 steps: DDIM": toy["ddim"],
-        "mixture W1, eps x1.1, 50 steps: rho=1": toy["rho1"],
-    }
+def demo() -> Comparison:
+    """The zoo's text-to-image model sampled with DDIM and with the S2N scheduler at each rho of
+    ``zoo_text_to_image.yaml`` and each number of steps: the share of samples whose prompted
+    digit the zoo's scorer recognises (same prompts and seeds); plus the toy mixture's W1."""
+    flags = [
+        "--model_name_or_path", str(fixture_path("text_to_image")),
+        "--scorer_name_or_path", str(fixture_path("digit_scorer")),
+    ]  # fmt: skip
+    results = run_demo(main, RECIPE_DIR / "zoo_text_to_image.yaml", lambda r: r, *flags)
+    metrics = {}
+    for steps in results["arguments"]["num_inference_steps"]:
+        ddim = results[f"recognition_ddim_steps{steps}"]
+        for rho in results["arguments"]["rhos"]:
+            label = f"digit recognised, rho {rho:g}, {steps} steps"
+            metrics[label] = (ddim, results[f"recognition_rho{rho:g}_steps{steps}"])
+    toy = toy_mixture_w1()
+    metrics["mixture W1, eps x1.1, 50 steps"] = (toy["ddim"], toy["rho1"])
+    return Comparison(
+        baseline="DDIM (eta 0)",
+        metrics=metrics,
+        lower_is_better={"mixture W1, eps x1.1, 50 steps"},
+        fixture="text_to_image",
+        fixture_quality=read_quality(fixture_path("text_to_image"))["quality"],
+    )
 
 
 def artifact(results: dict[str, Any]) -> list[Artifact]:

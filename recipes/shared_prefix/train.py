@@ -64,16 +64,17 @@ from hf_extensions.cli import (
     artifact_id,
     finish_training,
     run_as_script,
-    run_demo,
     run_training,
     save_base_model,
     trainer_artifact,
 )
 from hf_extensions.data import load_digits
+from hf_extensions.data.hard_digits import load_hard_digits
+from hf_extensions.demo import Comparison, run_comparison
 from hf_extensions.hub import Usage, build_model_card
 from hf_extensions.metrics import compute_classification_metrics
 from hf_extensions.models import tiny_vit_classifier
-from hf_extensions.models.image_classification import pretrain_classifier
+from hf_extensions.models.image_classification import HARD_DIGITS, pretrain_classifier
 from hf_extensions.validation import check_choice, check_integer, refuse
 from peft_configs import SharedPrefixTuningConfig
 from peft_configs.shared_prefix import SHARE_CHOICES
@@ -99,7 +100,17 @@ class ScriptArguments:
     )
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "Hub dataset id (e.g. tanganke/stanford_cars). Empty: embedded data."},
+        metadata={
+            "help": "Hub dataset id (e.g. tanganke/stanford_cars); 'hard_digits': the embedded "
+            "hard digits' digit x ink classes (with the zoo's ViT). Empty: embedded data."
+        },
+    )
+    hard_digits_styles: list[str] = field(
+        default_factory=lambda: ["cluttered", "blurred"],
+        metadata={"help": "Hard digits: the styles drawn from."},
+    )
+    hard_digits_images: int = field(
+        default=2000, metadata={"help": "Hard digits: training images (validation, test: half)."}
     )
     image_column: str = field(default="image", metadata={"help": "Image column (Hub data)."})
     text_column: str = field(default="text", metadata={"help": "Text column (Hub data)."})
@@ -395,6 +406,28 @@ def _new_head(model, names: list[str]) -> None:
     model.num_labels = len(names)
 
 
+def _hard_digits_setup(args: ScriptArguments, seed: int):
+    """A pretrained backbone (the zoo's ViT) given a fresh head for the digit x ink classes of
+    the hard digits' ``hard_digits_styles``."""
+    if args.model_name_or_path is None:
+        refuse(
+            "model_name_or_path", "a pretrained image classifier with hard digits (zoo/vit)", None
+        )
+    half = max(1, args.hard_digits_images // 2)
+    data = load_hard_digits(
+        {"train": args.hard_digits_images, "validation": half, "test": half},
+        styles=args.hard_digits_styles,
+        label="fine",
+        seed=args.split_seed,
+    )
+    data = DatasetDict({k: v.select_columns(["pixel_values", "labels"]) for k, v in data.items()})
+    model = AutoModelForImageClassification.from_pretrained(args.model_name_or_path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        _new_head(model, data["train"].features["labels"].names)
+    return model, data, None, "hf-extensions hard digits (digit x ink)"
+
+
 def image_setup(args: ScriptArguments, seed: int):
     """(model, data, collator, dataset name) for the image task."""
     if args.dataset_name is None and args.model_name_or_path is None:
@@ -407,6 +440,8 @@ def image_setup(args: ScriptArguments, seed: int):
         return model, data["target"], None, "scikit-learn digits (5-9; backbone: 0-4)"
     if args.dataset_name is None:
         refuse("dataset_name", "a Hub dataset with a Hub backbone (`model_name_or_path`)", None)
+    if args.dataset_name == HARD_DIGITS:
+        return _hard_digits_setup(args, seed)
     from datasets import load_dataset
 
     raw = load_dataset(args.dataset_name)
@@ -623,9 +658,18 @@ def main(argv: list[str] | None = None) -> tuple[Trainer, dict[str, float]]:
     return trainer, metrics
 
 
-def demo() -> dict[str, float]:
-    """The embedded default: tiny ViT pretrained on digits 0-4, prefix-tuned on 5-9."""
-    return run_demo(main, RECIPE_DIR / "digits_vit.yaml", CLASSIFICATION_SUMMARY)
+def demo() -> Comparison:
+    """The zoo's frozen ViT prefix-tuned on 40 digit x ink classes of held-out styles: the
+    per-layer shared MLP beside independent prefixes (``share: none``); test metrics."""
+    return run_comparison(
+        method=main,
+        baseline_name="independent prefixes (share: none)",
+        baseline_flags=["--share", "none"],
+        config=RECIPE_DIR / "zoo_vit.yaml",
+        summary=CLASSIFICATION_SUMMARY,
+        lower_is_better=("test NLL", "test ECE"),
+        fixture="vit",
+    )
 
 
 def artifact(result):
