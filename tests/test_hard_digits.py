@@ -121,3 +121,51 @@ def test_bad_arguments_name_the_field(kwargs, field):
     arguments = {"num_images": 4, **kwargs}
     with pytest.raises(ValueError, match=f"`{field}`"):
         render_hard_digits(**arguments)
+
+
+def test_image_classification_recipes_take_the_hard_digits():
+    from hf_extensions.models.image_classification import (
+        ImageClassificationArguments,
+        build_datasets,
+        build_model,
+        class_names,
+    )
+
+    args = ImageClassificationArguments(
+        dataset_name="hard_digits",
+        image_size=32,
+        patch_size=4,
+        hard_digits_styles=["noisy"],
+        hard_digits_label="fine",
+        hard_digits_colours=["red", "blue"],
+        hard_digits_train_images=40,
+        hard_digits_eval_images=20,
+        label_noise=0.25,
+    )
+    data = build_datasets(args, seed=0)
+    assert [len(data[s]) for s in ("train", "validation", "test")] == [40, 20, 20]
+    assert class_names(data) == fine_class_names(("red", "blue"))
+    assert (
+        sum(data["train"]["labels"][i] != data["train"]["clean_labels"][i] for i in range(40)) == 10
+    )
+    model = build_model(args, class_names(data))
+    logits = model(pixel_values=torch.as_tensor(data["test"][:2]["pixel_values"])).logits
+    assert logits.shape == (2, 20)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"hard_digits_styles": ["noisy", "foggy"]}, "hard_digits_styles"),
+        ({"hard_digits_colours": "red"}, "hard_digits_colours"),
+        ({"hard_digits_label": "style"}, "hard_digits_label"),
+        ({"hard_digits_train_images": 0}, "hard_digits_train_images"),
+        ({"image_size": 8}, "image_size"),
+    ],
+)
+def test_hard_digits_arguments_name_the_field(kwargs, field):
+    from hf_extensions.models.image_classification import ImageClassificationArguments
+
+    arguments = {"dataset_name": "hard_digits", "image_size": 32, "patch_size": 4, **kwargs}
+    with pytest.raises(ValueError, match=f"`{field}"):
+        ImageClassificationArguments(**arguments)
