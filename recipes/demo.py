@@ -63,7 +63,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
     ),
     "quantization": (
         "recipes.quantization.train",
-        "MetaAug vs QDrop: zoo ResNet-20 (40 classes) at W4A4 / W2A4 from 128 images",
+        "MetaAug vs QDrop: zoo ResNet-20 (40 classes) at W2A4 from 128 images",
     ),
     "s2n": (
         "recipes.s2n.sample",

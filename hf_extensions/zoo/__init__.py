@@ -48,7 +48,8 @@ def fixture_module(name: str) -> ModuleType:
 
 def fixture_path(name: str) -> Path:
     """The built folder of fixture ``name``; raises with the build command when it is missing."""
-    fixture_module(name)  # validates the name
+    if name not in FIXTURES:
+        raise ValueError(f"`name` must be one of {sorted(FIXTURES)}, got {name!r}.")
     folder = zoo_root() / name
     if not (folder / "quality.json").is_file():
         raise FileNotFoundError(

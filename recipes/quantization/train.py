@@ -292,13 +292,13 @@ def accuracies(result) -> dict[str, float]:
 
 
 def demo() -> Comparison:
-    """The zoo's ResNet-20 (40 digit x ink classes) quantized at W4A4 and W2A4 from 128
+    """The zoo's ResNet-20 (40 digit x ink classes) quantized at W2A4 from 128
     calibration images: MetaAug beside QDrop (the reconstruction MetaAug builds on), same
     iterations; held-out accuracy."""
 
     def held_out(result) -> dict[str, float]:
         return {
-            f"{setting.upper()} held-out accuracy": value
+            f"{setting.upper()} held-out accuracy (%)": value
             for key, value in result[1].items()
             for setting in [key.split("_")[0]]
             if key.endswith("_heldout_acc") and not key.startswith("fp_")
