@@ -62,10 +62,10 @@ def test_vit_styles_labels_and_processor():
     assert sorted(pretrain + held_out) == sorted(STYLES)
     assert record["image_size"] == 32
     quality = record["quality"]
-    assert quality["accuracy_held_out_styles"] < quality["accuracy_pretrain_styles"] < 0.99
+    assert max(quality.values()) < 0.99  # good but not saturated: room to fine-tune
     model = ViTForImageClassification.from_pretrained(folder).eval()
     assert [model.config.id2label[i] for i in range(10)] == list(DIGIT_WORDS)
-    assert model.config.hidden_size == 64 and model.config.patch_size == 4
+    assert model.config.hidden_size == 64 and model.config.image_size == 32
     batch = render_hard_digits(16, split="test", styles=pretrain, colours=tuple(COLOURS), seed=3)
     _processor_matches_tensors(folder, model, batch)
 
