@@ -47,8 +47,13 @@ class TrainingCurve:
     losses: list[float] = field(default_factory=list)
 
     def falls(self) -> bool:
-        """Whether the last window's loss is below the first's."""
-        return len(self.losses) >= 2 and self.losses[-1] < self.losses[0]
+        """Whether the mean loss of the last quarter of the windows is below the first
+        quarter's (a short build logs one step per window: single windows are noisy)."""
+        quarter = max(1, len(self.losses) // 4)
+        if len(self.losses) < 2:
+            return False
+        first, last = self.losses[:quarter], self.losses[-quarter:]
+        return sum(last) / len(last) < sum(first) / len(first)
 
     def to_dict(self) -> dict[str, list]:
         return {"step": self.steps, "loss": self.losses}
