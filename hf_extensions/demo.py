@@ -46,9 +46,11 @@ class Comparison:
         return sign * (method - baseline)
 
     def verdict(self, metric: str, tie: float = 1e-3) -> str:
-        """``"better"``, ``"worse"`` or ``"tie"`` (within ``tie``, or NaN) for the method."""
+        """``"better"``, ``"worse"`` or ``"tie"`` (NaN, or within ``tie`` times the larger
+        magnitude of the two values) for the method."""
         gain = self.gain(metric)
-        if math.isnan(gain) or abs(gain) <= tie:
+        scale = max(abs(value) for value in self.metrics[metric])
+        if math.isnan(gain) or abs(gain) <= tie * scale:
             return "tie"
         return "better" if gain > 0 else "worse"
 

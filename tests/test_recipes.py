@@ -289,11 +289,12 @@ def test_demo_table_lists_every_metric_beside_its_baseline(tmp_path):
 
 
 def test_comparison_gain_is_signed_by_the_metric_direction():
-    compared = Comparison("b", {"acc": (0.5, 0.75), "ece": (0.1, 0.3), "w": (1.0, 1.0005)},
-                          lower_is_better={"ece"})  # fmt: skip
+    compared = Comparison("b", {"acc": (0.5, 0.75), "ece": (0.1, 0.3), "w": (1.0, 1.0005),
+                                "tiny": (1e-5, 3e-5)}, lower_is_better={"ece"})  # fmt: skip
     assert compared.gain("acc") == 0.25 and compared.verdict("acc") == "better"
     assert abs(compared.gain("ece") + 0.2) < 1e-12 and compared.verdict("ece") == "worse"
-    assert compared.verdict("w") == "tie"
+    assert compared.verdict("w") == "tie"  # within 1e-3 of the values' size
+    assert compared.verdict("tiny") == "better"  # small values are compared at their scale
 
 
 @pytest.mark.distributed
