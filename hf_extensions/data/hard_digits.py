@@ -32,6 +32,7 @@ from hf_extensions.seeding import keyed_generator
 from hf_extensions.validation import check_choice, check_integer, check_names, refuse
 
 __all__ = [
+    "CAPTION_TEMPLATES",
     "COLOURS",
     "DIGIT_WORDS",
     "IMAGE_SIZE",
@@ -62,7 +63,8 @@ COLOURS: dict[str, tuple[float, float, float]] = {
 SOURCE_SPLITS = {"pretrain": 0.4, "train": 0.3, "validation": 0.1, "test": 0.2}
 LABELS = ("digit", "colour", "fine")
 _CHUNK = 4096  # images rendered at once
-_TEMPLATES = (
+#: Caption templates, drawn uniformly per image (``{style}`` is the style's phrase).
+CAPTION_TEMPLATES = (
     "a handwritten {digit} in {colour} ink {style}",
     "the digit {digit} written in {colour} {style}",
     "a {colour} {digit} {style}",
@@ -98,7 +100,7 @@ def fine_class_names(colours: tuple[str, ...] | list[str]) -> list[str]:
 def caption(digit: int, colour: str, style: str, template: int = 0) -> str:
     """The caption of one image, e.g. ``caption(7, "red", "noisy")`` ->
     ``"a handwritten seven in red ink on a noisy background"``."""
-    text = _TEMPLATES[template % len(_TEMPLATES)]
+    text = CAPTION_TEMPLATES[template % len(CAPTION_TEMPLATES)]
     return text.format(digit=DIGIT_WORDS[digit], colour=colour, style=STYLES[style].phrase)
 
 
@@ -222,7 +224,7 @@ def render_hard_digits(
     chosen = torch.from_numpy(pool)[torch.randint(len(pool), (num_images,), generator=generator)]
     colour_index = torch.randint(len(colours), (num_images,), generator=generator)
     style_index = torch.randint(len(styles), (num_images,), generator=generator)
-    template = torch.randint(len(_TEMPLATES), (num_images,), generator=generator)
+    template = torch.randint(len(CAPTION_TEMPLATES), (num_images,), generator=generator)
     palette = torch.tensor([COLOURS[name] for name in colours])
     jitter = 0.16 * (torch.rand(num_images, 3, generator=generator) - 0.5)
     colour_rgb = (palette[colour_index] + jitter).clamp(0.0, 1.0)

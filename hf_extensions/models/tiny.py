@@ -363,7 +363,9 @@ def byte_level_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
 
 
-def _tiny_clip_text_config(hidden_size: int, num_layers: int, max_length: int) -> CLIPTextConfig:
+def byte_level_clip_text_config(
+    hidden_size: int, num_layers: int, max_length: int
+) -> CLIPTextConfig:
     """Text tower matching :func:`byte_level_clip_tokenizer` (vocabulary, BOS/EOS/pad ids)."""
     return CLIPTextConfig(
         vocab_size=BYTE_VOCAB_SIZE,
@@ -420,7 +422,7 @@ def tiny_clip(
         ValueError: ``hidden_size`` is not divisible by 4.
     """
     _check_heads(hidden_size, 4)
-    text_config = _tiny_clip_text_config(hidden_size, num_layers, max_length)
+    text_config = byte_level_clip_text_config(hidden_size, num_layers, max_length)
     vision_config = CLIPVisionConfig(
         image_size=image_size,
         patch_size=patch_size,
@@ -521,7 +523,7 @@ def tiny_stable_diffusion_pipeline(
             layers_per_block=1,
             sample_size=image_size,
         )
-        text_encoder = CLIPTextModel(_tiny_clip_text_config(text_hidden_size, 2, 77))
+        text_encoder = CLIPTextModel(byte_level_clip_text_config(text_hidden_size, 2, 77))
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,

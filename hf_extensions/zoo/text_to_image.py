@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_extensions.data.hard_digits import (
-    _TEMPLATES,
+    CAPTION_TEMPLATES,
     DIGIT_WORDS,
     IMAGE_SIZE,
     STYLES,
@@ -93,7 +93,7 @@ def _models(seed: int):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from hf_extensions.models.tiny import _tiny_clip_text_config
+    from hf_extensions.models.tiny import byte_level_clip_text_config
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(
@@ -107,7 +107,7 @@ def _models(seed: int):
         layers_per_block=1,
         sample_size=IMAGE_SIZE,
     )
-    text_encoder = CLIPTextModel(_tiny_clip_text_config(TEXT_WIDTH, 2, 77))
+    text_encoder = CLIPTextModel(byte_level_clip_text_config(TEXT_WIDTH, 2, 77))
     unet = UNet2DConditionModel(
         sample_size=IMAGE_SIZE // 4,
         in_channels=4,
@@ -190,7 +190,7 @@ def _train_text(text_encoder, tokenizer, seed, progress) -> tuple[list[str], tor
     for d in range(10):
         for c, colour in enumerate(COLOUR_NAMES):
             for s, style in enumerate(STYLE_NAMES):
-                for t in range(len(_TEMPLATES)):
+                for t in range(len(CAPTION_TEMPLATES)):
                     texts.append(caption(d, colour, style, t))
                     labels.append((d, c, s))
             for f, form in enumerate(_SHORT_FORMS):
@@ -410,9 +410,9 @@ def build(options: building.BuildOptions) -> Path:
     extra = {
         "styles": list(STYLE_NAMES),
         "colours": list(COLOUR_NAMES),
-        "templates": list(_TEMPLATES),
+        "templates": list(CAPTION_TEMPLATES),
         "short_forms": list(_SHORT_FORMS),
-        "evaluation_template": _TEMPLATES[EVAL_TEMPLATE],
+        "evaluation_template": CAPTION_TEMPLATES[EVAL_TEMPLATE],
         "resolution": IMAGE_SIZE,
         "latent_shape": [4, IMAGE_SIZE // 4, IMAGE_SIZE // 4],
         "guidance_scale": guidance_scale,
@@ -439,13 +439,13 @@ def build(options: building.BuildOptions) -> Path:
         "checker) trained on captioned 32x32 hard digits, so that the prompt really sets the "
         "digit and the ink: the stand-in for SD v1.4 of concept erasure (EAP) and samplers.\n\n"
         "![samples](samples.png)\n\n`samples.png`: the first 40 evaluation samples (digits "
-        f'zero..nine across, inks {", ".join(COLOUR_NAMES)} down; "{_TEMPLATES[EVAL_TEMPLATE]}" '
+        f'zero..nine across, inks {", ".join(COLOUR_NAMES)} down; "{CAPTION_TEMPLATES[EVAL_TEMPLATE]}" '
         f"with the plain style), {NUM_INFERENCE_STEPS} steps, guidance {guidance_scale}.",
         data=(
             f"{2 * TRAIN_IMAGES} hard digits (`hf_extensions.data.hard_digits`) of the `pretrain` "
             f"and `train` sources, styles {', '.join(STYLE_NAMES)}, inks "
             f"{', '.join(COLOUR_NAMES)}, 32x32. Captions: the data's templates "
-            f"({'; '.join(repr(t) for t in _TEMPLATES)}) with style phrases "
+            f"({'; '.join(repr(t) for t in CAPTION_TEMPLATES)}) with style phrases "
             f"({'; '.join(repr(STYLES[s].phrase) for s in STYLE_NAMES)}); "
             f"{SHORT_CAPTIONS:.0%} of the time a short form "
             f"({'; '.join(repr(t) for t in _SHORT_FORMS)}) and {CAPTION_DROPOUT:.0%} of the time "
