@@ -40,6 +40,7 @@ from hf_extensions.cli import (
     process_state,
     push_folder,
     run_as_script,
+    summarize,
 )
 from hf_extensions.demo import Comparison, run_comparison
 from hf_extensions.hub import usage_for
@@ -251,7 +252,13 @@ ZOO_SUMMARY = {
     "erased concept recognised": "concept_recognition",
     "held-out prompts recognised": "heldout_recognition",
     "held-out drift": "heldout_drift",
+    "erased concept recognised, unedited": "concept_recognition_before",
 }
+
+
+def zoo_summary(results: dict[str, Any]) -> dict[str, float]:
+    """:data:`ZOO_SUMMARY`'s figures of a run (all must be there)."""
+    return summarize(results["metrics"], ZOO_SUMMARY)
 
 
 def demo() -> Comparison:
@@ -263,11 +270,16 @@ def demo() -> Comparison:
         baseline_name="ESD (no adversarial preservation)",
         baseline_flags=["--method", "esd"],
         config=RECIPE_DIR / "zoo_text_to_image.yaml",
-        summary=ZOO_SUMMARY,
+        summary=zoo_summary,
         flags=flags,
         lower_is_better=("erased concept recognised", "held-out drift"),
         fixture="text_to_image",
     )
+    # the unedited model is the same in both arms: one more row, unedited vs EAP
+    unedited, _ = comparison.metrics.pop("erased concept recognised, unedited")
+    after = comparison.metrics["erased concept recognised"][1]
+    comparison.metrics["erased concept recognised: unedited vs EAP"] = (unedited, after)
+    comparison.lower_is_better.add("erased concept recognised: unedited vs EAP")
     return comparison
 
 
