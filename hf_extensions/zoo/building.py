@@ -124,6 +124,11 @@ def _curve_table(curve: TrainingCurve, rows: int = 10) -> str:
     return "\n".join(lines)
 
 
+def _threads() -> str:
+    count = torch.get_num_threads()
+    return f"{count} thread{'' if count == 1 else 's'}"
+
+
 def card_text(
     name: str,
     summary: str,
@@ -157,7 +162,7 @@ tags: [hf-extensions, zoo, fixture]
 python -m hf_extensions.zoo build {name}
 ```
 Deterministic on one machine; built in {seconds / 60:.1f} minutes on {platform.machine()} CPU
-({torch.get_num_threads()} threads, torch {torch.__version__}).
+({_threads()}, torch {torch.__version__}).
 
 ## Load
 ```python
