@@ -123,8 +123,9 @@ def format_table(rows: list[tuple[str, str, Result, float]]) -> str:
 
 def save_figure(rows: list[tuple[str, str, Result, float]], path: Path) -> Path | None:
     """One bar per compared method: its headline metric's gain over the baseline, in percent of
-    the baseline (positive: the method is better; metrics differ in scale), labelled with both
-    values. ``None`` when nothing was compared."""
+    the larger of the two values (metrics differ in scale; a baseline of 0 stays finite;
+    positive: the method is better), labelled with both values. ``None`` when nothing was
+    compared."""
     compared = [(name, r) for name, _, r, _ in rows if isinstance(r, Comparison) and r.metrics]
     if not compared:
         return None
@@ -138,7 +139,7 @@ def save_figure(rows: list[tuple[str, str, Result, float]], path: Path) -> Path 
         metric = next(iter(result.metrics))
         before, after = result.metrics[metric]
         labels.append(f"{name}\n{metric}")
-        gains.append(100.0 * result.gain(metric) / max(abs(before), 1e-12))
+        gains.append(100.0 * result.gain(metric) / max(abs(before), abs(after), 1e-12))
         notes.append(f"{before:.3g} -> {after:.3g}")
     figure, axes = plt.subplots(figsize=(7, 0.6 * len(labels) + 1.2))
     colours = ["tab:green" if g > 0 else "tab:red" for g in gains]
@@ -149,8 +150,9 @@ def save_figure(rows: list[tuple[str, str, Result, float]], path: Path) -> Path 
         axes.annotate(note, (gain, y), fontsize=7, va="center", xytext=(3, 0),
                       textcoords="offset points")  # fmt: skip
     axes.invert_yaxis()
-    axes.set_xlabel("change of the headline metric, % of the baseline (positive: method better)")
-    axes.set_title("make demo: each method beside its baseline, on the zoo fixtures")
+    axes.set_xlabel("headline metric: method - baseline, % of the larger (positive: method better)",
+                    fontsize=8)  # fmt: skip
+    axes.set_title("make demo: each method beside its baseline, on the zoo fixtures", fontsize=10)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)

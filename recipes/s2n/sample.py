@@ -410,9 +410,11 @@ def demo() -> Comparison:
     ]  # fmt: skip
     results = run_demo(main, RECIPE_DIR / "zoo_text_to_image.yaml", lambda r: r, *flags)
     metrics = {}
-    for steps in results["arguments"]["num_inference_steps"]:
-        ddim = results[f"recognition_ddim_steps{steps}"]
-        for rho in results["arguments"]["rhos"]:
+    arguments = results["arguments"]
+    # the most steps and the largest rho first (the figure's headline); rho 0 (= DDIM) last
+    for rho in sorted(arguments["rhos"], key=lambda r: (r == 0, -r)):
+        for steps in sorted(arguments["num_inference_steps"], reverse=True):
+            ddim = results[f"recognition_ddim_steps{steps}"]
             label = f"digit recognised, rho {rho:g}, {steps} steps"
             metrics[label] = (ddim, results[f"recognition_rho{rho:g}_steps{steps}"])
     toy = toy_mixture_w1()
