@@ -58,7 +58,7 @@ def test_text_to_image_prompt_controls_the_digit():
     25 steps (what ``evaluate`` measures; the reload test above checks the number is real)."""
     record = read_quality(fixture_path("text_to_image"))
     assert record["quality"]["prompted_digit_accuracy"] >= 0.8
-    assert record.get("num_samples", 200) >= 200 and record.get("num_inference_steps", 25) == 25
+    assert record["num_samples"] >= 200 and record["num_inference_steps"] == 25
 
 
 def test_clip_leaves_room_to_adapt_on_the_target():
