@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BOS_TOKEN",
     "BYTE_VOCAB_SIZE",
+    "CLIP_ZERO_SHOT_TEMPLATE",
     "EOS_TOKEN",
     "MLPClassifier",
     "byte_level_clip_tokenizer",
@@ -58,6 +59,8 @@ __all__ = [
     "tiny_vit_classifier",
 ]
 
+#: CLIP's ImageNet zero-shot prompt template (PGA's, and the zoo CLIP's evaluation prompt).
+CLIP_ZERO_SHOT_TEMPLATE = "a photo of a {}."
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 #: 256 byte characters + the same 256 with the ``</w>`` end-of-word suffix + BOS + EOS.

@@ -30,10 +30,11 @@ from torch import nn
 from transformers import CLIPModel
 from transformers.masking_utils import create_causal_mask
 
+from hf_extensions.models.tiny import CLIP_ZERO_SHOT_TEMPLATE
 from hf_extensions.validation import check_integer, check_range, refuse
 
-#: The zero-shot template of the paper (CLIP's ImageNet default).
-ZERO_SHOT_TEMPLATE = "a photo of a {}."
+#: The zero-shot template of the paper (CLIP's ImageNet default; the zoo CLIP is measured with it).
+ZERO_SHOT_TEMPLATE = CLIP_ZERO_SHOT_TEMPLATE
 #: Placeholder word that a context vector replaces in the tokenised prompt.
 PLACEHOLDER = "X"
 

@@ -7,7 +7,7 @@ scale, ``CLIPModel(..., return_loss=True)``) on image/caption pairs of the style
 (``"cluttered"``): both are *unseen* domains for this CLIP, as a web-trained CLIP's zero-shot
 target domain would be. Captions name the digit, the ink and the style with three templates
 ("a handwritten seven in red ink on white paper"); the zero-shot prompts name only the digit,
-with PGA's own template (:data:`hf_extensions.pga.clip_prompts.ZERO_SHOT_TEMPLATE`).
+with PGA's own template (:data:`hf_extensions.models.tiny.CLIP_ZERO_SHOT_TEMPLATE`).
 
     python -m hf_extensions.zoo build clip
     python -m hf_extensions.zoo check clip
@@ -38,7 +38,7 @@ from hf_extensions.data.hard_digits import (
     render_hard_digits,
 )
 from hf_extensions.models.tiny import BYTE_VOCAB_SIZE, byte_level_clip_tokenizer
-from hf_extensions.pga.clip_prompts import ZERO_SHOT_TEMPLATE
+from hf_extensions.models.tiny import CLIP_ZERO_SHOT_TEMPLATE as ZERO_SHOT_TEMPLATE
 from hf_extensions.seeding import keyed_generator
 from hf_extensions.zoo import building
 
