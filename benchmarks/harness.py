@@ -252,6 +252,10 @@ class BenchmarkReport:
             measured in this run.
         config: the settings the run used (optional, written when given).
         notes: free text on how to read the numbers (optional, written when given).
+        protocol: the protocol the run followed, committed before its results (optional; the
+            evidence benchmarks write their module docstring here).
+        intervals: ``{comparison: PairedInterval.to_dict()}`` of paired per-seed differences
+            (optional; :func:`benchmarks.protocol.paired_interval`).
         machine: filled by :func:`machine_info` when the report is created.
     """
 
@@ -260,19 +264,21 @@ class BenchmarkReport:
     ratios: dict[str, float] = field(default_factory=dict)
     config: dict[str, Any] | None = None
     notes: str | None = None
+    protocol: str | None = None
+    intervals: dict[str, dict[str, Any]] | None = None
     machine: dict[str, Any] = field(default_factory=machine_info)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON document: ``machine``, ``metrics``, ``ratios`` (+ ``config``, ``notes``)."""
+        """The JSON document: ``machine``, ``metrics``, ``ratios`` (+ ``config``, ``notes``,
+        ``protocol``, ``intervals`` when given)."""
         document: dict[str, Any] = {
             "machine": self.machine,
             "metrics": self.metrics,
             "ratios": self.ratios,
         }
-        if self.config is not None:
-            document["config"] = self.config
-        if self.notes is not None:
-            document["notes"] = self.notes
+        for key in ("config", "notes", "protocol", "intervals"):
+            if getattr(self, key) is not None:
+                document[key] = getattr(self, key)
         return document
 
     def write(self, results_dir: str | Path = RESULTS_DIR) -> Path:
@@ -302,6 +308,11 @@ class BenchmarkReport:
             if line is header:
                 lines.append("  ".join("-" * width for width in widths))
         lines.extend(f"ratio {name}: {value:.3f}" for name, value in self.ratios.items())
+        for name, interval in (self.intervals or {}).items():
+            lines.append(
+                f"paired {name}: {interval['mean']:+.4g} "
+                f"[{interval['low']:+.4g}, {interval['high']:+.4g}] (n={interval['n']})"
+            )
         return "\n".join(lines)
 
     def print_table(self) -> None:
