@@ -134,6 +134,47 @@ def local_gradients(
     return loss.detach(), grads
 
 
+def local_gradients_of_each(
+    losses_fn: Callable[[], Sequence[torch.Tensor]],
+    parameters: Sequence[nn.Parameter],
+    *,
+    model: nn.Module | None = None,
+    accelerator=None,
+    scaler=None,
+) -> tuple[list[torch.Tensor], list[Tensors]]:
+    """The gradient of each of several losses that share one forward pass, on this process only.
+
+    Like :func:`local_gradients` (no all-reduce, ``p.grad`` never touched, fp16 scale divided
+    out), but ``losses_fn()`` returns several losses from one forward pass and each gets its own
+    ``torch.autograd.grad`` call over the retained graph: one forward pass instead of one per
+    loss (Agnostic-SAM's ``g_tr`` and ``g_val`` from one pass over the whole batch).
+
+    Returns:
+        ``([loss.detach() ...], [grads ...])``, ``grads[k][i] is None`` where parameter ``i`` got
+        no gradient from loss ``k``.
+    """
+    sync = (
+        accelerator.no_sync(model)
+        if accelerator is not None and model is not None
+        else contextlib.nullcontext()
+    )
+    with sync:
+        losses = list(losses_fn())
+        gradients = []
+        for index, loss in enumerate(losses):
+            scaled = scaler.scale(loss) if scaler is not None else loss
+            grads = torch.autograd.grad(
+                scaled, parameters, retain_graph=index < len(losses) - 1, allow_unused=True
+            )
+            gradients.append(list(grads))
+    if scaler is not None:
+        for k, grads in enumerate(gradients):
+            index = _present(grads)
+            unscaled = torch._foreach_mul([grads[i] for i in index], 1.0 / scaler.get_scale())
+            gradients[k] = _scatter(unscaled, index, len(grads))
+    return [loss.detach() for loss in losses], gradients
+
+
 def ascent_direction(
     grads: Tensors,
     parameters: Sequence[nn.Parameter],

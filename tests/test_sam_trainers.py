@@ -135,11 +135,12 @@ def _grads(model, params, features, labels):
     return torch.autograd.grad(model(features, labels)["loss"], trainable_parameters(model))
 
 
+@pytest.mark.parametrize("fuse", [True, False])
 @pytest.mark.parametrize(
     ("chain", "final", "val_fraction"),
     [(False, "full", 0.5), (True, "train", 0.25), (False, "sum", 0.5)],
 )
-def test_agnostic_sam_step_matches_a_hand_computed_step(tmp_path, chain, final, val_fraction):
+def test_agnostic_sam_step_matches_a_hand_computed_step(tmp_path, chain, final, val_fraction, fuse):
     rho_tr, rho_val, lr = 0.05, 0.03, 0.5
     trainer = _train(
         AgnosticSAMTrainer,
@@ -154,6 +155,7 @@ def test_agnostic_sam_step_matches_a_hand_computed_step(tmp_path, chain, final, 
         chain=chain,
         final_grad_on=final,
         val_fraction=val_fraction,
+        fuse_split_passes=fuse,
     )
     model = _model("mlp")
     params = [p.detach() for p in trainable_parameters(model)]
@@ -395,23 +397,38 @@ def test_loss_kwargs_models_give_the_same_step_as_mean_loss_models(tmp_path):
         assert _max_diff(runs[0], runs[1]) < 1e-6, final
 
 
-def test_an_overflowing_local_pass_makes_the_scaler_skip_the_step(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fuse", [False, True])
+def test_an_overflowing_local_pass_makes_the_scaler_skip_the_step(tmp_path, monkeypatch, fuse):
     """fp16: the validation half overflows, the final pass does not; the step must be skipped and
-    the scale lowered (not taken with half a perturbation)."""
-    args = AgnosticSAMConfig(output_dir=str(tmp_path), **{**DEFAULTS, "max_steps": 1})
+    the scale lowered (not taken with half a perturbation). Both ways of taking g_val."""
+    args = AgnosticSAMConfig(
+        output_dir=str(tmp_path), **{**DEFAULTS, "max_steps": 1}, fuse_split_passes=fuse
+    )
     trainer = AgnosticSAMTrainer(model=_model("mlp"), args=args, train_dataset=_data("mlp", 32))
     before = _params(trainer)
-    original = AgnosticSAMTrainer.local_gradients
     calls = []
 
-    def overflow_second_pass(self, model, inputs):
-        loss, grads = original(self, model, inputs)
-        calls.append(len(calls))
-        if len(calls) == 2:
-            grads = [None if g is None else torch.full_like(g, float("inf")) for g in grads]
-        return loss, grads
+    def infinite(grads):
+        return [None if g is None else torch.full_like(g, float("inf")) for g in grads]
 
-    monkeypatch.setattr(AgnosticSAMTrainer, "local_gradients", overflow_second_pass)
+    if fuse:
+        original_split = AgnosticSAMTrainer._split_gradients
+
+        def overflow_val(self, model, inputs, val):
+            train_loss, val_loss, train_grads, val_grads = original_split(self, model, inputs, val)
+            calls.extend([0, 1])
+            return train_loss, val_loss, train_grads, infinite(val_grads)
+
+        monkeypatch.setattr(AgnosticSAMTrainer, "_split_gradients", overflow_val)
+    else:
+        original = AgnosticSAMTrainer.local_gradients
+
+        def overflow_second_pass(self, model, inputs):
+            loss, grads = original(self, model, inputs)
+            calls.append(len(calls))
+            return loss, infinite(grads) if len(calls) == 2 else grads
+
+        monkeypatch.setattr(AgnosticSAMTrainer, "local_gradients", overflow_second_pass)
     with fp16_loss_scaling(trainer.accelerator, init_scale=2.0**10, autocast=False) as scaler:
         trainer.train()
         assert trainer.accelerator.optimizer_step_was_skipped
@@ -462,3 +479,61 @@ def test_fp16_that_accelerate_turns_into_float32_is_not_silent(tmp_path, caplog)
         assert "fp16" in str(error)
         return
     assert any("trains in float32" in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "vit"])
+def test_agnostic_sam_one_pass_split_gradients_equal_the_two_pass_ones(tmp_path, kind):
+    """g_tr and g_val from one forward pass (two autograd.grad calls) give the step of one pass
+    per split, to 1e-6, over several steps (the ViT normalises its loss by num_items_in_batch)."""
+    runs = {
+        fuse: _params(
+            _train(
+                AgnosticSAMTrainer,
+                AgnosticSAMConfig,
+                kind,
+                tmp_path / str(fuse),
+                rows=48,
+                per_device_train_batch_size=16,
+                max_steps=3,
+                learning_rate=0.1,
+                rho_train=0.05,
+                rho_val=0.03,
+                fuse_split_passes=fuse,
+            )
+        )
+        for fuse in (True, False)
+    }
+    assert _max_diff(runs[True], runs[False]) < 1e-6
+    assert _max_diff(runs[True], [p.detach() for p in trainable_parameters(_model(kind))]) > 1e-3
+
+
+class _DoubledLoss(torch.nn.Module):
+    """A classifier whose loss is twice the cross-entropy of its logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = tiny_mlp_classifier()
+
+    def forward(self, features, labels):
+        out = self.inner(features, labels)
+        return {"loss": 2 * out["loss"], "logits": out["logits"]}
+
+
+def test_agnostic_sam_keeps_two_passes_when_the_loss_is_not_the_logits_cross_entropy(
+    tmp_path, caplog
+):
+    def run(fuse):
+        torch.manual_seed(0)
+        model = _DoubledLoss()
+        args = AgnosticSAMConfig(
+            output_dir=str(tmp_path / str(fuse)), **DEFAULTS, per_device_train_batch_size=16,
+            max_steps=2, rho_train=0.05, rho_val=0.03, fuse_split_passes=fuse,
+        )  # fmt: skip
+        trainer = AgnosticSAMTrainer(model=model, args=args, train_dataset=_data("mlp", 32))
+        trainer.train()
+        return trainer
+
+    with caplog.at_level("WARNING"):
+        fused = run(True)
+    assert not fused._fusion_ok and "cannot come from one pass" in caplog.text
+    assert _max_diff(_params(fused), _params(run(False))) < 1e-6
