@@ -1,303 +1,276 @@
-"""Agnostic-SAM vs SAM vs the plain optimizer on digits with 40% symmetric label noise.
+"""Agnostic-SAM vs SAM vs SGD on the zoo's pretrained ViT: the evidence protocol of issue #23.
 
-The setting of the paper's noisy-label experiments (Nguyen et al., arXiv 2406.07107, Sec. 5),
-shrunk to what ships offline: scikit-learn's digits, 40% of the *training* labels flipped
-uniformly to another class (validation and test labels clean), a 64-512-512-10 MLP, the same
-optimizer, schedule, epochs and seeds for every method. Long enough training that the plain
-optimizer fits the noise, which is where sharpness-aware methods are claimed to help.
+Protocol (written and committed before any of its results, 2026-12-07)
+----------------------------------------------------------------------
+Claim checked (Nguyen et al., "Agnostic Sharpness-Aware Minimization", arXiv 2406.07107, Sec. 5):
+fine-tuning with Agnostic-SAM gives higher clean test accuracy than SAM and than the base
+optimizer, with noisy labels and with little data.
 
-Radius: the SAM radius ``rho`` is chosen on the clean validation split of the first seed from
-``--rho-grid`` (SAM's own best, so the baseline is not handicapped); Agnostic-SAM uses the same
-``rho_train = rho`` and its own ``rho_val`` chosen the same way from ``--rho-val-grid``. Then
-every method runs every seed and is scored on the clean test split.
+Model: ``zoo/vit`` (148k parameters, pretrained on hard digits in the styles plain, noisy,
+striped and paper; 0.82 on the held-out styles), fine-tuned whole, its 10-digit head kept.
 
-Cost: one optimizer step of each method on the same model and batch, timed interleaved in one
-process (:func:`benchmarks.harness.compare`), as ratios to the plain step; the MLP here and the
-tiny ViT of the recipe.
+Data: hard digits (``hf_extensions.data.hard_digits``) in the styles the ViT did not see
+(cluttered, blurred), all six inks, digit labels. Training images from the ``train`` sources,
+rendered with the run's seed; tuning on 500 ``validation`` images, the claim on 2000 ``test``
+images (both rendered once, seed 1234, clean labels). Two regimes:
 
-Run: ``python -m benchmarks.agnostic_sam`` (about 15 minutes on 2 CPU cores);
-``--quick`` for a smoke run.
+- ``noisy``: 600 training images, 40% symmetric label noise (the paper's noisy-label setting;
+  noise drawn with the run's seed), 12 epochs;
+- ``limited``: 150 clean training images, 30 epochs.
+
+Optimisation (every arm): SGD with momentum 0.9 (the paper's base optimizer), weight decay 5e-4,
+batch 32, cosine schedule with 5% warm-up, no clipping, float32, one CPU thread.
+
+Arms and tuning (per regime, on the validation accuracy of tuning seed 100, before any test run):
+
+- ``sgd``: learning rate from {0.01, 0.03, 0.1, 0.3} (4 trials). The SAM-family arms use it.
+- ``sam``: rho from {0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0} (8 trials).
+- ``agnostic_sam``: 8 trials. Stage 1: rho_train = rho_val = rho from {0.01, 0.03, 0.1, 0.3}
+  with the default variant (final gradient on the full batch, unchained). Stage 2, at that rho:
+  (train, unchained), (sum, unchained), (full, chained), (train, chained). Best of the 8.
+- ``agnostic_sam_no_val`` (the ablation that isolates the mechanism): the chosen Agnostic-SAM
+  setting with rho_val = 0, i.e. without the descent on B_val. Not tuned.
+
+Edge rule: a grid optimum at an edge (learning rate, SAM's rho, Agnostic-SAM's stage-1 rho)
+extends that grid by one geometric step (x3 for the 4-point grids, x2 for SAM's) and re-tunes,
+at most twice; whether each optimum ended inside its grid is written to the JSON. Ties go to the
+smaller value.
+
+Seeds: 0, 1, 2, 3, 4, paired (within a seed every arm sees the same training images, noise and
+data order, and starts from the same pretrained weights).
+
+Metrics: clean test accuracy (primary), test NLL, the fit of the noisy training labels, and for
+the SAM-family arms the training loss at the perturbed weights θ+e beside the loss at θ, averaged
+over the last quarter of the logged steps (a θ+e loss near ln 10 = 2.30 means the radius throws
+the weights to chance).
+
+Test: the paired difference over the 5 seeds with a 95% t-interval
+(:func:`benchmarks.protocol.paired_interval`) for agnostic_sam − sam, agnostic_sam − sgd and
+agnostic_sam − agnostic_sam_no_val, per regime. The claim holds in a regime when the interval
+of agnostic_sam − sam lies above 0; it is not reproduced when it does not, and the ablation
+(− agnostic_sam_no_val) says whether the descent on B_val is what moves the result.
+
+Cost: one optimizer step on the zoo ViT at batch 32, timed interleaved in one process: plain
+SGD, SAM, Agnostic-SAM (one pass per split, the default) and Agnostic-SAM with
+``fuse_split_passes`` (one forward pass for both splits); ``ratios.agnostic_vs_sam_step`` is the
+default over SAM. (That the fused step equals the two-pass one to 1e-6 is a test:
+``tests/test_sam_trainers.py``.)
+
+Run: ``python -m benchmarks.agnostic_sam`` (about 30 minutes on one quiet core); ``--quick`` is a
+smoke run on tiny settings that writes nothing; ``--part timing`` re-times the steps only.
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
-import time
+import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from transformers import Trainer, TrainingArguments
 
-from benchmarks.harness import (
-    BenchmarkReport,
-    compare,
-    get_pyplot,
-    make_parser,
-    mean_std,
-    optimisation_arguments,
-    quiet_training_arguments,
-    save_plot,
-    torch_threads,
-    trainer_step_fn,
-)
-from hf_extensions.data import add_label_noise, load_digits
-from hf_extensions.metrics.functional import accuracy
-from hf_extensions.models import tiny_mlp_classifier, tiny_vit_classifier
-from trainers import AgnosticSAMConfig, AgnosticSAMTrainer, SAMConfig, SAMTrainer
+from benchmarks import _agnostic_sam_runs as runs
+from benchmarks.harness import BenchmarkReport, get_pyplot, make_parser, save_plot, torch_threads
+from benchmarks.protocol import paired_interval, tune_on_grid
 
 NAME = "agnostic_sam"
-METHODS = ("adamw", "sam", "agnostic_sam")
+ARMS = ("sgd", "sam", "agnostic_sam", "agnostic_sam_no_val")
+REGIMES = {
+    "noisy": runs.Regime(train_images=600, label_noise=0.4, epochs=12),
+    "limited": runs.Regime(train_images=150, label_noise=0.0, epochs=30),
+}
+TUNING_SEED = 100
+SEEDS = (0, 1, 2, 3, 4)
+LR_GRID = (0.01, 0.03, 0.1, 0.3)
+SAM_RHO_GRID = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+AGNOSTIC_RHO_GRID = (0.01, 0.03, 0.1, 0.3)
+AGNOSTIC_VARIANTS = (("train", False), ("sum", False), ("full", True), ("train", True))
+COMPARISONS = (
+    ("agnostic_sam", "sam"),
+    ("agnostic_sam", "sgd"),
+    ("agnostic_sam", "agnostic_sam_no_val"),
+    ("sam", "sgd"),
+)
 
 
 @dataclass(frozen=True)
-class Settings:
-    """One training configuration shared by every method."""
+class Tuned:
+    """The settings chosen on validation for one regime."""
 
-    label_noise: float = 0.4
-    hidden_sizes: tuple[int, ...] = (512, 512)
-    optim: str = "adamw_torch"
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.01
-    epochs: int = 200
-    batch_size: int = 64
-    rho: float = 0.05
-    rho_val: float = 0.05
+    learning_rate: float
+    rho: float
+    rho_agnostic: float
+    final_grad_on: str
+    chain: bool
 
 
-def _datasets(seed: int, noise: float):
-    data = load_digits(seed=seed, layout="vector")
-    train = add_label_noise(data["train"], noise, seed=seed).select_columns(["features", "labels"])
-    return train, data["validation"], data["test"]
+def tune(regime: runs.Regime, data: runs.Data, log) -> tuple[Tuned, dict[str, Any]]:
+    """The protocol's tuning of one regime on seed :data:`TUNING_SEED` (validation accuracy)."""
+
+    def score(arm: runs.Arm) -> float:
+        return runs.train_and_score(arm, regime, data, TUNING_SEED)["validation_accuracy"]
+
+    log("  tuning sgd learning rate")
+    lr = tune_on_grid(LR_GRID, lambda v: score(runs.Arm("sgd", learning_rate=v)), factor=3, log=log)
+    log("  tuning sam rho")
+    sam = tune_on_grid(
+        SAM_RHO_GRID,
+        lambda v: score(runs.Arm("sam", learning_rate=lr.best, rho=v)),
+        factor=2,
+        log=log,
+    )
+    log("  tuning agnostic_sam rho (full, unchained)")
+    stage1 = tune_on_grid(
+        AGNOSTIC_RHO_GRID,
+        lambda v: score(runs.Arm("agnostic_sam", learning_rate=lr.best, rho=v)),
+        factor=3,
+        log=log,
+    )
+    variants = {("full", False): stage1.scores[stage1.best]}
+    for final, chain in AGNOSTIC_VARIANTS:
+        arm = runs.Arm("agnostic_sam", lr.best, stage1.best, final_grad_on=final, chain=chain)
+        variants[(final, chain)] = score(arm)
+        log(f"  agnostic_sam {final} chain={chain}: validation {variants[(final, chain)]:.4f}")
+    final, chain = max(variants, key=lambda key: variants[key])  # first (default) wins ties
+    tuned = Tuned(lr.best, sam.best, stage1.best, final, chain)
+    record = {
+        "learning_rate": lr.to_dict(),
+        "sam_rho": sam.to_dict(),
+        "agnostic_sam_rho": stage1.to_dict(),
+        "agnostic_sam_variants": {f"{f}, chain={c}": s for (f, c), s in variants.items()},
+        "chosen": asdict(tuned),
+    }
+    return tuned, record
 
 
-def _accuracy(model, split) -> float:
-    columns = split.with_format("torch")[:]
-    model.eval()
-    with torch.no_grad():
-        logits = model(columns["features"].float())["logits"]
-    return float(accuracy(logits.argmax(-1).numpy(), columns["labels"].numpy()))
-
-
-def build_trainer(method: str, model, train, settings: Settings, seed: int, output_dir: str):
-    """The Trainer of ``method`` with the shared optimisation settings."""
-    common = quiet_training_arguments(output_dir, seed=seed, **optimisation_arguments(settings))
-    if method == "adamw":
-        return Trainer(model=model, args=TrainingArguments(**common), train_dataset=train)
-    if method == "sam":
-        args = SAMConfig(rho=settings.rho, **common)
-        return SAMTrainer(model=model, args=args, train_dataset=train)
-    args = AgnosticSAMConfig(rho_train=settings.rho, rho_val=settings.rho_val, **common)
-    return AgnosticSAMTrainer(model=model, args=args, train_dataset=train)
-
-
-def run(method: str, seed: int, settings: Settings) -> dict[str, float]:
-    """Train ``method`` on seed ``seed``; clean validation/test accuracy and noisy-train fit."""
-    train, validation, test = _datasets(seed, settings.label_noise)
-    model = tiny_mlp_classifier(hidden_sizes=settings.hidden_sizes, seed=seed).train()
-    with tempfile.TemporaryDirectory() as output_dir:
-        trainer = build_trainer(method, model, train, settings, seed, output_dir)
-        start = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - start
+def arms_of(tuned: Tuned) -> dict[str, runs.Arm]:
+    """The four arms at the tuned settings."""
+    agnostic = runs.Arm("agnostic_sam", tuned.learning_rate, tuned.rho_agnostic,
+                        final_grad_on=tuned.final_grad_on, chain=tuned.chain)  # fmt: skip
     return {
-        "test_accuracy": _accuracy(model, test),
-        "validation_accuracy": _accuracy(model, validation),
-        "noisy_train_fit": _accuracy(model, train),
-        "train_seconds": seconds,
+        "sgd": runs.Arm("sgd", tuned.learning_rate),
+        "sam": runs.Arm("sam", tuned.learning_rate, tuned.rho),
+        "agnostic_sam": agnostic,
+        "agnostic_sam_no_val": replace(agnostic, rho_val=0.0),
     }
 
 
-def select(method: str, field: str, grid, settings: Settings, seed: int, log) -> tuple[float, dict]:
-    """The value of ``field`` in ``grid`` with the best clean validation accuracy on ``seed``."""
-    scores = {}
-    for value in grid:
-        result = run(method, seed, replace(settings, **{field: value}))
-        scores[value] = result["validation_accuracy"]
-        log(f"  select {method} {field}={value}: validation accuracy {scores[value]:.4f}")
-    best = max(grid, key=lambda value: (scores[value], -value))
-    return best, {str(k): v for k, v in scores.items()}
-
-
-#: (model, batch size) settings timed: the trained MLP at its training batch (the ``ratios.*_step``
-#: of the issue), then larger batches where arithmetic rather than per-pass overhead dominates.
-TIMING_SETTINGS = (("mlp", 64), ("mlp", 1024), ("vit", 64), ("vit", 256))
-
-
-def _timing_batch(kind: str, batch_size: int, settings: Settings) -> dict[str, torch.Tensor]:
-    data = load_digits(seed=0, layout="vector" if kind == "mlp" else "image")["train"]
-    rows = torch.arange(batch_size) % len(data)
-    columns = data.with_format("torch")[:]
-    key = "features" if kind == "mlp" else "pixel_values"
-    return {key: columns[key][rows].float(), "labels": columns["labels"][rows].long()}
-
-
-def step_ratios(settings: Settings, repeats: int) -> tuple[dict[str, float], dict[str, Any]]:
-    """Median step time of SAM and Agnostic-SAM over the plain step, timed interleaved.
-
-    ``ratios["<method>_step"]`` is the trained MLP at the training batch; the other settings
-    are named ``<method>_step_<model>_b<batch>``.
-    """
-    makers = {
-        "mlp": lambda: tiny_mlp_classifier(hidden_sizes=settings.hidden_sizes).train(),
-        "vit": lambda: tiny_vit_classifier().train(),
-    }
-    ratios, timings = {}, {}
-    total = 3 + repeats + 2
-    for kind, batch_size in TIMING_SETTINGS:
-        batch = _timing_batch(kind, batch_size, settings)
-        with tempfile.TemporaryDirectory() as output_dir:
-            steps = {
-                method: trainer_step_fn(
-                    build_trainer(method, makers[kind](), None, settings, 0, output_dir), total
-                )
-                for method in METHODS
-            }
-            result = compare(
-                lambda steps=steps, batch=batch: steps["adamw"](batch),
-                {m: (lambda m=m, steps=steps, batch=batch: steps[m](batch)) for m in METHODS[1:]},
-                warmup=3,
-                repeats=repeats,
+def evaluate_regime(name: str, regime: runs.Regime, data: runs.Data, seeds, log):
+    """Tune, then run every arm on every seed: ``(per-arm per-seed metrics, tuning record)``."""
+    log(f"== regime {name}: {regime}")
+    tuned, record = tune(regime, data, log)
+    log(f"  chosen: {tuned}")
+    per_seed: dict[str, dict[str, list[float]]] = {arm: {} for arm in ARMS}
+    for seed in seeds:
+        for arm_name, arm in arms_of(tuned).items():
+            result = runs.train_and_score(arm, regime, data, seed)
+            log(
+                f"  seed {seed} {arm_name}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items())
             )
-        name = f"{kind}_b{batch_size}"
-        primary = (kind, batch_size) == ("mlp", settings.batch_size)
-        for method in METHODS[1:]:
-            ratios[f"{method}_step" if primary else f"{method}_step_{name}"] = result["ratios"][
-                method
-            ]
-        timings[name] = {
-            "plain": result["baseline"].median * 1e3,
-            **{m: result["candidates"][m].median * 1e3 for m in METHODS[1:]},
-        }
-    return ratios, timings
+            for key, value in result.items():
+                per_seed[arm_name].setdefault(key, []).append(value)
+    return per_seed, record
 
 
-def plot(per_seed: dict[str, dict[str, list[float]]], ratios: dict[str, float], results_dir):
+def _intervals(results: dict[str, dict[str, dict[str, list[float]]]]) -> dict[str, Any]:
+    intervals = {}
+    for regime, per_seed in results.items():
+        for method, baseline in COMPARISONS:
+            for metric, higher in (("test_accuracy", True), ("test_nll", False)):
+                interval = paired_interval(per_seed[method][metric], per_seed[baseline][metric])
+                intervals[f"{regime}/{method}-{baseline}:{metric}"] = interval.to_dict(higher)
+    return intervals
+
+
+def plot(results, intervals, ratios, results_dir):
     plt = get_pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    labels = {"adamw": "AdamW", "sam": "SAM", "agnostic_sam": "Agnostic-SAM"}
-    for index, method in enumerate(METHODS):
-        values = per_seed[method]["test_accuracy"]
-        left.bar(index, np.mean(values), yerr=np.std(values, ddof=1) if len(values) > 1 else 0,
-                 capsize=4, color=f"C{index}")  # fmt: skip
-        left.scatter([index] * len(values), values, color="black", s=12, zorder=3)
-    left.set_xticks(range(len(METHODS)), [labels[m] for m in METHODS])
-    left.set_ylabel("clean test accuracy")
-    left.set_title("digits, 40% symmetric label noise")
-    left.set_ylim(0, 1)
-    names = list(ratios)
-    right.barh(range(len(names)), [ratios[n] for n in names], color="C7")
-    right.axvline(2.0, color="black", lw=0.8, ls="--", label="two plain steps")
-    right.set_yticks(range(len(names)), names, fontsize=7)
-    right.invert_yaxis()
-    right.set_xlabel("step time / plain AdamW step")
-    right.legend(loc="lower right")
+    fig, axes = plt.subplots(1, len(results) + 1, figsize=(4.2 * (len(results) + 1), 4))
+    for ax, (regime, per_seed) in zip(axes, results.items()):
+        for index, arm in enumerate(ARMS):
+            values = np.asarray(per_seed[arm]["test_accuracy"])
+            ax.bar(index, values.mean(), color=f"C{index}", alpha=0.7)
+            ax.scatter([index] * len(values), values, color="black", s=10, zorder=3)
+            for seed in range(len(values)):
+                ax.plot(range(len(ARMS)), [per_seed[a]["test_accuracy"][seed] for a in ARMS],
+                        color="grey", lw=0.5, alpha=0.5)  # fmt: skip
+        low = min(min(per_seed[a]["test_accuracy"]) for a in ARMS)
+        ax.set_ylim(max(0.0, low - 0.05), None)
+        ax.set_xticks(range(len(ARMS)), ["SGD", "SAM", "Agn.-SAM", "Agn. ρval=0"], fontsize=8)
+        diff = intervals[f"{regime}/agnostic_sam-sam:test_accuracy"]
+        ax.set_title(f"{regime}: Agn.−SAM {100 * diff['mean']:+.1f} "
+                     f"[{100 * diff['low']:+.1f}, {100 * diff['high']:+.1f}] pts", fontsize=9)  # fmt: skip
+        ax.set_ylabel("clean test accuracy (lines: paired seeds)")
+    names = [n for n in ratios if n.endswith("_step")]
+    axes[-1].barh(range(len(names)), [ratios[n] for n in names], color="C7")
+    axes[-1].set_yticks(range(len(names)), names, fontsize=7)
+    axes[-1].axvline(1.15, color="black", lw=0.8, ls="--")
+    axes[-1].set_title("step time ratios (zoo ViT, batch 32)", fontsize=9)
+    fig.tight_layout()
     return save_plot(fig, NAME, results_dir)
 
 
 def main(argv: list[str] | None = None) -> BenchmarkReport:
     parser = make_parser(__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=Settings.epochs)
-    parser.add_argument("--rho-grid", type=float, nargs="+", default=[0.05, 0.2, 0.5, 1.0])
-    parser.add_argument("--rho-val-grid", type=float, nargs="+", default=[0.05, 0.2, 0.5, 1.0])
-    parser.add_argument("--timing-repeats", type=int, default=30)
-    parser.add_argument(
-        "--part",
-        choices=("all", "accuracy", "timing"),
-        default="all",
-        help="'timing' re-times the steps and updates the ratios of an existing JSON",
-    )
-    parser.add_argument("--quick", action="store_true", help="2 epochs, one seed: a smoke run")
+    parser.add_argument("--part", choices=("all", "timing"), default="all",
+                        help="'timing' re-times the steps and updates the ratios of the JSON")  # fmt: skip
+    parser.add_argument("--timing-repeats", type=int, default=40)
+    parser.add_argument("--quick", action="store_true", help="tiny settings; writes nothing")
     args = parser.parse_args(argv)
-    with torch_threads(1):  # steadier timings on a shared machine; recorded in the JSON
+    with torch_threads(1):
         return _run(args)
 
 
-def _accuracy_part(args, settings: Settings, seeds: list[int]) -> tuple[dict, dict, Settings]:
-    """Select the radii, train every method on every seed: per-seed results and selection scores."""
-    rho_grid = args.rho_grid[:1] if args.quick else args.rho_grid
-    rho_val_grid = args.rho_val_grid[:1] if args.quick else args.rho_val_grid
-    settings = replace(settings, rho=rho_grid[0], rho_val=rho_val_grid[0])
-    rho, rho_scores = select("sam", "rho", rho_grid, settings, seeds[0], print)
-    settings = replace(settings, rho=rho)
-    rho_val, rho_val_scores = select(
-        "agnostic_sam", "rho_val", rho_val_grid, settings, seeds[0], print
-    )
-    settings = replace(settings, rho_val=rho_val)
-    per_seed: dict[str, dict[str, list[float]]] = {m: {} for m in METHODS}
-    for seed in seeds:
-        for method in METHODS:
-            result = run(method, seed, settings)
-            print(f"  seed {seed} {method}: {result}")
-            for key, value in result.items():
-                per_seed[method].setdefault(key, []).append(value)
-    return per_seed, {"rho": rho_scores, "rho_val": rho_val_scores}, settings
-
-
-def _previous(results_dir) -> dict[str, Any]:
-    path = Path(results_dir) / f"{NAME}.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"--part timing updates {path}, which does not exist yet.")
-    return json.loads(path.read_text())
-
-
 def _run(args) -> BenchmarkReport:
-    settings = Settings(epochs=2 if args.quick else args.epochs)
-    seeds = args.seeds[:1] if args.quick else args.seeds
+    path = Path(args.results_dir) / f"{NAME}.json"
+    ratios, timings = runs.step_ratios(repeats=5 if args.quick else args.timing_repeats)
     if args.part == "timing":
-        previous = _previous(args.results_dir)
-        config = previous["config"]
-        settings = Settings(**{k: tuple(v) if k == "hidden_sizes" else v
-                               for k, v in config.items() if k in Settings.__dataclass_fields__})  # fmt: skip
-        per_seed = {m: {k[: -len("_per_seed")]: v for k, v in previous["metrics"][m].items()
-                        if k.endswith("_per_seed")} for m in METHODS}  # fmt: skip
-        selection = config["selection_validation_accuracy"]
-        seeds = config["seeds"]
-    else:
-        per_seed, selection, settings = _accuracy_part(args, settings, seeds)
-    if args.part == "accuracy":
-        ratios, timings = {}, {}
-    else:
-        ratios, timings = step_ratios(settings, 5 if args.quick else args.timing_repeats)
-    metrics: dict[str, dict[str, Any]] = {}
-    for method in METHODS:
-        row: dict[str, Any] = {"test_accuracy": mean_std(per_seed[method]["test_accuracy"])[0]}
-        row.update({f"{k}_per_seed": v for k, v in per_seed[method].items()})
-        key = "plain" if method == "adamw" else method
-        row.update({f"step_ms_{name}": table[key] for name, table in timings.items()})
-        metrics[method] = row
-    gap_plain = metrics["agnostic_sam"]["test_accuracy"] - metrics["adamw"]["test_accuracy"]
-    gap_sam = metrics["agnostic_sam"]["test_accuracy"] - metrics["sam"]["test_accuracy"]
+        document = json.loads(path.read_text())
+        document["ratios"] = ratios
+        document["config"]["step_ms"] = timings
+        path.write_text(json.dumps(document, indent=2) + "\n")
+        print(json.dumps(ratios, indent=2))
+        return None
+    data = runs.Data.load(quick=args.quick)
+    regimes = REGIMES
+    seeds = SEEDS
+    if args.quick:
+        regimes = {k: replace(v, epochs=1) for k, v in REGIMES.items()}
+        seeds = SEEDS[:2]
+    results, tuning = {}, {}
+    for name, regime in regimes.items():
+        results[name], tuning[name] = evaluate_regime(name, regime, data, seeds, print)
+    intervals = _intervals(results)
+    metrics = {
+        f"{regime}/{arm}": {**{k: v for k, v in per_seed[arm].items()},
+                            "test_accuracy_mean": float(np.mean(per_seed[arm]["test_accuracy"]))}
+        for regime, per_seed in results.items() for arm in ARMS
+    }  # fmt: skip
     report = BenchmarkReport(
         name=NAME,
         metrics=metrics,
         ratios=ratios,
         config={
-            **asdict(settings),
-            "seeds": seeds,
+            "regimes": {k: asdict(v) for k, v in regimes.items()},
+            "seeds": list(seeds),
+            "tuning_seed": TUNING_SEED,
+            "tuning": tuning,
+            "step_ms": timings,
             "torch_threads": 1,
-            "selection_validation_accuracy": selection,
+            "chance_loss": math.log(10),
         },
         notes=(
-            "Clean test accuracy, mean over seeds (per-seed values alongside). rho chosen by SAM's "
-            "clean validation accuracy on the first seed; Agnostic-SAM uses rho_train = rho and "
-            "its own rho_val chosen the same way. Claim checked: Agnostic-SAM >= AdamW + 10 "
-            f"points (measured {100 * gap_plain:+.1f}) and >= SAM - 1 point (measured "
-            f"{100 * gap_sam:+.1f}). Step ratios: median step time over the plain AdamW step, "
-            "timed interleaved in this run; ratios.<method>_step is the trained MLP at its "
-            "training batch, <method>_step_<model>_b<batch> other settings. A pass has a fixed "
-            "cost (Python, autograd, Trainer) that does not shrink with the batch, so at small "
-            "batches Agnostic-SAM's two half-batch passes cost about two full ones."
+            "metrics.<regime>/<arm>.<metric>: per-seed lists (seeds paired). intervals: paired "
+            "95% t-intervals of the differences, per regime. ratios: step time over the plain "
+            "SGD step (and agnostic_vs_sam_step), timed interleaved in this run."
         ),
+        protocol=__doc__,
+        intervals=intervals,
     )
+    report.print_table()
     if not args.quick:
         report.write(args.results_dir)
-        plot(per_seed, ratios, args.results_dir)
-    report.print_table()
+        plot(results, intervals, ratios, args.results_dir)
     return report
 
 

@@ -1,0 +1,169 @@
+"""One training run of each arm of :mod:`benchmarks.agnostic_sam`, and the step timing."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainingArguments, ViTForImageClassification
+
+from benchmarks.harness import compare, quiet_training_arguments, trainer_step_fn
+from hf_extensions.data import add_label_noise
+from hf_extensions.data.hard_digits import COLOURS, load_hard_digits
+from hf_extensions.zoo import fixture_path
+from trainers import AgnosticSAMConfig, AgnosticSAMTrainer, SAMConfig, SAMTrainer
+
+STYLES = ("cluttered", "blurred")
+EVAL_SEED = 1234
+BATCH_SIZE = 32
+
+
+@dataclass(frozen=True)
+class Regime:
+    """The training set of one regime: size, label noise, epochs."""
+
+    train_images: int
+    label_noise: float
+    epochs: int
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One method at one setting (``rho_val`` defaults to ``rho``)."""
+
+    method: str
+    learning_rate: float
+    rho: float = 0.0
+    final_grad_on: str = "full"
+    chain: bool = False
+    rho_val: float | None = None
+
+
+@dataclass
+class Data:
+    """The fixed validation and test images (clean), rendered once."""
+
+    validation: dict[str, torch.Tensor]
+    test: dict[str, torch.Tensor]
+
+    @classmethod
+    def load(cls, quick: bool = False) -> Data:
+        sizes = {"validation": 100, "test": 200} if quick else {"validation": 500, "test": 2000}
+        splits = load_hard_digits(sizes, styles=STYLES, colours=tuple(COLOURS), seed=EVAL_SEED)
+        return cls(_tensors(splits["validation"]), _tensors(splits["test"]))
+
+
+def _tensors(split) -> dict[str, torch.Tensor]:
+    columns = split.with_format("torch")[:]
+    return {"pixel_values": columns["pixel_values"].float(), "labels": columns["labels"].long()}
+
+
+def training_set(regime: Regime, seed: int):
+    """The run's training images (rendered with ``seed``), with its label noise."""
+    split = load_hard_digits({"train": regime.train_images}, styles=STYLES,
+                             colours=tuple(COLOURS), seed=seed)["train"]  # fmt: skip
+    if regime.label_noise > 0:
+        split = add_label_noise(split, regime.label_noise, num_classes=10, seed=seed)
+    return split.select_columns(["pixel_values", "labels"])
+
+
+def build_trainer(arm: Arm, model, train, regime: Regime, seed: int, output_dir: str):
+    """The arm's Trainer with the protocol's shared optimisation settings."""
+    common = quiet_training_arguments(
+        output_dir,
+        seed=seed,
+        optim="sgd",
+        optim_args="momentum=0.9",
+        learning_rate=arm.learning_rate,
+        weight_decay=5e-4,
+        num_train_epochs=regime.epochs,
+        per_device_train_batch_size=BATCH_SIZE,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,
+        max_grad_norm=0.0,
+        logging_strategy="steps",
+        logging_steps=5,
+        dataloader_drop_last=True,
+    )
+    if arm.method == "sgd":
+        return Trainer(model=model, args=TrainingArguments(**common), train_dataset=train)
+    if arm.method == "sam":
+        return SAMTrainer(model=model, args=SAMConfig(rho=arm.rho, **common), train_dataset=train)
+    rho_val = arm.rho if arm.rho_val is None else arm.rho_val
+    args = AgnosticSAMConfig(rho_train=arm.rho, rho_val=rho_val, chain=arm.chain,
+                             final_grad_on=arm.final_grad_on, **common)  # fmt: skip
+    return AgnosticSAMTrainer(model=model, args=args, train_dataset=train)
+
+
+@torch.no_grad()
+def _scores(model, split: dict[str, torch.Tensor]) -> tuple[float, float]:
+    model.eval()
+    logits = torch.cat([model(pixel_values=chunk).logits
+                        for chunk in split["pixel_values"].split(500)])  # fmt: skip
+    nll = torch.nn.functional.cross_entropy(logits, split["labels"])
+    return float((logits.argmax(-1) == split["labels"]).float().mean()), float(nll)
+
+
+def _late_mean(history: list[dict], key: str) -> float:
+    values = [entry[key] for entry in history if key in entry]
+    return float(np.mean(values[-max(len(values) // 4, 1) :])) if values else float("nan")
+
+
+def train_and_score(arm: Arm, regime: Regime, data: Data, seed: int) -> dict[str, float]:
+    """Fine-tune the zoo ViT with ``arm`` on the regime's training set of ``seed``; scores."""
+    train = training_set(regime, seed)
+    torch.manual_seed(seed)
+    model = ViTForImageClassification.from_pretrained(fixture_path("vit")).train()
+    with tempfile.TemporaryDirectory() as output_dir:
+        trainer = build_trainer(arm, model, train, regime, seed, output_dir)
+        trainer.train()
+        history = trainer.state.log_history
+    test_accuracy, test_nll = _scores(model, data.test)
+    validation_accuracy, _ = _scores(model, data.validation)
+    fit, _ = _scores(model, _tensors(train))
+    result = {
+        "test_accuracy": test_accuracy,
+        "test_nll": test_nll,
+        "validation_accuracy": validation_accuracy,
+        "train_label_fit": fit,
+        # Training loss the optimizer saw: at theta + e for the SAM family, at theta for SGD.
+        "late_train_loss": _late_mean(history, "loss"),
+    }
+    at_weights = "loss_at_weights" if arm.method == "sam" else "train_split_loss"
+    if arm.method != "sgd":
+        result["late_loss_at_theta"] = _late_mean(history, at_weights)
+    return result
+
+
+def step_ratios(repeats: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Step times on the zoo ViT at batch :data:`BATCH_SIZE`, interleaved: ratios and ms."""
+    batch = {"pixel_values": torch.rand(BATCH_SIZE, 3, 32, 32),
+             "labels": torch.randint(0, 10, (BATCH_SIZE,))}  # fmt: skip
+    regime = Regime(train_images=BATCH_SIZE, label_noise=0.0, epochs=1)
+    arms = {
+        "sam": (Arm("sam", 0.03, 0.05), {}),
+        "agnostic_sam": (Arm("agnostic_sam", 0.03, 0.05), {}),
+        "agnostic_sam_fused": (Arm("agnostic_sam", 0.03, 0.05), {"fuse_split_passes": True}),
+    }
+    with tempfile.TemporaryDirectory() as output_dir:
+
+        def step_of(arm, extra):
+            model = ViTForImageClassification.from_pretrained(fixture_path("vit")).train()
+            trainer = build_trainer(arm, model, None, regime, 0, output_dir)
+            for key, value in extra.items():
+                setattr(trainer.args, key, value)
+            return trainer_step_fn(trainer, 10_000)
+
+        plain = step_of(Arm("sgd", 0.03), {})
+        steps = {name: step_of(arm, extra) for name, (arm, extra) in arms.items()}
+        result = compare(lambda: plain(batch),
+                         {name: (lambda s=s: s(batch)) for name, s in steps.items()},
+                         warmup=5, repeats=repeats)  # fmt: skip
+    ratios = {f"{name}_step": result["ratios"][name] for name in arms}
+    ratios["agnostic_vs_sam_step"] = ratios["agnostic_sam_step"] / ratios["sam_step"]
+    ratios["agnostic_fused_vs_sam_step"] = ratios["agnostic_sam_fused_step"] / ratios["sam_step"]
+    timings = {"plain": result["baseline"].median * 1e3,
+               **{n: result["candidates"][n].median * 1e3 for n in arms}}  # fmt: skip
+    return ratios, timings
