@@ -37,6 +37,7 @@ from typing import Any, Literal
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from hf_extensions import __version__
+from hf_extensions.evidence import evidence_for
 from hf_extensions.validation import check_choice, refuse
 
 __all__ = [
@@ -455,7 +456,8 @@ def build_model_card(
         license (`str`, *optional*, defaults to `None`):
             The Hub license identifier (e.g. ``"apache-2.0"``).
         extra_text (`str`, *optional*, defaults to `""`):
-            Markdown appended to the body.
+            Markdown appended to the body, before the method's benchmark evidence
+            (:mod:`hf_extensions.evidence`, when it has some).
         usage (`Usage` or `str`, *optional*, defaults to `None`):
             The card's usage snippet (Python code that loads the artifact and runs it); `None`:
             the :data:`USAGES` snippet of ``method``, else a generic loader of ``library_name``.
@@ -542,8 +544,16 @@ def build_model_card(
         if metrics
         else "",
         usage=_usage_code(usage, method, library_name, artifact, base_model),
-        extra_text=extra_text,
+        extra_text=_with_evidence(extra_text, method),
     )
+
+
+def _with_evidence(extra_text: str, method: str) -> str:
+    """``extra_text`` followed by the method's benchmark evidence (:mod:`hf_extensions.evidence`)."""
+    evidence = evidence_for(method)
+    if evidence is None:
+        return extra_text
+    return f"{extra_text}\n\n{evidence.markdown()}" if extra_text else evidence.markdown()
 
 
 _GENERIC_LOADERS = {

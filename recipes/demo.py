@@ -22,6 +22,7 @@ import traceback
 from pathlib import Path
 
 from hf_extensions.demo import Comparison
+from hf_extensions.evidence import evidence_for
 
 #: name -> (module with a ``demo()`` function, one-line description)
 REGISTRY: dict[str, tuple[str, str]] = {
@@ -121,6 +122,16 @@ def format_table(rows: list[tuple[str, str, Result, float]]) -> str:
     return "\n".join([text[0], rule, *text[1:]])
 
 
+def format_evidence(names) -> str:
+    """The benchmark evidence of each entry that has some (:mod:`hf_extensions.evidence`): a
+    demo row is one seed of one setting; the evidence is the tested claim."""
+    lines = [f"{name}: {evidence.line()}" for name in names
+             if (evidence := evidence_for(name)) is not None]  # fmt: skip
+    if not lines:
+        return ""
+    return "\nbenchmark evidence (paired seeds, 95% intervals):\n" + "\n".join(lines)
+
+
 def save_figure(rows: list[tuple[str, str, Result, float]], path: Path) -> Path | None:
     """One bar per compared method: its headline metric's gain over the baseline, in percent of
     the larger of the two values (metrics differ in scale; a baseline of 0 stays finite;
@@ -183,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((name, REGISTRY[name][1], result, time.perf_counter() - start))
     print()
     print(format_table(rows))
+    print(format_evidence(name for name, *_ in rows))
     figure = save_figure(rows, args.figure)
     if figure is not None:
         print(f"\nsummary figure: {figure}")
