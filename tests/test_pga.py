@@ -98,6 +98,19 @@ def test_zero_rho_alpha_is_plain_gradient_and_weights_are_restored():
     assert shared.grad is None  # autograd.grad never touches .grad
 
 
+def test_shift_sizes_are_rho_and_alpha_over_the_gradient_norm():
+    """``PGAStep.shifts``: the ρ part of θ_sh's shift has norm ρ (per-tensor), the α part
+    α / ‖g_own^sh‖ (one other domain); none are reported for ERM (ρ = α = 0)."""
+    shared, own, loss = _toy(seed=5)
+    g = {d: torch.autograd.grad(loss(d), [shared])[0].norm() for d in own}
+    _, step = _update(shared, own, loss, 0.03, 0.2)
+    for domain in own:
+        assert step.shifts[domain]["rho"] == pytest.approx(0.03, rel=1e-5)
+        assert step.shifts[domain]["align"] == pytest.approx(float(0.2 / g[domain]), rel=1e-4)
+    assert _update(shared, own, loss, 0.0, 0.0)[1].shifts == {}
+    assert _update(shared, own, loss, 0.03, 0.0)[1].shifts["target"]["align"] == 0.0
+
+
 @pytest.mark.parametrize("seed", [2, 3, 4])
 def test_alignment_raises_the_gradient_cosine(seed):
     """Descending the shifted gradients with α > 0 ends at a much higher cos(g_S^sh, g_T^sh)
@@ -222,6 +235,8 @@ def test_trainer_moves_only_prompts_and_logs_cosine(tmp_path):
     assert all(moved.values())
     logs = [entry for entry in trainer.state.log_history if "grad_cosine" in entry]
     assert len(logs) == 3 and all(-1 <= entry["grad_cosine"] <= 1 for entry in logs)
+    # the shift sizes relative to ‖θ_sh‖ are logged beside the cosine
+    assert all(entry["rho_shift_rel"] > 0 and entry["align_shift_rel"] > 0 for entry in logs)
 
 
 def test_trainer_step_equals_pga_update_and_caching_changes_nothing(tmp_path):

@@ -38,11 +38,18 @@ class PGAConfig(MethodConfig):
 
     pga_rho: float = field(
         default=1e-3,
-        metadata={"help": "Gradient-norm penalty radius rho (the paper: 3e-4 to 1e-3); >= 0."},
+        metadata={
+            "help": "Gradient-norm penalty radius rho (the paper: 3e-4 to 1e-3); >= 0. Each "
+            "prompt tensor is shifted by rho (logged relative to ||theta_sh||: `rho_shift_rel`)."
+        },
     )
     pga_align: float = field(
         default=1.0,
-        metadata={"help": "Gradient-alignment weight alpha (the paper: 1 or 10); >= 0."},
+        metadata={
+            "help": "Gradient-alignment weight alpha (the paper: 1 or 10); >= 0. It shifts the "
+            "shared prompt by alpha / ||g^sh||, which grows as the gradients shrink: keep it a "
+            "small fraction of ||theta_sh|| (the trainer logs `align_shift_rel`)."
+        },
     )
     pga_tradeoff: float = field(
         default=1.0,

@@ -10,7 +10,7 @@ shared-prompt gradients and penalises their norms (:func:`pga_update`).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -110,6 +110,10 @@ class PGAStep:
         losses: each domain's loss at its shifted point (the loss at θ when ρ = α = 0).
         clean_losses: each domain's loss at θ.
         cosine: ``{source: cos(g_source^sh, g_target^sh)}`` at θ (empty without a target).
+        shifts: ``{domain: {"rho": ‖ρ part‖, "align": ‖α part‖}}`` of the shift of ``θ_sh``
+            (Euclidean norms; ``{}`` when ρ = α = 0). The α part is
+            ``α Σ_other g_other^sh / (‖g_other^sh‖ ‖g_own^sh‖)``, of norm ``α / ‖g_own^sh‖`` with
+            one other domain: it grows as the gradients shrink, unlike the ρ part (norm ρ).
     """
 
     shared_grad: torch.Tensor
@@ -117,6 +121,7 @@ class PGAStep:
     losses: dict[str, torch.Tensor]
     clean_losses: dict[str, torch.Tensor]
     cosine: dict[str, float]
+    shifts: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def _norm(tensor: torch.Tensor) -> float:
@@ -187,6 +192,7 @@ def pga_update(
             dot = float((clean[s][0].double() * clean[target][0].double()).sum())
             cosine[s] = dot / (shared_norms[s] * shared_norms[target] + NORM_EPS)
 
+    shifts: dict[str, dict[str, float]] = {}
     if rho == 0 and align == 0:
         final, perturbed_losses = clean, dict(clean_losses)
     else:
@@ -194,13 +200,17 @@ def pga_update(
         for domain in order:
             params = [shared, domain_params[domain]]
             direction = ascent_direction(clean[domain], params, rho=rho, norm="per_tensor")
+            shifts[domain] = {"rho": _norm(direction[0]), "align": 0.0}
             others = (sources if domain == target else [target]) if target is not None else []
-            if align != 0:
+            if align != 0 and others:
+                aligned = torch.zeros_like(shared)
                 for other in others:
                     scale = align / (shared_norms[other] * shared_norms[domain] + NORM_EPS)
+                    aligned = aligned + scale * clean[other][0]
                     direction = combine_directions(
                         (1.0, direction), (-scale, [clean[other][0], None])
                     )
+                shifts[domain]["align"] = _norm(aligned)
             with perturbed_weights(params, direction):
                 perturbed_losses[domain], final[domain] = grads_at(domain)
 
@@ -214,6 +224,7 @@ def pga_update(
         losses=perturbed_losses,
         clean_losses=clean_losses,
         cosine=cosine,
+        shifts=shifts,
     )
 
 
@@ -241,7 +252,9 @@ class PGATrainer(MethodTrainer):
     before they are added to ``p.grad``.
 
     Logged: ``grad_cosine`` (mean over sources of cos(g_s^sh, g_T^sh) at θ; the official
-    code's running mean is the mean of these logs), ``loss_<domain>`` (at the shifted points).
+    code's running mean is the mean of these logs), ``loss_<domain>`` (at the shifted points),
+    and with ρ or α > 0 the sizes of the shifts of ``θ_sh`` relative to ``‖θ_sh‖`` (means over
+    domains): ``rho_shift_rel`` and ``align_shift_rel`` (first order needs both ≪ 1).
     """
 
     method = "pga"
@@ -335,6 +348,11 @@ class PGATrainer(MethodTrainer):
         self._add_gradients(params, grads)
         if step.cosine:
             self.record(grad_cosine=float(np.mean(list(step.cosine.values()))))
+        if step.shifts:
+            size = _norm(learner.shared_ctx) + NORM_EPS
+            for part in ("rho", "align"):
+                values = [shift[part] / size for shift in step.shifts.values()]
+                self.record(**{f"{part}_shift_rel": float(np.mean(values))})
         self.record(**{f"loss_{d}": step.losses[d] for d in domains})
         total = sum((1.0 if d == target else args.pga_tradeoff) * step.losses[d] for d in domains)
         return total.detach() / self.current_gradient_accumulation_steps
