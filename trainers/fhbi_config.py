@@ -13,6 +13,11 @@ from trainers.perturbation_config import PerturbationConfig
 KERNELS = ("rbf", "none")
 ASCENT_NORMS = ("block", "particle")
 LIKELIHOODS = ("per_particle", "ensemble_logits")
+#: ``"particle"``: each particle's likelihood gradient at the scale of one model's mean
+#: cross-entropy (Σ_i CE_i; m · CE of the mean logits). ``"official_code"``: the loss divided by m
+#: (mean_i CE_i; CE of the mean logits as the official code writes it), so the likelihood is m
+#: times weaker against the kernel's repulsion and the prior.
+LIKELIHOOD_SCALES = ("particle", "official_code")
 
 
 @document_fields
@@ -84,8 +89,18 @@ class FHBIConfig(PerturbationConfig):
         default="per_particle",
         metadata={
             "help": "'per_particle': each particle's own cross-entropy (paper); "
-            "'ensemble_logits': m x cross-entropy of the particles' mean logits (official code).",
+            "'ensemble_logits': cross-entropy of the particles' mean logits (official code).",
             "choices": LIKELIHOODS,
+        },
+    )
+    likelihood_scale: str = field(
+        default="particle",
+        metadata={
+            "help": "Weight of the likelihood against the kernel and prior terms. 'particle': "
+            "each particle's gradient at the scale of one model's mean cross-entropy (sum over "
+            "particles; m x CE of the mean logits). 'official_code': the loss divided by m (CE "
+            "of the mean logits exactly as the official code), i.e. m times weaker.",
+            "choices": LIKELIHOOD_SCALES,
         },
     )
     prior_std: float | None = field(
@@ -105,6 +120,7 @@ class FHBIConfig(PerturbationConfig):
         "kernel_grad_sign",
         "ascent_norm",
         "likelihood",
+        "likelihood_scale",
         "prior_std",
     )
 
@@ -119,6 +135,9 @@ class FHBIConfig(PerturbationConfig):
         )
         self.ascent_norm = check_choice("ascent_norm", self.ascent_norm, ASCENT_NORMS)
         self.likelihood = check_choice("likelihood", self.likelihood, LIKELIHOODS)
+        self.likelihood_scale = check_choice(
+            "likelihood_scale", self.likelihood_scale, LIKELIHOOD_SCALES
+        )
         for name in ("kernel_bandwidth", "prior_std"):  # None: median heuristic / flat prior
             if getattr(self, name) is not None:
                 value = check_range(name, getattr(self, name), low=0.0, low_open=True)

@@ -55,18 +55,27 @@ class FHBITrainer(PerturbationTrainer):
     g' and K depends only on the (replicated) particles, mixing after the all-reduce equals
     mixing before it: data-parallel runs equal one process at the same global batch.
 
-    ``L_i`` is each particle's own cross-entropy (``likelihood="per_particle"``, paper) or m times
-    the cross-entropy of the mean logits (``"ensemble_logits"``, official code), plus the Gaussian
-    prior term when ``prior_std`` is set. ``rho=0`` is SVGD (one pass); ``kernel="none"`` is a deep
-    ensemble (K = I, no repulsion); m = 1 is SAM. Logged: ``perturbation_norm``,
-    ``loss_at_weights`` and ``particle_distance`` (mean pairwise distance).
-    The reported training ``loss`` is the mean over particles of their loss at θ + ε.
+    The training loss is ``w · L + prior``: ``L`` is the mean over particles of their own
+    cross-entropies (``likelihood="per_particle"``, the paper's per-particle posterior) or the
+    cross-entropy of the particles' mean logits (``"ensemble_logits"``, the official code);
+    ``w = m`` with ``likelihood_scale="particle"`` (default: each particle's likelihood gradient
+    at the scale of one model's mean cross-entropy, the scale of the paper's per-particle
+    posterior ∇ log p(θ_i | D) with the prior's 1/N) and ``w = 1`` with ``"official_code"``
+    (the official code's loss exactly: CE of the mean logits, so each particle's likelihood
+    gradient is about 1/m of one model's and the kernel's repulsion weighs m times more). The
+    Gaussian prior term is added when ``prior_std`` is set. ``rho=0`` is SVGD (one pass);
+    ``kernel="none"`` is a deep ensemble (K = I, no repulsion; with ``rho > 0``, m independent
+    SAM models); m = 1 is SAM. Logged: ``perturbation_norm``, ``loss_at_weights`` (L at θ) and
+    ``particle_distance`` (mean pairwise distance). The reported training ``loss`` is L at
+    θ + ε (with ``rho=0``, at θ).
 
     Departures from the official code (tranquyenbk173/FHVI): the kernel-gradient term has the
     paper's repulsive sign (the code's sign and factor 2 attract particles; available as
     ``kernel_grad_sign="official_code"`` for reproduction only); the particles are evaluated
     together (stacked weights / vmap) instead of a loop; gradient clipping (``max_grad_norm``)
-    applies to g' before the kernel mixing (the Trainer clips before its pre-step hook).
+    applies to g' before the kernel mixing (the Trainer clips before its pre-step hook); the
+    default likelihood weight is m times the official code's (``likelihood_scale="particle"``;
+    ``"official_code"`` reproduces it; see ``benchmarks/fhbi.py`` for the measured comparison).
     """
 
     method = "fhbi"
@@ -90,6 +99,12 @@ class FHBITrainer(PerturbationTrainer):
             )
         self.add_callback(_KernelStep(self))
 
+    @property
+    def _likelihood_weight(self) -> float:
+        """m for ``likelihood_scale="particle"`` (each particle's gradient at one model's scale),
+        1 for ``"official_code"`` (the official code's loss, the mean over particles)."""
+        return float(self.args.num_particles) if self.args.likelihood_scale == "particle" else 1.0
+
     def get_decay_parameter_names(self, model) -> list[str]:
         """Weight decay on the particle tensors whose template would get it (no biases or norms)."""
         ensemble = self.accelerator.unwrap_model(model)
@@ -110,15 +125,13 @@ class FHBITrainer(PerturbationTrainer):
         outputs = model(**inputs, return_particle_logits=True)
         logits = outputs["particle_logits"]
         m = logits.shape[0]
-        if self.args.likelihood == "per_particle":
-            loss = (
-                nn.functional.cross_entropy(
-                    logits.flatten(0, 1).float(), labels.repeat(m), reduction="mean"
-                )
-                * m
+        if self.args.likelihood == "per_particle":  # mean over particles of their own CE
+            loss = nn.functional.cross_entropy(
+                logits.flatten(0, 1).float(), labels.repeat(m), reduction="mean"
             )
-        else:
-            loss = nn.functional.cross_entropy(logits.mean(0).float(), labels) * m
+        else:  # CE of the mean logits (official code)
+            loss = nn.functional.cross_entropy(logits.mean(0).float(), labels)
+        loss = loss * self._likelihood_weight
         if self.args.prior_std is not None:
             size = len(self.train_dataset) if self.train_dataset is not None else 1
             squares = sum(p.float().pow(2).sum() for p in trainable_parameters(model))
@@ -152,19 +165,19 @@ class FHBITrainer(PerturbationTrainer):
     def perturbed_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch
     ) -> torch.Tensor:
-        m = self.args.num_particles
+        scale = self._likelihood_weight  # reported losses: per particle, at one model's scale
         if self.args.rho == 0:  # SVGD / ensemble: the perturbation is zero, one pass suffices
             loss = self.loss(model, inputs, num_items_in_batch)
             self.backward(loss)
-            self.record(loss_at_weights=loss.detach() / m)
-            return loss.detach() / m
+            self.record(loss_at_weights=loss.detach() / scale)
+            return loss.detach() / scale
         clean_loss, grads = self.local_gradients(model, inputs)
         direction = self.particle_direction(model, grads)
         with self.perturbed(model, direction):
             loss = self.loss(model, inputs, num_items_in_batch)
             self.backward(loss)
-        self.record(perturbation_norm=direction_norm(direction), loss_at_weights=clean_loss / m)
-        return loss.detach() / m
+        self.record(perturbation_norm=direction_norm(direction), loss_at_weights=clean_loss / scale)
+        return loss.detach() / scale
 
     @torch.no_grad()
     def apply_kernel(self) -> None:
