@@ -31,11 +31,12 @@ def test_evidence_matches_its_benchmark_json_and_the_readme(name):
     document = json.loads((ROOT / "benchmarks" / "results" / f"{name}.json").read_text())
     assert document["protocol"].strip(), "the JSON carries the protocol it followed"
     outcomes = []
-    for key, scale in evidence.intervals.items():
+    for key, scale in {**evidence.intervals, **evidence.context}.items():
         interval = document["intervals"][key]
         quoted = format_interval(interval["mean"], interval["low"], interval["high"], scale)
         assert quoted in evidence.summary, f"{name}: the summary must quote {key} as {quoted}"
-        outcomes.append(interval["verdict"] == "better")
+        if key in evidence.intervals:
+            outcomes.append(interval["verdict"] == "better")
     assert evidence.verdict == _verdict(outcomes)
     assert _flat(evidence.summary) in _flat((ROOT / "README.md").read_text()), (
         f"README.md must quote the evidence of {name} verbatim"
