@@ -4,6 +4,7 @@ Weight noise is frozen with :func:`hf_extensions.bnn.fixed_noise` wherever two r
 the same weights (equivalences); elsewhere the Gaussian layers sample as in real training.
 """
 
+import copy
 import math
 
 import pytest
@@ -25,7 +26,7 @@ from hf_extensions.data import load_digits
 from hf_extensions.hub import check_model_card_method
 from hf_extensions.models import tiny_mlp_classifier, tiny_vit_classifier
 from trainers.bnn_mutual_config import BayesianMutualLearningConfig
-from trainers.bnn_mutual_trainer import BayesianMutualLearningTrainer
+from trainers.bnn_mutual_trainer import BayesianMutualLearningTrainer, linear_cka
 
 DEFAULTS = dict(
     report_to=[],
@@ -65,8 +66,12 @@ def _config(output_dir, kind="mlp", **overrides):
     return BayesianMutualLearningConfig(output_dir=str(output_dir), **values)
 
 
-def _train(kind, output_dir, rows=32, peers=2, noise_seed=0, **overrides):
-    model = PeerEnsemble(_peers(kind, peers))
+def _train(kind, output_dir, rows=32, peers=2, noise_seed=0, same_init=False, **overrides):
+    if same_init:  # every peer a copy of one model: aligned features, as the benchmark starts
+        first = _peers(kind, 1)[0]
+        model = PeerEnsemble([first] + [copy.deepcopy(first) for _ in range(peers - 1)])
+    else:
+        model = PeerEnsemble(_peers(kind, peers))
     trainer = BayesianMutualLearningTrainer(
         model=model, args=_config(output_dir, kind, **overrides), train_dataset=_data(kind, rows)
     )
@@ -140,6 +145,7 @@ def _hand_objective(peers, features, labels, config, n):
     fused = [fuse_features(s) for s in stages]
     params = [gaussian_parameters(peer) for peer in peers]
     phi = {
+        "clip": lambda x: torch.minimum(x, torch.ones_like(x)),
         "saturating": lambda x: x / (1 + x),
         "log": torch.log1p,
         "none": lambda x: x,
@@ -164,6 +170,8 @@ def _hand_objective(peers, features, labels, config, n):
                 mu_j, s_j = mu_j.detach(), s_j.detach()
                 if config.parameter_divergence == "wasserstein":
                     d = (mu_k - mu_j) ** 2 + (s_k - s_j) ** 2
+                    if config.parameter_diversity_units == "posterior_std":
+                        d = d / ((s_k.detach() ** 2 + s_j**2) / 2)
                 else:
                     d = torch_kl(Normal(mu_k, s_k), Normal(mu_j, s_j))
                 terms = (
@@ -181,7 +189,11 @@ def _hand_objective(peers, features, labels, config, n):
         feat = 0.0
         for j in others:
             f_k, f_j = fused[k], fused[j].detach()
-            if config.feature_divergence == "cosine":
+            if config.feature_divergence == "cka":
+                a, b = f_k - f_k.mean(0), f_j - f_j.mean(0)
+                hsic = lambda x, y: ((x @ x.T) * (y @ y.T)).sum()  # noqa: E731
+                d = 1 - hsic(a, b) / (hsic(a, a).sqrt() * hsic(b, b).sqrt())
+            elif config.feature_divergence == "cosine":
                 d = 1 - (f_k * f_j).sum(-1) / (f_k.norm(dim=-1) * f_j.norm(dim=-1))
             else:
                 p, q = F.softmax(f_k / tau, -1), F.softmax(f_j / tau, -1)
@@ -199,14 +211,15 @@ def _hand_objective(peers, features, labels, config, n):
 @pytest.mark.parametrize(
     ("parameter", "feature"),
     [
-        (("wasserstein", "saturating", "dataset_size", 1.0), ("cosine", "none")),
-        (("kl", "log", "num_parameters", 0.5), ("jensen_shannon", "saturating")),
-        (("wasserstein", "log", "num_parameters", 0.3), ("kl", "log")),
+        (("wasserstein", "saturating", "dataset_size", 1.0, "absolute"), ("cosine", "none")),
+        (("kl", "log", "num_parameters", 0.5, "absolute"), ("jensen_shannon", "saturating")),
+        (("wasserstein", "log", "num_parameters", 0.3, "absolute"), ("kl", "log")),
+        (("wasserstein", "clip", "dataset_size", 3.0, "posterior_std"), ("cka", "none")),
     ],
 )
 def test_objective_and_its_gradient_equal_the_hand_written_loss(tmp_path, parameter, feature):
     """Three peers (each averages over two others), every term on, each form of each term."""
-    divergence, bound, normalization, scale = parameter
+    divergence, bound, normalization, scale, units = parameter
     config = _config(
         tmp_path,
         kl_weight=0.7,
@@ -218,6 +231,7 @@ def test_objective_and_its_gradient_equal_the_hand_written_loss(tmp_path, parame
         parameter_diversity_bound=bound,
         parameter_diversity_normalization=normalization,
         parameter_diversity_scale=scale,
+        parameter_diversity_units=units,
         feature_diversity_weight=0.6,
         feature_divergence=feature[0],
         feature_diversity_bound=feature[1],
@@ -263,8 +277,15 @@ def test_objective_and_its_gradient_equal_the_hand_written_loss(tmp_path, parame
 @pytest.mark.parametrize("kind", ["mlp", "vit"])
 def test_gradient_accumulation_equals_one_batch(tmp_path, kind):
     """2 micro-batches of 8 == one batch of 16, every term on: KL / N and the parameter term
-    count once per optimizer step, not once per micro-batch."""
-    common = dict(max_steps=3, parameter_diversity_weight=1.0, feature_diversity_weight=0.5)
+    count once per optimizer step, not once per micro-batch. (The per-example cosine feature
+    term: the default CKA is a statistic of the whole micro-batch, so accumulation averages
+    micro-batch CKAs, a documented estimator of its own.)"""
+    common = dict(
+        max_steps=3,
+        parameter_diversity_weight=1.0,
+        feature_diversity_weight=0.5,
+        feature_divergence="cosine",
+    )
     accumulated = _train(
         kind,
         tmp_path / "ga",
@@ -297,9 +318,11 @@ def test_independent_bnns_train_exactly_as_alone_and_dml_couples_them(tmp_path):
 
 
 def test_diversity_terms_push_the_peers_apart(tmp_path):
-    """Against DML from the same start, noise and data: a larger parameter distance with the
-    parameter term, more different fused features with the feature term."""
+    """Against DML from the same start (peers copies of one model), noise and data: a larger
+    parameter distance with the parameter term, less similar fused features (1 - CKA, the default
+    feature divergence) with the feature term."""
     common = dict(max_steps=30, optim="adamw_torch", learning_rate=1e-2, logging_steps=10)
+    common["same_init"] = True
     common["per_device_train_batch_size"] = 16
     common["logging_strategy"] = "steps"
     dml = _train(
@@ -342,9 +365,12 @@ def test_diversity_terms_push_the_peers_apart(tmp_path):
         ensemble.set_feature_layers(FEATURES["mlp"])
         with torch.no_grad(), fixed_noise(ensemble):
             fused = ensemble(features=features).peer_features
-        return float((1 - F.cosine_similarity(fused[0], fused[1], dim=-1)).mean())
+        return float(1 - linear_cka(fused[0], fused[1]))
 
-    assert feature_distance(feat) > feature_distance(dml) + 0.05
+    assert feature_distance(feat) > feature_distance(dml) + 0.05, (
+        feature_distance(feat),
+        feature_distance(dml),
+    )
     logged = par.state.log_history[0]
     assert {"ce", "kl", "mutual", "parameter_diversity"} <= set(logged)
     assert "feature_diversity" in feat.state.log_history[0]

@@ -48,13 +48,16 @@ from hf_extensions.bnn import (
 from trainers.bnn_mutual_config import BayesianMutualLearningConfig
 from trainers.method_trainer import MethodTrainer
 
-__all__ = ["BayesianMutualLearningTrainer", "bound", "feature_divergence"]
+__all__ = ["BayesianMutualLearningTrainer", "bound", "feature_divergence", "linear_cka"]
 
 
 def bound(x: torch.Tensor, kind: str) -> torch.Tensor:
-    """``x`` (``"none"``), ``x / (1 + x)`` (``"saturating"``) or ``log(1 + x)`` (``"log"``)."""
+    """``x`` (``"none"``), ``min(x, 1)`` (``"clip"``: zero gradient past 1), ``x / (1 + x)``
+    (``"saturating"``) or ``log(1 + x)`` (``"log"``)."""
     if kind == "none":
         return x
+    if kind == "clip":
+        return x.clamp(max=1.0)
     if kind == "saturating":
         return x / (1 + x)
     if kind == "log":
@@ -62,14 +65,33 @@ def bound(x: torch.Tensor, kind: str) -> torch.Tensor:
     raise ValueError(f"unknown bound {kind!r}.")
 
 
+def linear_cka(f_k: torch.Tensor, f_j: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Linear centred-kernel alignment of two feature matrices ``[B, D_k]``, ``[B, D_j]``.
+
+    Kornblith, Norouzi, Lee, Hinton, "Similarity of Neural Network Representations Revisited",
+    ICML 2019 (arXiv 1905.00414), Eq. 5 with linear kernels: with the rows centred,
+    ``CKA = <K_k, K_j>_F / (||K_k||_F ||K_j||_F)`` for the Gram matrices ``K = F F^T`` of the
+    batch. In [0, 1]; invariant to orthogonal maps (rotations, permutations) and isotropic scaling
+    of either feature space, so the two peers' channels need not correspond.
+    """
+    f_k = f_k - f_k.mean(0, keepdim=True)
+    f_j = f_j - f_j.mean(0, keepdim=True)
+    gram_k, gram_j = f_k @ f_k.T, f_j @ f_j.T
+    cross = (gram_k * gram_j).sum()
+    return cross / (gram_k.pow(2).sum().sqrt() * gram_j.pow(2).sum().sqrt() + eps)
+
+
 def feature_divergence(
     f_k: torch.Tensor, f_j: torch.Tensor, kind: str, temperature: float = 1.0
 ) -> torch.Tensor:
-    """Mean over the batch of a divergence between fused features ``[B, D]`` of two peers.
+    """A divergence between fused features ``[B, D]`` of two peers (a mean over the batch).
 
+    ``"cka"``: ``1 - linear_cka(F_k, F_j)`` (a batch-level comparison, not a per-example mean);
     ``"cosine"``: ``1 - cos(F_k, F_j)``; ``"jensen_shannon"``: JS between ``softmax(F / tau)``;
     ``"kl"``: ``KL(softmax(F_j / tau) || softmax(F_k / tau))``.
     """
+    if kind == "cka":
+        return 1 - linear_cka(f_k, f_j)
     if kind == "cosine":
         return (1 - F.cosine_similarity(f_k, f_j, dim=-1)).mean()
     log_k = F.log_softmax(f_k / temperature, dim=-1)
@@ -170,15 +192,18 @@ class BayesianMutualLearningTrainer(MethodTrainer):
         return self._dataset_size
 
     def parameter_diversity(self, q_k: FlatPosterior, q_j: FlatPosterior) -> torch.Tensor:
-        """Bounded ``D_par(q_k, q_j)`` (see :class:`BayesianMutualLearningConfig`); no detaching."""
+        """Bounded ``D_par(q_k, q_j)`` (see :class:`BayesianMutualLearningConfig`); no detaching
+        (the unit ``u_i`` is detached: the term moves the posteriors, not its own yardstick)."""
         config = self.args
+        sigma_k, sigma_j = q_k.sigma.float(), q_j.sigma.float()
         d = gaussian_divergence(
-            q_k.mu.float(),
-            q_k.sigma.float(),
-            q_j.mu.float(),
-            q_j.sigma.float(),
-            config.parameter_divergence,
+            q_k.mu.float(), sigma_k, q_j.mu.float(), sigma_j, config.parameter_divergence
         )
+        if (
+            config.parameter_divergence == "wasserstein"
+            and config.parameter_diversity_units == "posterior_std"
+        ):
+            d = d / (0.5 * (sigma_k.detach() ** 2 + sigma_j.detach() ** 2))
         if config.parameter_diversity_scale != 1.0:
             d = d / config.parameter_diversity_scale**2
         total = bound(d, config.parameter_diversity_bound).sum()
