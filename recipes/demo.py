@@ -40,7 +40,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
     ),
     "bnn_mutual": (
         "recipes.bnn_mutual.train",
-        "BNN mutual learning + diversity vs independent BNNs: 2 peers from the zoo ViT (MOPED)",
+        "BNN mutual learning + diversity vs DML: 2 peers from the zoo ViT (MOPED)",
     ),
     "prompt_dsi": (
         "recipes.prompt_dsi.train",
