@@ -11,7 +11,7 @@ from transformers import Trainer, TrainingArguments, ViTForImageClassification
 
 from benchmarks.harness import compare, quiet_training_arguments, trainer_step_fn
 from hf_extensions.data import add_label_noise
-from hf_extensions.data.hard_digits import COLOURS, load_hard_digits
+from hf_extensions.data.hard_digits import COLOURS, fine_class_names, load_hard_digits
 from hf_extensions.zoo import fixture_path
 from trainers import AgnosticSAMConfig, AgnosticSAMTrainer, SAMConfig, SAMTrainer
 
@@ -22,11 +22,18 @@ BATCH_SIZE = 32
 
 @dataclass(frozen=True)
 class Regime:
-    """The training set of one regime: size, label noise, epochs."""
+    """The training set of one regime: size, label noise, epochs, and the label set (``digit``:
+    the fixture's own 10 classes and head; ``fine``: digit x ink over ``colours``, a new head)."""
 
     train_images: int
     label_noise: float
     epochs: int
+    label: str = "digit"
+    colours: tuple[str, ...] = tuple(COLOURS)
+
+    @property
+    def num_labels(self) -> int:
+        return 10 * len(self.colours) if self.label == "fine" else 10
 
 
 @dataclass(frozen=True)
@@ -43,15 +50,16 @@ class Arm:
 
 @dataclass
 class Data:
-    """The fixed validation and test images (clean), rendered once."""
+    """The fixed validation and test images (clean) of a regime's label set, rendered once."""
 
     validation: dict[str, torch.Tensor]
     test: dict[str, torch.Tensor]
 
     @classmethod
-    def load(cls, quick: bool = False) -> Data:
+    def load(cls, regime: Regime, quick: bool = False) -> Data:
         sizes = {"validation": 100, "test": 200} if quick else {"validation": 500, "test": 2000}
-        splits = load_hard_digits(sizes, styles=STYLES, colours=tuple(COLOURS), seed=EVAL_SEED)
+        splits = load_hard_digits(sizes, styles=STYLES, colours=regime.colours,
+                                  label=regime.label, seed=EVAL_SEED)  # fmt: skip
         return cls(_tensors(splits["validation"]), _tensors(splits["test"]))
 
 
@@ -63,9 +71,9 @@ def _tensors(split) -> dict[str, torch.Tensor]:
 def training_set(regime: Regime, seed: int):
     """The run's training images (rendered with ``seed``), with its label noise."""
     split = load_hard_digits({"train": regime.train_images}, styles=STYLES,
-                             colours=tuple(COLOURS), seed=seed)["train"]  # fmt: skip
+                             colours=regime.colours, label=regime.label, seed=seed)["train"]  # fmt: skip
     if regime.label_noise > 0:
-        split = add_label_noise(split, regime.label_noise, num_classes=10, seed=seed)
+        split = add_label_noise(split, regime.label_noise, num_classes=regime.num_labels, seed=seed)
     return split.select_columns(["pixel_values", "labels"])
 
 
@@ -111,11 +119,22 @@ def _late_mean(history: list[dict], key: str) -> float:
     return float(np.mean(values[-max(len(values) // 4, 1) :])) if values else float("nan")
 
 
+def pretrained_vit(regime: Regime) -> ViTForImageClassification:
+    """The zoo ViT; for a new label set, with a new head drawn from the current torch seed."""
+    if regime.label == "digit":
+        return ViTForImageClassification.from_pretrained(fixture_path("vit")).train()
+    names = fine_class_names(regime.colours)
+    return ViTForImageClassification.from_pretrained(
+        fixture_path("vit"), id2label=dict(enumerate(names)),
+        label2id={name: i for i, name in enumerate(names)}, ignore_mismatched_sizes=True,
+    ).train()  # fmt: skip
+
+
 def train_and_score(arm: Arm, regime: Regime, data: Data, seed: int) -> dict[str, float]:
     """Fine-tune the zoo ViT with ``arm`` on the regime's training set of ``seed``; scores."""
     train = training_set(regime, seed)
     torch.manual_seed(seed)
-    model = ViTForImageClassification.from_pretrained(fixture_path("vit")).train()
+    model = pretrained_vit(regime)
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = build_trainer(arm, model, train, regime, seed, output_dir)
         trainer.train()

@@ -56,8 +56,23 @@ SGD, SAM, Agnostic-SAM (one pass per split, the default) and Agnostic-SAM with
 default over SAM. (That the fused step equals the two-pass one to 1e-6 is a test:
 ``tests/test_sam_trainers.py``.)
 
-Run: ``python -m benchmarks.agnostic_sam`` (about 30 minutes on one quiet core); ``--quick`` is a
-smoke run on tiny settings that writes nothing; ``--part timing`` re-times the steps only.
+Amendment (2026-12-08 00:35 UTC, after the tuning of both regimes and the test runs of
+``noisy``): in both regimes the learning rate's optimum stayed at the lower edge after both
+extensions (0.0011), and fine-tuned accuracy stayed below the pretrained ViT's own (about 0.82
+on these styles): the fixture already knows these classes, and every arm's best is to move it as
+little as possible, so the two regimes compare ways of damaging a model less. The two regimes
+and their results stand as run. Added, with everything else as above, a third regime whose
+premise holds by construction, because the head must be learnt:
+
+- ``new_classes``: the 40 fine classes digit x ink (inks red, green, blue, yellow;
+  ``load_hard_digits(label="fine")``), which the fixture was never trained on (it learnt to ignore
+  ink), a new head (drawn with the run's seed) on the pretrained ViT, 800 training images with
+  40% symmetric label noise, 15 epochs; validation and test as above in the 40 classes.
+
+Run: ``python -m benchmarks.agnostic_sam`` (about 30 minutes on one quiet core);
+``--regimes new_classes`` runs the named regimes only and merges them into the existing JSON;
+``--quick`` is a smoke run on tiny settings that writes nothing; ``--part timing`` re-times the
+steps only.
 """
 
 from __future__ import annotations
@@ -79,7 +94,9 @@ ARMS = ("sgd", "sam", "agnostic_sam", "agnostic_sam_no_val")
 REGIMES = {
     "noisy": runs.Regime(train_images=600, label_noise=0.4, epochs=12),
     "limited": runs.Regime(train_images=150, label_noise=0.0, epochs=30),
-}
+    "new_classes": runs.Regime(train_images=800, label_noise=0.4, epochs=15, label="fine",
+                               colours=("red", "green", "blue", "yellow")),
+}  # fmt: skip
 TUNING_SEED = 100
 SEEDS = (0, 1, 2, 3, 4)
 LR_GRID = (0.01, 0.03, 0.1, 0.3)
@@ -210,12 +227,42 @@ def plot(results, intervals, ratios, results_dir):
     return save_plot(fig, NAME, results_dir)
 
 
+def _merge(path, results, tuning, intervals, regimes, ratios, timings, args) -> BenchmarkReport:
+    """Add the regimes just run to the JSON of an earlier full run (same seeds and protocol)."""
+    document = json.loads(path.read_text())
+    for regime, per_seed in results.items():
+        for arm in ARMS:
+            document["metrics"][f"{regime}/{arm}"] = {
+                **per_seed[arm],
+                "test_accuracy_mean": float(np.mean(per_seed[arm]["test_accuracy"])),
+            }
+    document["intervals"].update(intervals)
+    document["config"]["tuning"].update(tuning)
+    document["config"]["regimes"].update({k: asdict(v) for k, v in regimes.items()})
+    document["ratios"], document["config"]["step_ms"] = ratios, timings
+    document["protocol"] = __doc__
+    report = BenchmarkReport(
+        name=NAME, metrics=document["metrics"], ratios=ratios, config=document["config"],
+        notes=document["notes"], protocol=__doc__, intervals=document["intervals"],
+    )  # fmt: skip
+    report.print_table()
+    report.write(args.results_dir)
+    all_results = {
+        regime: {arm: document["metrics"][f"{regime}/{arm}"] for arm in ARMS}
+        for regime in document["config"]["regimes"]
+    }
+    plot(all_results, document["intervals"], ratios, args.results_dir)
+    return report
+
+
 def main(argv: list[str] | None = None) -> BenchmarkReport:
     parser = make_parser(__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("all", "timing"), default="all",
                         help="'timing' re-times the steps and updates the ratios of the JSON")  # fmt: skip
     parser.add_argument("--timing-repeats", type=int, default=40)
     parser.add_argument("--quick", action="store_true", help="tiny settings; writes nothing")
+    parser.add_argument("--regimes", nargs="+", choices=sorted(REGIMES), default=None,
+                        help="run these regimes only and merge them into the existing JSON")  # fmt: skip
     args = parser.parse_args(argv)
     with torch_threads(1):
         return _run(args)
@@ -231,16 +278,18 @@ def _run(args) -> BenchmarkReport:
         path.write_text(json.dumps(document, indent=2) + "\n")
         print(json.dumps(ratios, indent=2))
         return None
-    data = runs.Data.load(quick=args.quick)
-    regimes = REGIMES
+    regimes = {name: REGIMES[name] for name in args.regimes or REGIMES}
     seeds = SEEDS
     if args.quick:
-        regimes = {k: replace(v, epochs=1) for k, v in REGIMES.items()}
+        regimes = {k: replace(v, epochs=1) for k, v in regimes.items()}
         seeds = SEEDS[:2]
     results, tuning = {}, {}
     for name, regime in regimes.items():
+        data = runs.Data.load(regime, quick=args.quick)
         results[name], tuning[name] = evaluate_regime(name, regime, data, seeds, print)
     intervals = _intervals(results)
+    if args.regimes and not args.quick:
+        return _merge(path, results, tuning, intervals, regimes, ratios, timings, args)
     metrics = {
         f"{regime}/{arm}": {**{k: v for k, v in per_seed[arm].items()},
                             "test_accuracy_mean": float(np.mean(per_seed[arm]["test_accuracy"]))}
