@@ -215,17 +215,23 @@ def ascent_direction(
         scaled = g
     # Norms in float32 (an fp16 norm overflows at 65504) and on one device (a model split over
     # devices with device_map has gradients on several).
-    home = scaled[0].device
-    norms = torch.stack([n.to(home) for n in torch._foreach_norm(scaled, 2, dtype=torch.float32)])
+    home, dtype = scaled[0].device, scaled[0].dtype
+    uniform = all(t.device == home and t.dtype == dtype for t in scaled)
+    tensor_norms = torch._foreach_norm(scaled, 2, dtype=torch.float32)
+    norms = torch.stack(tensor_norms if uniform else [n.to(home) for n in tensor_norms])
     if not gradients_finite(norms):
         return _scatter([torch.zeros_like(t) for t in g], index, len(grads))
-    if norm == "global":
-        factors = [rho / (torch.linalg.vector_norm(norms) + NORM_EPS)] * len(scaled)
+    if norm == "global" and uniform:  # one scalar for every tensor: one fused multiply
+        factor = (rho / (torch.linalg.vector_norm(norms) + NORM_EPS)).to(dtype)
+        direction = torch._foreach_mul(scaled, factor)
     else:
-        factors = list((rho / (norms + NORM_EPS)).unbind())
-    direction = torch._foreach_mul(
-        scaled, [f.to(device=t.device, dtype=t.dtype) for f, t in zip(factors, scaled)]
-    )
+        if norm == "global":
+            factors = [rho / (torch.linalg.vector_norm(norms) + NORM_EPS)] * len(scaled)
+        else:
+            factors = list((rho / (norms + NORM_EPS)).unbind())
+        direction = torch._foreach_mul(
+            scaled, [f.to(device=t.device, dtype=t.dtype) for f, t in zip(factors, scaled)]
+        )
     if adaptive:
         torch._foreach_mul_(direction, weights)  # T (T g) = T² g
     return _scatter(direction, index, len(grads))
