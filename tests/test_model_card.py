@@ -14,6 +14,7 @@ import yaml
 from huggingface_hub import ModelCard
 
 from hf_extensions import __version__
+from hf_extensions.evidence import evidence_for
 from hf_extensions.hub import (
     ARTIFACT_PLACEHOLDER,
     USAGES,
@@ -109,7 +110,9 @@ def test_body_has_hyperparameter_and_metric_tables():
     assert "| accuracy | 0.9125 |" in text
     assert "[paper](https://arxiv.org/abs/2406.07107)" in text
     assert "`google/vit-base-patch16-224`" in text
-    assert text.rstrip().endswith("Trained on 2 CPUs.")
+    # extra_text ends the body, followed only by the method's benchmark evidence
+    evidence = evidence_for("agnostic-sam").markdown().rstrip()
+    assert text.rstrip().endswith("Trained on 2 CPUs.\n\n" + evidence)
     assert "## Measured metrics" not in _card(metrics=None).text
 
 
