@@ -15,6 +15,7 @@ import random
 import select
 import signal
 import struct
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -25,8 +26,27 @@ from hf_extensions.atomic import STAGING_NAME
 __all__ = ["kill_while_saving"]
 
 
+def _private_tqdm_locks() -> None:
+    """Give this (forked) process its own tqdm write locks.
+
+    tqdm guards its bars with a ``multiprocessing.RLock`` created once and shared across fork:
+    a child SIGKILLed while a progress bar of a save held it would leave it held for ever, and
+    the next saving child (then the test session itself, at its next progress bar) would wait
+    on it for ever. A process-local lock cannot outlive the child."""
+    from tqdm.std import TqdmDefaultWriteLock, tqdm
+
+    TqdmDefaultWriteLock.mp_lock = None
+    pending = [tqdm]
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if cls is tqdm or "_lock" in vars(cls):
+            cls.set_lock(threading.RLock())
+
+
 def _child(save_a: Callable[[], None], save_b: Callable[[], None], write_fd: int) -> None:
     try:
+        _private_tqdm_locks()
         start = time.perf_counter()
         save_a()
         os.write(write_fd, struct.pack("d", time.perf_counter() - start))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -108,3 +109,36 @@ def test_atomic_write_text_replaces_whole_and_leaves_no_temporary(tmp_path):
     plain = tmp_path / "plain.md"
     plain.write_text("x")  # the permissions an ordinary write gives (umask applied)
     assert path.stat().st_mode == plain.stat().st_mode
+
+
+def test_a_saving_child_killed_inside_a_progress_bar_leaves_tqdms_shared_lock_free():
+    """tqdm's lock is a multiprocessing RLock shared across fork; the kill harness gives each
+    saving child its own (else a child killed mid-bar hangs every later child and the session)."""
+    import signal
+    import time
+
+    from tqdm.std import TqdmDefaultWriteLock, tqdm
+
+    from tests.faults import _private_tqdm_locks
+
+    tqdm.get_lock()  # the session's lock exists before the fork, as in a test session
+    shared = TqdmDefaultWriteLock.mp_lock
+    ready_read, ready_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: what a save's progress bar does, then killed holding the lock
+        try:
+            _private_tqdm_locks()
+            tqdm.get_lock().acquire()
+            os.write(ready_write, b"1")
+            time.sleep(60)
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready_read, 1) == b"1"
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(ready_read)
+        os.close(ready_write)
+    assert shared.acquire(timeout=5), "a killed child still holds tqdm's shared lock"
+    shared.release()
