@@ -293,8 +293,12 @@ class HierarchicalPromptCLTrainer(MethodTrainer):
             )
             draws = REPLAY_CHUNK * block
             picks = torch.multinomial(probabilities, draws, replacement=True, generator=generator)
+            # host: drawn on the CPU so that a step's draws do not depend on the device; the
+            # chunk moves to the device once per REPLAY_CHUNK steps, not once per step
             noise = torch.randn(draws, means.shape[1], generator=generator)
-            self._replay_chunk = (key, means[picks] + stds[picks] * noise, classes[picks])
+            device = self.args.device
+            features = (means[picks] + stds[picks] * noise).to(device, non_blocking=True)
+            self._replay_chunk = (key, features, classes[picks].to(device, non_blocking=True))
         _, features, classes = self._replay_chunk
         rows = slice(offset * block, offset * block + count)
         return features[rows], classes[rows]
@@ -335,8 +339,8 @@ class HierarchicalPromptCLTrainer(MethodTrainer):
             all_features, all_labels = features, labels
             replay = self._replay(len(labels))
             if replay is not None:
-                all_features = torch.cat([features, replay[0].to(features)])
-                all_labels = torch.cat([labels, replay[1].to(labels.device)])
+                all_features = torch.cat([features, replay[0].to(features.dtype)])
+                all_labels = torch.cat([labels, replay[1]])
             glob, sub = self._supcon(all_features, all_labels)
             loss = loss + args.reg_glob * glob + args.reg_sub * sub
             logs.update(supcon_global=glob.detach(), supcon_groups=sub.detach())

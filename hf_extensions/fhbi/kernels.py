@@ -178,9 +178,12 @@ def svgd_gradients(
             r = rbf_kernel_gradient(x, kernel, sigma2)
             if len(index) < len(grads):  # drop the columns of tensors without a gradient
                 keep = torch.cat(
-                    [torch.full((particles[i][0].numel(),), i in index) for i in range(len(grads))]
+                    [
+                        torch.full((particles[i][0].numel(),), i in index, device=x.device)
+                        for i in range(len(grads))
+                    ]
                 )
-                r = r[:, keep.to(x.device)]
+                r = r[:, keep]
             mixed = mixed + coefficient * r.to(g.dtype)
         mixed = mixed / x.shape[0]
         for i, piece in zip(index, mixed.split([grads[i][0].numel() for i in index], dim=1)):

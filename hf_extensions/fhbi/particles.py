@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -251,8 +252,8 @@ class ParticleEnsemble(nn.Module):
             if value is not None
         }
         logits = self.particle_logits(**inputs)
-        log_mean = torch.logsumexp(torch.log_softmax(logits.float(), -1), 0) - torch.log(
-            torch.tensor(float(self.num_particles))
+        log_mean = torch.logsumexp(torch.log_softmax(logits.float(), -1), 0) - math.log(
+            self.num_particles
         )
         out = {"logits": log_mean}
         if labels is not None:

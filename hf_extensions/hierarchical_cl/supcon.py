@@ -126,7 +126,9 @@ class SupConTerms:
     (computed in float32 for half-precision features).
     Positives are pairs of one label other than the anchor itself. The ``[K, N, N]`` logit
     scales and masks are two gathers from stacked ``[C, C]`` tables; the pair weights
-    (``1 / #positive pairs`` of the term's pool) come from per-class counts on the host.
+    (``1 / #positive pairs`` of the term's pool) come from per-class counts, computed where the
+    labels live (no host copy per batch; on an accelerator, an out-of-range label is a
+    device-side error of the count's ``index_add_`` rather than this class's ``ValueError``).
     """
 
     def __init__(
@@ -170,16 +172,22 @@ class SupConTerms:
         self.member = np.stack(
             [np.ones(num_classes) if k == "global" else same_group.diagonal() for k in kinds]
         )
+        # host: once per task, the class tables are built in numpy from Γ
         gamma_table = gamma.detach().double().cpu().numpy() if any(scaled) else everyone
         scales = np.stack([(gamma_table if flag else everyone) / temperature for flag in scaled])
         allowed = np.stack([everyone if k == "global" else same_group for k in kinds])
-        self.diagonal_scale = np.stack([s.diagonal() for s in scales])  # logit scale of positives
+        diagonal_scale = np.stack([s.diagonal() for s in scales])  # logit scale of positives
         self.tables = torch.from_numpy(np.concatenate([scales, allowed]))
+        # member [K, C], pool [K, C, C], diagonal scale [K, C], moved once per device
+        self.class_tables = tuple(
+            torch.from_numpy(np.ascontiguousarray(t))
+            for t in (self.member, self.pool, diagonal_scale)
+        )
         bound = float(np.abs(scales).max())
         self.shift = bound if 2 * bound <= _SAFE_RANGE else None
-        self._cast: dict[tuple, torch.Tensor] = {}
+        self._cast: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
-    def _batch_weights(self, labels: np.ndarray) -> np.ndarray:
+    def _batch_weights(self, labels: torch.Tensor, tables) -> torch.Tensor:
         """``[K, 2N + C + 1]``: per anchor ``r`` and ``h_{y_a}``, per class ``h``, a constant.
 
         ``f_kc`` is the weight of one positive pair of an anchor of class ``c``; ``r_ka =
@@ -187,15 +195,17 @@ class SupConTerms:
         positive-pair similarities ``|S_c|² − n_c``; the constant gathers ``Σ_c h_kc n_c`` and,
         with a constant shift, ``shift · Σ_a r_ka``.
         """
-        counts = np.bincount(labels, minlength=self.num_classes).astype(np.float64)
+        member, pool, diagonal_scale = tables
+        ones = torch.ones(labels.shape, dtype=member.dtype, device=labels.device)
+        counts = member.new_zeros(self.num_classes).index_add_(0, labels, ones)
         class_pairs = counts * (counts - 1)  # 0 for a class without positives: weight 0
-        pair_weight = self.member * (class_pairs > 0) / np.maximum(self.pool @ class_pairs, 1.0)
-        class_h = pair_weight * self.diagonal_scale
+        pair_weight = member * (class_pairs > 0) / (pool @ class_pairs).clamp_min(1.0)
+        class_h = pair_weight * diagonal_scale
         class_r = pair_weight * (counts - 1)
         constant = (class_h + (self.shift or 0.0) * class_r) @ counts
-        per_anchor = np.concatenate([class_r, class_h])[:, labels]
-        k = len(self.member)
-        return np.concatenate([per_anchor[:k], per_anchor[k:], class_h, constant[:, None]], axis=1)
+        per_anchor = torch.cat([class_r, class_h])[:, labels]
+        k = len(member)
+        return torch.cat([per_anchor[:k], per_anchor[k:], class_h, constant[:, None]], dim=1)
 
     def __call__(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if features.dim() != 2 or labels.shape != features.shape[:1]:
@@ -203,20 +213,25 @@ class SupConTerms:
                 f"features must be [N, D] and labels [N], got {tuple(features.shape)} and "
                 f"{tuple(labels.shape)}."
             )
-        host_labels = labels.detach().long().cpu().numpy()
-        if len(host_labels) and (host_labels.max() >= self.num_classes or host_labels.min() < 0):
+        index = labels.detach().long()
+        on_host = index.device.type == "cpu" and len(index) > 0  # checked free on the host only
+        if on_host and (index.max() >= self.num_classes or index.min() < 0):
             raise ValueError(f"labels must lie in [0, {self.num_classes}), got {labels.tolist()}.")
         if features.dtype in (torch.float16, torch.bfloat16):
             features = features.float()  # the softmax sums and pair weights need fp32's range
         like = features.detach()
+        index = index.to(like.device)
         key = (like.dtype, like.device)
         if key not in self._cast:
-            self._cast[key] = self.tables.to(like)
-        n, c, k = len(host_labels), self.num_classes, len(self.member)
-        packed = torch.from_numpy(self._batch_weights(host_labels)).to(like)
+            # float64 for the pair weights where the device has it (MPS has not)
+            exact = torch.float32 if like.device.type == "mps" else torch.float64
+            class_tables = tuple(t.to(like.device, exact) for t in self.class_tables)
+            self._cast[key] = (self.tables.to(like), class_tables)
+        tables, class_tables = self._cast[key]
+        n, c, k = len(index), self.num_classes, len(self.member)
+        packed = self._batch_weights(index, class_tables).to(like)
         weights = packed.split([n, n, c, 1], dim=1)
-        index = torch.as_tensor(host_labels, device=like.device)
-        pairs = self._cast[key].index_select(2, index).index_select(1, index)
+        pairs = tables.index_select(2, index).index_select(1, index)
         return _SharedSimilaritySupCon.apply(
             features,
             index,
