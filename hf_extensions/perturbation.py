@@ -299,6 +299,7 @@ def direction_norm(direction: Tensors) -> torch.Tensor:
     """Global Euclidean norm of a direction, a 0-d tensor (for logging; no device sync)."""
     norms = [torch.linalg.vector_norm(d.float()) for d in direction if d is not None]
     if not norms:
+        # host: no direction: a 0-d CPU zero, moved at the log step like any record
         return torch.zeros(())
     return torch.linalg.vector_norm(torch.stack(norms))
 

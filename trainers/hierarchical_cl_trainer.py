@@ -187,6 +187,7 @@ class HierarchicalPromptCLTrainer(MethodTrainer):
         self._old_centroids: torch.Tensor | None = None
         self._replay_table: tuple[torch.Tensor, ...] | None = None
         self._replay_chunk: tuple | None = None  # ((chunk, block), features, classes)
+        self._class_masks: dict[tuple[int, ...], torch.Tensor] = {}
         self.tii_head: nn.Linear | None = None
         self._frozen_task_features: tuple[torch.Tensor, torch.Tensor] | None = None
         self._task_in_progress = False  # task_classes[-1] is being learned, not yet recorded
@@ -226,9 +227,14 @@ class HierarchicalPromptCLTrainer(MethodTrainer):
             hook.remove()
 
     def _class_mask(self, classes) -> torch.Tensor:
-        mask = torch.zeros(self.num_labels, dtype=torch.bool, device=self.args.device)
-        mask[torch.as_tensor(list(classes), dtype=torch.long)] = True
-        return mask
+        """``[num_labels]`` bool mask of ``classes`` on the device, built once per class set (it
+        is needed at every step)."""
+        key = tuple(classes)
+        if key not in self._class_masks:
+            mask = torch.zeros(self.num_labels, dtype=torch.bool, device=self.args.device)
+            mask[torch.as_tensor(key, dtype=torch.long, device=self.args.device)] = True
+            self._class_masks[key] = mask
+        return self._class_masks[key]
 
     @property
     def seen_classes(self) -> list[int]:
@@ -259,7 +265,7 @@ class HierarchicalPromptCLTrainer(MethodTrainer):
                         model(**batch)
                 else:
                     model(**batch, prompt_ids=task)
-            features.append(captured[0].float().cpu())
+            features.append(captured[0].float().cpu())  # host: per task, for the mixture fits
         model.train(was_training)
         return torch.cat(features), torch.cat(labels)
 
@@ -313,6 +319,7 @@ class HierarchicalPromptCLTrainer(MethodTrainer):
         self._replay_table = (
             torch.cat([m.means for m in mixtures]),
             torch.cat([m.variances.sqrt() for m in mixtures]),
+            # host: per task; the replay draws are made on the host (see _replay)
             torch.cat([torch.full((len(m.weights),), c) for c, m in zip(old, mixtures)]),
             torch.cat([m.weights / m.weights.sum() / len(old) for m in mixtures]),
         )
@@ -404,6 +411,7 @@ class HierarchicalPromptCLTrainer(MethodTrainer):
         )
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
         mask = self._class_mask(self.seen_classes)
+        # host: once per task; draws independent of the device, moved once per epoch below
         generator = torch.Generator().manual_seed(self.args.seed + 7919 * len(self.task_classes))
         # the global batch: every process runs this same loop, so 1 or N processes agree
         batch = self.args.per_device_train_batch_size * self.args.world_size
@@ -417,12 +425,12 @@ class HierarchicalPromptCLTrainer(MethodTrainer):
                     if c in mixtures:
                         n = self.args.ca_samples_per_class
                         feats.append(mixtures[c].sample(n, generator))
-                        labels.append(torch.full((n,), c, dtype=torch.long))
+                        labels.append(torch.full((n,), c, dtype=torch.long))  # host: see above
                 if real is not None:
                     feats.append(real[0])
                     labels.append(real[1])
                 x, y = torch.cat(feats), torch.cat(labels)
-                order = torch.randperm(len(y), generator=generator)
+                order = torch.randperm(len(y), generator=generator)  # host: see above
                 x, y = x[order].to(self.args.device), y[order].to(self.args.device)
                 for start in range(0, len(y), batch):
                     logits = head(x[start : start + batch]).masked_fill(~mask, float("-inf"))
@@ -602,7 +610,7 @@ class HierarchicalPromptCLTrainer(MethodTrainer):
         seen = self._class_mask(self.seen_classes)
         class_to_task = torch.zeros(self.num_labels, dtype=torch.long, device=self.args.device)
         for task, classes in enumerate(self.task_classes):
-            class_to_task[torch.as_tensor(classes)] = task
+            class_to_task[torch.as_tensor(classes, device=self.args.device)] = task
         predictions, task_predictions, labels = [], [], []
         for batch in self._loader(dataset):
             labels.append(batch.pop("labels"))
@@ -617,13 +625,14 @@ class HierarchicalPromptCLTrainer(MethodTrainer):
             logits = logits.masked_fill(~seen, float("-inf"))
             if self.args.eval_rescoring:
                 logits = self._rescore(logits, captured[0].float())
-            predictions.append(logits.argmax(1).cpu())
-            task_predictions.append(tasks.cpu())
+            predictions.append(logits.argmax(1))
+            task_predictions.append(tasks)
         model.train(was_training)
+        # host: the results, copied once after the last batch
         return {
-            "predictions": torch.cat(predictions).numpy(),
-            "task_predictions": torch.cat(task_predictions).numpy(),
-            "labels": torch.cat(labels).numpy(),
+            "predictions": torch.cat(predictions).cpu().numpy(),
+            "task_predictions": torch.cat(task_predictions).cpu().numpy(),
+            "labels": torch.cat(labels).cpu().numpy(),
         }
 
     def evaluate_seen(self, datasets: list[Dataset]) -> dict[str, list[float]]:
@@ -677,7 +686,7 @@ class HierarchicalPromptCLTrainer(MethodTrainer):
             tii.append(float(np.mean(seen["tii_accuracy"])))
             self.log({f"stage_{task}_average_accuracy": float(np.mean(seen["accuracy"]))})
         return {
-            "accuracy_matrix": acc.tolist(),
+            "accuracy_matrix": acc.tolist(),  # host: results (numpy)
             "faa": final_average_accuracy(acc),
             "forgetting": average_forgetting(acc),
             "tii_accuracy": tii,
@@ -757,8 +766,9 @@ class HierarchicalPromptCLTrainer(MethodTrainer):
         """
         tensors: dict[str, torch.Tensor] = {}
         if self.tii_head is not None:
+            # host: saving
             tensors["tii.weight"] = self.tii_head.weight.detach().cpu()
-            tensors["tii.bias"] = self.tii_head.bias.detach().cpu()
+            tensors["tii.bias"] = self.tii_head.bias.detach().cpu()  # host: saving
         mixture_classes = {}
         for space, mixtures in (
             ("frozen", self.frozen_mixtures),

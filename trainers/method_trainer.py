@@ -92,6 +92,7 @@ class MethodTrainer(Trainer):
     def record(self, **values: torch.Tensor | float) -> None:
         """Add values to the averages logged at the next logging step."""
         for name, value in values.items():
+            # host: a Python float stays on the host until the log step averages it
             self._metrics[name].append(torch.as_tensor(value, dtype=torch.float32).detach())
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -47,8 +47,10 @@ class PairedDomainDataset(torch.utils.data.Dataset):
     def __init__(self, domains: Mapping[str, Any], *, seed: int = 0):
         if not domains:
             raise ValueError("`domains` must hold at least one domain.")
+        # host: the data set's order, drawn on the host like any data loader's
         generator = torch.Generator().manual_seed(seed)
         self.domains = {
+            # host: data rows live on the host; the Trainer moves batches
             name: {key: torch.as_tensor(data[key]) for key in ("pixel_values", "labels")}
             if isinstance(data, Mapping)
             else data
@@ -61,7 +63,7 @@ class PairedDomainDataset(torch.utils.data.Dataset):
         if min(self.sizes.values()) == 0:
             raise ValueError(f"every domain needs at least one row, got sizes {self.sizes}.")
         self.length = max(self.sizes.values())
-        self.orders = {
+        self.orders = {  # host: as the generator above
             name: torch.randperm(size, generator=generator) for name, size in self.sizes.items()
         }
 
@@ -76,6 +78,7 @@ class PairedDomainDataset(torch.utils.data.Dataset):
                 out[name] = {key: value[row] for key, value in data.items()}
             else:
                 item = data[row]
+                # host: data rows live on the host; the Trainer moves batches
                 out[name] = {key: torch.as_tensor(item[key]) for key in ("pixel_values", "labels")}
         return out
 
@@ -90,6 +93,7 @@ class PairedDomainCollator:
             return default_data_collator(list(features))
         return {
             domain: {
+                # host: the collator runs on the host
                 key: torch.stack([torch.as_tensor(row[domain][key]) for row in features])
                 for key in features[0][domain]
             }

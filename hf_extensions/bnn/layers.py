@@ -46,6 +46,7 @@ PRIOR_MEANS = ("zero", "pretrained")
 
 def rho_from_sigma(sigma: torch.Tensor | float, min_sigma: float = 1e-8) -> torch.Tensor:
     """Inverse softplus: ``rho`` with ``softplus(rho) = sigma`` (``sigma`` clamped at ``min_sigma``)."""
+    # host: initialisation, converted to the parameter's device by the caller
     sigma = torch.as_tensor(sigma, dtype=torch.float64).clamp_min(min_sigma)
     # log(expm1(s)) = s + log(1 - exp(-s)): finite for small and large s alike.
     return sigma + torch.log(-torch.expm1(-sigma))

@@ -91,6 +91,7 @@ def flat_posterior(model: nn.Module) -> FlatPosterior:
 def kl_divergence(model: nn.Module) -> torch.Tensor:
     """``KL(q || p)`` of all the model's Gaussian layers (0 for a deterministic model)."""
     if not bayesian_layers(model):
+        # host: a 0-d CPU tensor adds to a loss on any device (no parameters to take it from)
         return torch.zeros(())
     return flat_posterior(model).kl()
 
@@ -183,6 +184,7 @@ def fixed_noise(model: nn.Module, seed: int = 0) -> Iterator[nn.Module]:
     split give the same weights, which is how gradient accumulation is tested. Reparameterisation
     estimator only (Flipout's per-example signs are drawn per batch).
     """
+    # host: fixed_noise draws once per block, the same on every device
     generator = torch.Generator().manual_seed(seed)
     layers = [layer for _, layer in bayesian_layers(model)]
     for layer in layers:
@@ -190,6 +192,7 @@ def fixed_noise(model: nn.Module, seed: int = 0) -> Iterator[nn.Module]:
         for name in ("weight", "bias"):
             mu = getattr(layer, name)
             if mu is not None:
+                # host: see the generator above
                 eps[name] = torch.randn(mu.shape, generator=generator, dtype=torch.float32).to(
                     device=mu.device, dtype=mu.dtype
                 )

@@ -129,8 +129,10 @@ class LabelTree:
         """
         if isinstance(class_means, Mapping):
             ids = sorted(class_means)
+            # host: taxonomy from class means: scikit-learn's boundary, once per task
             means = np.stack([np.asarray(torch.as_tensor(class_means[i]).cpu()) for i in ids])
         else:
+            # host: as above
             means = np.asarray(torch.as_tensor(class_means).cpu())
             ids = list(range(len(means)))
         if not 1 <= num_groups <= len(ids):
@@ -144,6 +146,7 @@ class LabelTree:
             assignment = model.fit_predict(means)
         tree = {
             f"group_{g}": [int(ids[i]) for i in np.flatnonzero(assignment == g)]
+            # host: scikit-learn's cluster ids
             for g in sorted(set(assignment.tolist()))
         }
         return cls(tree)
@@ -166,6 +169,7 @@ class LabelTree:
                 f"fine and coarse labels must be 1-D of one length, got {fine.shape}, {coarse.shape}."
             )
         parent: dict[int, int] = {}
+        # host: label bookkeeping from host arrays, once
         for f, c in zip(fine.tolist(), coarse.tolist()):
             if parent.setdefault(int(f), int(c)) != int(c):
                 raise ValueError(f"fine class {f} appears under coarse labels {parent[f]} and {c}.")
@@ -207,6 +211,7 @@ class ClassMixture:
         clusters = torch.multinomial(
             self.weights, num_samples, replacement=True, generator=generator
         )
+        # host: class mixtures live on the host (fitted by scikit-learn); replay moves draws in chunks
         noise = torch.randn(
             num_samples, self.means.shape[1], generator=generator, dtype=self.means.dtype
         )
@@ -221,6 +226,7 @@ def fit_class_mixture(
     ``num_components`` is capped at ``N``; a cluster's variance is that of its members (0 for a
     singleton, as in HiDe-Prompt's multi-centroid statistics).
     """
+    # host: scikit-learn's boundary (k-means), once per class and task
     x = np.asarray(torch.as_tensor(features).detach().cpu(), dtype=np.float64)
     if x.ndim != 2 or len(x) == 0:
         raise ValueError(f"`features` must be a non-empty [N, D] array, got shape {x.shape}.")
@@ -235,6 +241,7 @@ def fit_class_mixture(
         variances.append(members.var(0))
         weights.append(len(members) / len(x))
     return ClassMixture(
+        # host: the mixture is kept on the host (see ClassMixture.sample)
         means=torch.tensor(np.stack(means), dtype=torch.float32),
         variances=torch.tensor(np.stack(variances), dtype=torch.float32),
         weights=torch.tensor(weights, dtype=torch.float32),
@@ -272,6 +279,7 @@ class ClassDistances:
 
     def _samples(self, mixture: ClassMixture, i: int, j: int, which: int) -> np.ndarray:
         generator = keyed_generator(self.seed, i, j, which)
+        # host: POT's boundary (numpy inputs), once per class pair
         return mixture.sample(self.num_samples, generator).double().numpy()
 
     def distance(self, i: int, j: int, mixtures: Mapping[int, ClassMixture]) -> float:
@@ -296,6 +304,7 @@ class ClassDistances:
 
     def matrix(self, mixtures: Mapping[int, ClassMixture], num_classes: int) -> torch.Tensor:
         """``W`` ``[num_classes, num_classes]`` over the classes in ``mixtures`` (others 0)."""
+        # host: W is built on the host from POT's floats, once per task; moved by the caller
         w = torch.zeros(num_classes, num_classes)
         ids = sorted(mixtures)
         for x, i in enumerate(ids):

@@ -158,9 +158,13 @@ class CLIPPromptLearner(nn.Module):
         shape = (
             (num_classes, n_ctx_shared, width) if class_specific_shared else (n_ctx_shared, width)
         )
-        self.shared_ctx = nn.Parameter(torch.randn(shape) * init_std)
+        device = clip.text_model.embeddings.token_embedding.weight.device
+        self.shared_ctx = nn.Parameter(torch.randn(shape, device=device) * init_std)
         self.domain_ctx = nn.ParameterDict(
-            {name: nn.Parameter(torch.randn(n_ctx_domain, width) * init_std) for name in domains}
+            {
+                name: nn.Parameter(torch.randn(n_ctx_domain, width, device=device) * init_std)
+                for name in domains
+            }
         )
         eos = clip.config.text_config.eos_token_id
         placeholders = " ".join([PLACEHOLDER] * (n_ctx_shared + n_ctx_domain))
@@ -309,6 +313,7 @@ def pretrain_clip_on_labels(
     (the class texts are the candidates, so every image has one positive). Seeded; returns
     ``clip`` in eval mode.
     """
+    # host: the offline fixture's pre-training, seeded the same on every device
     generator = torch.Generator().manual_seed(seed)
     texts = tokenizer(
         [ZERO_SHOT_TEMPLATE.format(name) for name in class_names],
@@ -318,6 +323,7 @@ def pretrain_clip_on_labels(
     clip.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(clip.parameters(), lr=learning_rate, weight_decay=0.0)
     for _ in range(steps):
+        # host: indices from the host generator above
         index = torch.randint(0, pixel_values.shape[0], (batch_size,), generator=generator)
         image = F.normalize(_projected(clip.get_image_features(pixel_values=pixel_values[index])))
         text = F.normalize(_projected(clip.get_text_features(input_ids=texts)))
@@ -338,6 +344,7 @@ DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 def as_tensors(dataset, columns: Sequence[str] = ("pixel_values", "labels")) -> dict:
     """``{column: tensor}`` of a small in-memory ``datasets.Dataset``."""
     formatted = dataset.with_format("numpy")
+    # host: a small in-memory data set, loaded on the host
     return {name: torch.as_tensor(np.asarray(formatted[name])) for name in columns}
 
 
