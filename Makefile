@@ -13,7 +13,7 @@ STAMP := $(VENV)/.hf-extensions-installed
 PYTEST_ARGS ?=
 PIP_INSTALL = $(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: install demo test test-all test-latest test-min lock bench quality format clean
+.PHONY: install demo test test-all test-latest test-min lock bench device-check quality format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,11 @@ lock:
 
 bench: install
 	$(PY) -m benchmarks
+
+# On a CUDA machine: every method's step at real sizes -> benchmarks/results/device_check.json.
+# Anywhere: DEVICE_CHECK_ARGS=--tiny (the tiny sizes the test suite runs).
+device-check: install
+	$(PY) -m benchmarks.device_check $(DEVICE_CHECK_ARGS)
 
 quality: install
 	$(VENV)/bin/ruff check .

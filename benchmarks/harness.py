@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from hf_extensions.atomic import atomic_write_text
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = PACKAGE_DIR / "results"
 NOT_BENCHMARKS = frozenset({"harness", "__main__", "__init__"})
@@ -285,11 +287,8 @@ class BenchmarkReport:
         """Write ``<results_dir>/<name>.json`` and return its path."""
         path = Path(results_dir) / f"{self.name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(
-            json.dumps(self.to_dict(), indent=2, default=_to_json, ensure_ascii=False) + "\n",
-            encoding="utf-8",
-        )
-        return path
+        text = json.dumps(self.to_dict(), indent=2, default=_to_json, ensure_ascii=False) + "\n"
+        return atomic_write_text(path, text)
 
     def format_table(self) -> str:
         """Metrics as a plain aligned text table (one row per method), then the ratios."""

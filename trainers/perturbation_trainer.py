@@ -184,7 +184,7 @@ class PerturbationTrainer(MethodTrainer):
             loss = loss.mean()
         return loss
 
-    def subset_scale(self, inputs: dict[str, Any], subset: dict[str, Any]) -> float:
+    def subset_scale(self, inputs: dict[str, Any], subset: dict[str, Any]) -> float | torch.Tensor:
         """Factor that makes the loss of ``subset`` a mean over its items, like a whole batch's.
 
         A loss normalised by ``num_items_in_batch`` is a sum over the subset divided by the item
@@ -199,6 +199,13 @@ class PerturbationTrainer(MethodTrainer):
         part = self._get_num_items_in_batch([subset], device)
         if whole is None or part is None:
             return batch_rows(inputs) / batch_rows(subset)
+        if isinstance(whole, torch.Tensor) or isinstance(part, torch.Tensor):
+            # a 0-d tensor on the device: no host sync per step
+            whole, part = (
+                torch.as_tensor(whole, device=device),
+                torch.as_tensor(part, device=device),
+            )
+            return whole.float() / part.float().clamp_min(1.0)
         return float(whole) / max(float(part), 1.0)
 
     def local_gradients(
