@@ -31,7 +31,7 @@ demo: install
 	$(PY) -m recipes.demo
 
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 test-all: install
 	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
