@@ -4,21 +4,29 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
+from torch import nn
 from transformers import Trainer, TrainingArguments, ViTConfig, ViTForImageClassification
 
 from benchmarks.harness import quiet_training_arguments, trainer_step_fn
+from hf_extensions.bnn import PeerEnsemble, convert_to_bayesian, fixed_noise
 from hf_extensions.fhbi.particles import ParticleEnsemble
+from hf_extensions.models import tiny_clip
+from hf_extensions.pga.clip_prompts import CLIPPromptLearner
 from hf_extensions.testing.mixed_precision import fp16_loss_scaling
 from trainers import (
     AgnosticSAMConfig,
     AgnosticSAMTrainer,
+    BayesianMutualLearningConfig,
+    BayesianMutualLearningTrainer,
     FHBIConfig,
     FHBITrainer,
+    PGAConfig,
+    PGATrainer,
     SAMConfig,
     SAMTrainer,
 )
@@ -48,6 +56,22 @@ class Size:
     def tiny(cls) -> Size:
         return cls(16, 4, 32, 2, 4, 64, batch_size=8)
 
+    @property
+    def is_real(self) -> bool:
+        return self.hidden_size >= 768
+
+    def clip(self):
+        """CLIP towers of this width and depth (ViT-B/16-sized for the real size: 768-wide,
+        12-layer vision tower at 224 px; ``tiny_clip`` gives both towers 4 heads and a
+        feed-forward twice the width), with ``tiny_clip``'s byte-level tokenizer."""
+        return tiny_clip(
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            hidden_size=self.hidden_size,
+            num_layers=self.num_layers,
+            projection_dim=512 if self.is_real else 16,
+        )
+
     def vit(self) -> ViTForImageClassification:
         """A ViT of this size with weights drawn from seed 0 (the same model every call)."""
         config = ViTConfig(
@@ -76,14 +100,19 @@ class Size:
 @dataclass(frozen=True)
 class Method:
     """How to build a method's model and trainer: ``settings`` are its real step's, and
-    ``baseline`` the settings at which it must take the stock step."""
+    ``baseline`` the settings at which it must take the stock step (on ``stock_model``, else
+    on ``model(size, True)``). ``batch`` builds the inputs (default: ``Size.batch``);
+    ``around_step`` wraps every step (BNN: one frozen weight draw, so runs compare exactly)."""
 
-    model: Callable[[Size, bool], torch.nn.Module]
+    model: Callable[[Size, bool], nn.Module]
     trainer_cls: type
     config_cls: type
     settings: dict[str, Any]
     baseline: dict[str, Any]
-    stock_model: Callable[[Size], torch.nn.Module] | None = None
+    stock_model: Callable[[Size], nn.Module] | None = None
+    batch: Callable[[Size], dict[str, Any]] = Size.batch
+    around_step: Callable[[nn.Module], Any] | None = None
+    arguments: dict[str, Any] = field(default_factory=dict)
 
 
 def _lora(model: torch.nn.Module) -> torch.nn.Module:
@@ -105,6 +134,52 @@ def _vit(size: Size, baseline: bool) -> torch.nn.Module:
     return size.vit()
 
 
+def _bayesian_vit(size: Size) -> nn.Module:
+    return convert_to_bayesian(size.vit()).train()
+
+
+def _peers(size: Size, baseline: bool) -> nn.Module:
+    return PeerEnsemble([_bayesian_vit(size) for _ in range(1 if baseline else 2)])
+
+
+_CLASSES = ["zero", "one", "two"]
+
+
+def _learner(size: Size) -> CLIPPromptLearner:
+    clip, tokenizer = size.clip()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return CLIPPromptLearner(clip, tokenizer, _CLASSES, ["source", "target"],
+                                 n_ctx_shared=4, n_ctx_domain=4)  # fmt: skip
+
+
+class _PromptERM(nn.Module):
+    """The stock objective PGA reduces to at ρ = α = 0, trade-off 1: L_target + L_source."""
+
+    def __init__(self, learner: CLIPPromptLearner):
+        super().__init__()
+        self.learner = learner
+
+    def forward(self, source, target):
+        total = 0
+        for name, batch in (("target", target), ("source", source)):
+            features = self.learner.image_features(batch["pixel_values"])
+            total = total + self.learner.domain_loss(features, batch["labels"], name)
+        return {"loss": total}
+
+
+def _domain_batch(size: Size) -> dict[str, Any]:
+    generator = torch.Generator().manual_seed(2)
+    shape = (size.batch_size, 3, size.image_size, size.image_size)
+    return {
+        domain: {
+            "pixel_values": torch.rand(shape, generator=generator),
+            "labels": torch.randint(0, len(_CLASSES), (size.batch_size,), generator=generator),
+        }
+        for domain in ("source", "target")
+    }
+
+
 METHODS: dict[str, Method] = {
     "sam": Method(_vit, SAMTrainer, SAMConfig, {"rho": 0.05}, {"rho": 0.0}),
     "asam": Method(
@@ -124,6 +199,44 @@ METHODS: dict[str, Method] = {
         {"num_particles": 4, "rho": 0.02},
         {"num_particles": 1, "rho": 0.0},
         stock_model=lambda size: _lora(size.vit()).train(),
+    ),
+    "bnn_mutual": Method(
+        _peers,
+        BayesianMutualLearningTrainer,
+        BayesianMutualLearningConfig,
+        {
+            "kl_weight": 1e-3,
+            "kl_dataset_size": 1000,
+            "mutual_weight": 1.0,
+            "parameter_diversity_weight": 1e-3,
+            "feature_diversity_weight": 1e-3,
+            "mc_samples": 1,
+        },
+        {
+            "kl_weight": 0.0,
+            "mutual_weight": 0.0,
+            "parameter_diversity_weight": 0.0,
+            "feature_diversity_weight": 0.0,
+            "mc_samples": 1,
+        },
+        stock_model=_bayesian_vit,
+        around_step=lambda model: fixed_noise(model, seed=0),
+    ),
+    "pga": Method(
+        lambda size, baseline: _learner(size),
+        PGATrainer,
+        PGAConfig,
+        {"pga_rho": 1e-2, "pga_align": 1e-2, "n_ctx_shared": 4, "n_ctx_domain": 4},
+        {
+            "pga_rho": 0.0,
+            "pga_align": 0.0,
+            "pga_tradeoff": 1.0,
+            "n_ctx_shared": 4,
+            "n_ctx_domain": 4,
+        },
+        stock_model=lambda size: _PromptERM(_learner(size)),
+        batch=_domain_batch,
+        arguments={"remove_unused_columns": False},
     ),
 }
 
@@ -165,6 +278,7 @@ def build_step(
         lr_scheduler_type="constant",
         per_device_train_batch_size=size.batch_size,
         bf16=precision == "bf16",
+        **method.arguments,
     )
     if stock:
         model = method.stock_model(size) if method.stock_model else method.model(size, True)
@@ -178,7 +292,15 @@ def build_step(
     if precision == "fp16":
         scaling = fp16_loss_scaling(trainer.accelerator, init_scale=init_scale or 2.0**16)
         scaler = scaling.__enter__()
-    return Step(trainer, trainer_step_fn(trainer, 1_000), scaler, scaling)
+    step = trainer_step_fn(trainer, 1_000)
+    if method.around_step is not None:
+        plain = step
+
+        def step(batch):
+            with method.around_step(trainer.model):
+                return plain(batch)
+
+    return Step(trainer, step, scaler, scaling)
 
 
 def snapshot(step: Step) -> list[torch.Tensor]:
@@ -186,6 +308,8 @@ def snapshot(step: Step) -> list[torch.Tensor]:
     model = step.trainer.accelerator.unwrap_model(step.trainer.model)
     if isinstance(model, ParticleEnsemble):
         return [p[0].detach().float().clone() for p in model.particles]
+    if isinstance(model, PeerEnsemble):
+        model = model.peers[0]
     return [p.detach().float().clone() for p in model.parameters() if p.requires_grad]
 
 

@@ -23,6 +23,7 @@ from hf_extensions.perturbation import (
     RandomState,
     ascent_direction,
     combine_directions,
+    gradients_finite,
     loss_scaler,
     perturbed_weights,
 )
@@ -142,6 +143,7 @@ def pga_update(
     align: float,
     tradeoff: float,
     random_state: RandomState | None = None,
+    loss_scale: float = 1.0,
 ) -> PGAStep:
     """The PGA update of one batch (Phan et al., 2024, Algorithm 1; Eqs. 7-9).
 
@@ -167,8 +169,11 @@ def pga_update(
     differences). With ``ρ = α = 0`` only the first pass per domain runs (ERM, half the passes).
 
     Gradients come from ``torch.autograd.grad`` on the prompt tensors only; ``p.grad`` is not
-    touched. They are true (unscaled) gradients, so the alignment term is not divided by an fp16
-    loss scale (the official fp16 variant's defect). ``grad θ_s = G_s`` without λ, as in the
+    touched. Under fp16 the backward runs on the loss times ``loss_scale`` (the GradScaler's
+    scale, so that small gradients do not underflow) and the scale is divided out: they are true
+    gradients, so the alignment term is not divided by an fp16 loss scale (the official fp16
+    variant's defect). If a scaled gradient at θ overflows, no shifted pass runs and the
+    non-finite gradients are returned, for the GradScaler to skip the step and lower its scale. ``grad θ_s = G_s`` without λ, as in the
     official code (``LA/main.py``).
     """
     sources = [d for d in losses if d != target]
@@ -180,24 +185,25 @@ def pga_update(
         if random_state is not None:
             random_state.restore()
         loss = losses[domain]()
-        grads = torch.autograd.grad(loss, [shared, domain_params[domain]], allow_unused=True)
         params = (shared, domain_params[domain])
+        grads = torch.autograd.grad(loss * loss_scale, params, allow_unused=True)
         return loss.detach(), [
-            torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)
+            torch.zeros_like(p) if g is None else g / loss_scale for g, p in zip(grads, params)
         ]
 
     clean_losses, clean = {}, {}
     for domain in order:
         clean_losses[domain], clean[domain] = grads_at(domain)
+    overflow = loss_scale != 1.0 and not gradients_finite([g for d in order for g in clean[d]])
     shared_norms = {d: _norm(clean[d][0]) for d in order}
     cosine = {}
-    if target is not None:
+    if target is not None and not overflow:
         for s in sources:
             dot = float((clean[s][0].double() * clean[target][0].double()).sum())
             cosine[s] = dot / (shared_norms[s] * shared_norms[target] + NORM_EPS)
 
     shifts: dict[str, dict[str, float]] = {}
-    if rho == 0 and align == 0:
+    if overflow or (rho == 0 and align == 0):
         final, perturbed_losses = clean, dict(clean_losses)
     else:
         final, perturbed_losses = {}, {}
@@ -323,13 +329,16 @@ class PGATrainer(MethodTrainer):
         if missing:
             raise ValueError(f"the batch has no rows for domains {missing}; it has {list(inputs)}.")
         features = {}
+        scaler = loss_scaler(self.accelerator)
+        # The learner's methods are called on the unwrapped module, outside the prepared
+        # model's forward where accelerate applies mixed precision: autocast explicitly.
         if args.cache_image_features:
-            with self.compute_loss_context_manager():
+            with self.compute_loss_context_manager(), self.accelerator.autocast():
                 features = {d: learner.image_features(inputs[d]["pixel_values"]) for d in domains}
 
         def loss_of(domain: str) -> Callable[[], torch.Tensor]:
             def compute() -> torch.Tensor:
-                with self.compute_loss_context_manager():
+                with self.compute_loss_context_manager(), self.accelerator.autocast():
                     image = features.get(domain)
                     if image is None:
                         image = learner.image_features(inputs[domain]["pixel_values"])
@@ -346,6 +355,7 @@ class PGATrainer(MethodTrainer):
             align=args.pga_align,
             tradeoff=args.pga_tradeoff,
             random_state=RandomState(),
+            loss_scale=scaler.get_scale() if scaler is not None else 1.0,
         )
         params = [learner.shared_ctx, *(learner.domain_ctx[d] for d in domains)]
         grads = [step.shared_grad, *(step.domain_grads[d] for d in domains)]
