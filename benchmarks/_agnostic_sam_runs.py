@@ -46,6 +46,7 @@ class Arm:
     final_grad_on: str = "full"
     chain: bool = False
     rho_val: float | None = None
+    fuse_split_passes: bool = False
 
 
 @dataclass
@@ -101,7 +102,8 @@ def build_trainer(arm: Arm, model, train, regime: Regime, seed: int, output_dir:
         return SAMTrainer(model=model, args=SAMConfig(rho=arm.rho, **common), train_dataset=train)
     rho_val = arm.rho if arm.rho_val is None else arm.rho_val
     args = AgnosticSAMConfig(rho_train=arm.rho, rho_val=rho_val, chain=arm.chain,
-                             final_grad_on=arm.final_grad_on, **common)  # fmt: skip
+                             final_grad_on=arm.final_grad_on,
+                             fuse_split_passes=arm.fuse_split_passes, **common)  # fmt: skip
     return AgnosticSAMTrainer(model=model, args=args, train_dataset=train)
 
 
@@ -173,21 +175,19 @@ def _step_ratios_at(rows: int, repeats: int) -> tuple[dict[str, float], dict[str
              "labels": torch.randint(0, 10, (rows,))}  # fmt: skip
     regime = Regime(train_images=rows, label_noise=0.0, epochs=1)
     arms = {
-        "sam": (Arm("sam", 0.03, 0.05), {}),
-        "agnostic_sam": (Arm("agnostic_sam", 0.03, 0.05), {}),
-        "agnostic_sam_fused": (Arm("agnostic_sam", 0.03, 0.05), {"fuse_split_passes": True}),
+        "sam": Arm("sam", 0.03, 0.05),
+        "agnostic_sam": Arm("agnostic_sam", 0.03, 0.05),
+        "agnostic_sam_fused": Arm("agnostic_sam", 0.03, 0.05, fuse_split_passes=True),
     }
     with tempfile.TemporaryDirectory() as output_dir:
 
-        def step_of(arm, extra):
+        def step_of(arm):
             model = ViTForImageClassification.from_pretrained(fixture_path("vit")).train()
             trainer = build_trainer(arm, model, None, regime, 0, output_dir)
-            for key, value in extra.items():
-                setattr(trainer.args, key, value)
             return trainer_step_fn(trainer, 10_000)
 
-        plain = step_of(Arm("sgd", 0.03), {})
-        steps = {name: step_of(arm, extra) for name, (arm, extra) in arms.items()}
+        plain = step_of(Arm("sgd", 0.03))
+        steps = {name: step_of(arm) for name, arm in arms.items()}
         result = compare(lambda: plain(batch),
                          {name: (lambda s=s: s(batch)) for name, s in steps.items()},
                          warmup=5, repeats=repeats)  # fmt: skip

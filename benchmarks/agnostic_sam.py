@@ -88,6 +88,7 @@ import numpy as np
 from benchmarks import _agnostic_sam_runs as runs
 from benchmarks.harness import BenchmarkReport, get_pyplot, make_parser, save_plot, torch_threads
 from benchmarks.protocol import paired_interval, tune_on_grid
+from hf_extensions.atomic import atomic_write_text
 
 NAME = "agnostic_sam"
 ARMS = ("sgd", "sam", "agnostic_sam", "agnostic_sam_no_val")
@@ -227,32 +228,37 @@ def plot(results, intervals, ratios, results_dir):
     return save_plot(fig, NAME, results_dir)
 
 
-def _merge(path, results, tuning, intervals, regimes, ratios, timings, args) -> BenchmarkReport:
-    """Add the regimes just run to the JSON of an earlier full run (same seeds and protocol)."""
-    document = json.loads(path.read_text())
-    for regime, per_seed in results.items():
-        for arm in ARMS:
-            document["metrics"][f"{regime}/{arm}"] = {
-                **per_seed[arm],
-                "test_accuracy_mean": float(np.mean(per_seed[arm]["test_accuracy"])),
-            }
-    document["intervals"].update(intervals)
-    document["config"]["tuning"].update(tuning)
-    document["config"]["regimes"].update({k: asdict(v) for k, v in regimes.items()})
-    document["ratios"], document["config"]["step_ms"] = ratios, timings
-    document["protocol"] = __doc__
-    report = BenchmarkReport(
-        name=NAME, metrics=document["metrics"], ratios=ratios, config=document["config"],
-        notes=document["notes"], protocol=__doc__, intervals=document["intervals"],
-    )  # fmt: skip
-    report.print_table()
-    report.write(args.results_dir)
-    all_results = {
-        regime: {arm: document["metrics"][f"{regime}/{arm}"] for arm in ARMS}
-        for regime in document["config"]["regimes"]
+NOTES = (
+    "metrics.<regime>/<arm>.<metric>: per-seed lists (seeds paired). intervals: paired 95% "
+    "t-intervals of the differences, per regime. ratios: step time over the plain SGD step (and "
+    "agnostic_vs_sam_step), timed interleaved in this run."
+)
+
+
+def build_report(results, tuning, intervals, regimes, ratios, timings, seeds, previous=None):
+    """The :class:`BenchmarkReport` of the regimes just run; with ``previous`` (the JSON document
+    of an earlier full run: same seeds and protocol) they are added to its regimes."""
+    metrics = {
+        f"{regime}/{arm}": {**per_seed[arm],
+                            "test_accuracy_mean": float(np.mean(per_seed[arm]["test_accuracy"]))}
+        for regime, per_seed in results.items() for arm in ARMS
+    }  # fmt: skip
+    config = {
+        "regimes": {k: asdict(v) for k, v in regimes.items()},
+        "seeds": list(seeds),
+        "tuning_seed": TUNING_SEED,
+        "tuning": tuning,
+        "step_ms": timings,
+        "torch_threads": 1,
+        "chance_loss": math.log(10),
     }
-    plot(all_results, document["intervals"], ratios, args.results_dir)
-    return report
+    if previous is not None:
+        metrics = {**previous["metrics"], **metrics}
+        intervals = {**previous["intervals"], **intervals}
+        config["tuning"] = {**previous["config"]["tuning"], **tuning}
+        config["regimes"] = {**previous["config"]["regimes"], **config["regimes"]}
+    return BenchmarkReport(name=NAME, metrics=metrics, ratios=ratios, config=config,
+                           notes=NOTES, protocol=__doc__, intervals=intervals)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> BenchmarkReport:
@@ -275,7 +281,7 @@ def _run(args) -> BenchmarkReport:
         document = json.loads(path.read_text())
         document["ratios"] = ratios
         document["config"]["step_ms"] = timings
-        path.write_text(json.dumps(document, indent=2) + "\n")
+        atomic_write_text(path, json.dumps(document, indent=2) + "\n")
         print(json.dumps(ratios, indent=2))
         return None
     regimes = {name: REGIMES[name] for name in args.regimes or REGIMES}
@@ -288,38 +294,16 @@ def _run(args) -> BenchmarkReport:
         data = runs.Data.load(regime, quick=args.quick)
         results[name], tuning[name] = evaluate_regime(name, regime, data, seeds, print)
     intervals = _intervals(results)
-    if args.regimes and not args.quick:
-        return _merge(path, results, tuning, intervals, regimes, ratios, timings, args)
-    metrics = {
-        f"{regime}/{arm}": {**{k: v for k, v in per_seed[arm].items()},
-                            "test_accuracy_mean": float(np.mean(per_seed[arm]["test_accuracy"]))}
-        for regime, per_seed in results.items() for arm in ARMS
-    }  # fmt: skip
-    report = BenchmarkReport(
-        name=NAME,
-        metrics=metrics,
-        ratios=ratios,
-        config={
-            "regimes": {k: asdict(v) for k, v in regimes.items()},
-            "seeds": list(seeds),
-            "tuning_seed": TUNING_SEED,
-            "tuning": tuning,
-            "step_ms": timings,
-            "torch_threads": 1,
-            "chance_loss": math.log(10),
-        },
-        notes=(
-            "metrics.<regime>/<arm>.<metric>: per-seed lists (seeds paired). intervals: paired "
-            "95% t-intervals of the differences, per regime. ratios: step time over the plain "
-            "SGD step (and agnostic_vs_sam_step), timed interleaved in this run."
-        ),
-        protocol=__doc__,
-        intervals=intervals,
-    )
+    previous = json.loads(path.read_text()) if args.regimes and not args.quick else None
+    report = build_report(results, tuning, intervals, regimes, ratios, timings, seeds, previous)
     report.print_table()
     if not args.quick:
         report.write(args.results_dir)
-        plot(results, intervals, ratios, args.results_dir)
+        every_regime = {
+            regime: {arm: report.metrics[f"{regime}/{arm}"] for arm in ARMS}
+            for regime in report.config["regimes"]
+        }
+        plot(every_regime, report.intervals, ratios, args.results_dir)
     return report
 
 

@@ -1,6 +1,7 @@
 """The Agnostic-SAM evidence benchmark's tuning follows its protocol (benchmarks/agnostic_sam.py),
 checked with a fake scorer instead of training runs."""
 
+import json
 import math
 
 import pytest
@@ -57,3 +58,21 @@ def test_the_ablation_arm_differs_from_agnostic_sam_only_by_rho_val():
     ablation = dict(vars(arms["agnostic_sam_no_val"]), rho_val=None)
     assert ablation == vars(arms["agnostic_sam"])
     assert arms["sam"].rho == 0.2 and arms["sgd"].rho == 0.0
+
+
+def test_a_partial_run_adds_its_regimes_to_the_earlier_report():
+    def results(offset):
+        return {arm: {"test_accuracy": [0.5 + offset, 0.6 + offset]} for arm in agnostic_sam.ARMS}
+
+    regime = agnostic_sam.REGIMES["limited"]
+    first = agnostic_sam.build_report({"limited": results(0.0)}, {"limited": {"lr": 1}},
+                               {"limited/x": {"mean": 1}}, {"limited": regime}, {}, {}, (0, 1))  # fmt: skip
+    previous = json.loads(json.dumps(first.to_dict()))
+    later = agnostic_sam.build_report({"noisy": results(0.1)}, {"noisy": {"lr": 2}},
+                               {"noisy/x": {"mean": 2}}, {"noisy": agnostic_sam.REGIMES["noisy"]},
+                               {"r": 1.0}, {}, (0, 1), previous)  # fmt: skip
+    assert later.metrics["limited/sgd"] == first.metrics["limited/sgd"]
+    assert later.metrics["noisy/sgd"]["test_accuracy_mean"] == pytest.approx(0.65)
+    assert set(later.config["regimes"]) == {"limited", "noisy"}
+    assert later.config["tuning"] == {"limited": {"lr": 1}, "noisy": {"lr": 2}}
+    assert set(later.intervals) == {"limited/x", "noisy/x"}
