@@ -12,6 +12,7 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from conformance.case import QUIET
 
 from hf_extensions.bnn import PeerEnsemble, convert_to_bayesian
 from hf_extensions.data import load_digits
@@ -20,18 +21,12 @@ from trainers.bnn_mutual_config import BayesianMutualLearningConfig
 from trainers.bnn_mutual_trainer import BayesianMutualLearningTrainer, linear_cka
 
 DEFAULTS = dict(
-    report_to=[],
-    use_cpu=True,
-    save_strategy="no",
-    logging_strategy="no",
-    disable_tqdm=True,
-    seed=0,
+    **QUIET,
     optim="adamw_torch",
     learning_rate=3e-3,
     weight_decay=0.0,
     lr_scheduler_type="constant",
     max_grad_norm=0.0,
-    dataloader_pin_memory=False,
     per_device_train_batch_size=32,
 )
 DEAD = slice(0, 32)  # input features set to 0: their first-layer weights get no data gradient

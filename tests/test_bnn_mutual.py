@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conformance.case import QUIET
 from torch.distributions import Normal
 from torch.distributions import kl_divergence as torch_kl
 from transformers import TrainingArguments
@@ -29,18 +30,12 @@ from trainers.bnn_mutual_config import BayesianMutualLearningConfig
 from trainers.bnn_mutual_trainer import BayesianMutualLearningTrainer, linear_cka
 
 DEFAULTS = dict(
-    report_to=[],
-    use_cpu=True,
-    save_strategy="no",
-    logging_strategy="no",
-    disable_tqdm=True,
-    seed=0,
+    **QUIET,
     optim="sgd",
     learning_rate=0.1,
     lr_scheduler_type="constant",
     weight_decay=0.0,
     max_grad_norm=0.0,
-    dataloader_pin_memory=False,
 )
 FEATURES = {"mlp": ["net.1", "net.3"], "vit": ["vit.layers.0", "classifier:input"]}
 

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from fhbi_setup import lora_vit, mlp_particles_and_logits, train_set, training_args
+from peft import PeftModel
 from torch.func import functional_call
 
-from hf_extensions.data import load_digits
 from hf_extensions.fhbi.kernels import mean_pairwise_distance
 from hf_extensions.fhbi.particles import ParticleEnsemble
 from hf_extensions.models import tiny_vit_classifier
@@ -22,33 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DIGITS_YAML = ROOT / "recipes" / "fhbi" / "digits.yaml"
 
 
-def _peft_vit(seed=0):
-    config = LoraConfig(
-        r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"]
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # LoRA A is drawn from the global generator
-        return get_peft_model(tiny_vit_classifier(seed=seed), config)
-
-
-def _train_set(rows=32):
-    return load_digits(0)["train"].select(range(rows)).select_columns(["pixel_values", "labels"])
-
-
 def _batch(rows=32):
-    columns = _train_set(rows).with_format("torch")[:]
+    columns = train_set(rows).with_format("torch")[:]
     return columns["pixel_values"].float(), columns["labels"]
-
-
-def _args(tmp_path, **overrides):
-    values = dict(
-        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=32, optim="sgd",
-        learning_rate=0.1, weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant",
-        warmup_steps=0, save_strategy="no", report_to="none", disable_tqdm=True,
-        logging_steps=1, seed=0,
-    )  # fmt: skip
-    values.update(overrides)
-    return values
 
 
 def _randomise_lora_b(ensemble, seed=1):
@@ -60,7 +36,7 @@ def _randomise_lora_b(ensemble, seed=1):
 
 
 def test_stacked_vmap_and_loop_particles_agree_in_outputs_and_gradients():
-    ensemble = ParticleEnsemble(_peft_vit(), num_particles=3)
+    ensemble = ParticleEnsemble(lora_vit(), num_particles=3)
     assert ensemble.mode == "stacked"  # every particle tensor is an nn.Linear's
     _randomise_lora_b(ensemble)
     pixels, labels = _batch(16)
@@ -88,7 +64,7 @@ def test_stacked_vmap_and_loop_particles_agree_in_outputs_and_gradients():
 
 
 def test_particles_start_apart_and_particle_zero_is_the_given_model():
-    peft = _peft_vit()
+    peft = lora_vit()
     before = {n: p.detach().clone() for n, p in peft.named_parameters() if p.requires_grad}
     ensemble = ParticleEnsemble(peft, num_particles=3, seed=0)
     for name, stacked in zip(ensemble.names, ensemble.particles):
@@ -103,12 +79,12 @@ def test_particles_start_apart_and_particle_zero_is_the_given_model():
 
 
 def test_rho_zero_equals_a_hand_computed_svgd_step(tmp_path):
-    ensemble = ParticleEnsemble(_peft_vit(), num_particles=3)
+    ensemble = ParticleEnsemble(lora_vit(), num_particles=3)
     _randomise_lora_b(ensemble)
     x0 = [p.detach().clone() for p in ensemble.particles]
     lr, m = 0.1, 3
-    args = FHBIConfig(**_args(tmp_path, learning_rate=lr), num_particles=m, rho=0.0)
-    FHBITrainer(model=ensemble, args=args, train_dataset=_train_set()).train()
+    args = FHBIConfig(**training_args(tmp_path, learning_rate=lr), num_particles=m, rho=0.0)
+    FHBITrainer(model=ensemble, args=args, train_dataset=train_set()).train()
 
     pixels, labels = _batch()
     grads = []
@@ -134,17 +110,17 @@ def test_rho_zero_equals_a_hand_computed_svgd_step(tmp_path):
 
 
 def test_one_particle_equals_a_sam_step(tmp_path):
-    sam_model = _peft_vit()
-    ensemble = ParticleEnsemble(_peft_vit(), num_particles=1)
-    common = _args(tmp_path / "a", max_steps=3, per_device_train_batch_size=16)
+    sam_model = lora_vit()
+    ensemble = ParticleEnsemble(lora_vit(), num_particles=1)
+    common = training_args(tmp_path / "a", max_steps=3, per_device_train_batch_size=16)
     SAMTrainer(
-        model=sam_model, args=SAMConfig(**common, rho=0.05), train_dataset=_train_set()
+        model=sam_model, args=SAMConfig(**common, rho=0.05), train_dataset=train_set()
     ).train()
     common["output_dir"] = str(tmp_path / "b")
     fhbi = FHBIConfig(**common, rho=0.05, num_particles=1, ascent_norm="particle")
-    FHBITrainer(model=ensemble, args=fhbi, train_dataset=_train_set()).train()
+    FHBITrainer(model=ensemble, args=fhbi, train_dataset=train_set()).train()
     trained = dict(sam_model.named_parameters())
-    initial = dict(_peft_vit().named_parameters())
+    initial = dict(lora_vit().named_parameters())
     moved = max((trained[n] - initial[n]).abs().max().item() for n in ensemble.names)
     assert moved > 1e-3
     for name, stacked in zip(ensemble.names, ensemble.particles):
@@ -154,9 +130,9 @@ def test_one_particle_equals_a_sam_step(tmp_path):
 def test_kernel_term_repels_particles_when_the_loss_gradient_is_zero(tmp_path):
     distances = {}
     for kernel, sign in (("rbf", "paper"), ("rbf", "official_code"), ("none", "paper")):
-        ensemble = ParticleEnsemble(_peft_vit(), num_particles=4)
-        args = FHBIConfig(**_args(tmp_path), kernel=kernel, kernel_grad_sign=sign)
-        trainer = FHBITrainer(model=ensemble, args=args, train_dataset=_train_set())
+        ensemble = ParticleEnsemble(lora_vit(), num_particles=4)
+        args = FHBIConfig(**training_args(tmp_path), kernel=kernel, kernel_grad_sign=sign)
+        trainer = FHBITrainer(model=ensemble, args=args, train_dataset=train_set())
         params = list(ensemble.particles)
         before = float(mean_pairwise_distance(params))
         for p in params:
@@ -172,7 +148,7 @@ def test_kernel_term_repels_particles_when_the_loss_gradient_is_zero(tmp_path):
 
 
 def test_ensemble_saves_as_peft_adapters_reloads_exactly_and_pushes(tmp_path):
-    ensemble = ParticleEnsemble(_peft_vit(), num_particles=3)
+    ensemble = ParticleEnsemble(lora_vit(), num_particles=3)
     _randomise_lora_b(ensemble)
     pixels, _ = _batch(8)
     expected = ensemble(pixel_values=pixels, return_particle_logits=True)["particle_logits"]
@@ -195,32 +171,32 @@ def test_ensemble_saves_as_peft_adapters_reloads_exactly_and_pushes(tmp_path):
 
 
 def test_resume_from_a_checkpoint_is_exact(tmp_path):
-    common = _args(
+    common = training_args(
         tmp_path / "full", max_steps=4, per_device_train_batch_size=8, optim="sgd",
         optim_args="momentum=0.9", save_strategy="steps", save_steps=2,
     )  # fmt: skip
-    full = ParticleEnsemble(_peft_vit(), num_particles=3)
+    full = ParticleEnsemble(lora_vit(), num_particles=3)
     FHBITrainer(
-        model=full, args=FHBIConfig(**common, num_particles=3), train_dataset=_train_set()
+        model=full, args=FHBIConfig(**common, num_particles=3), train_dataset=train_set()
     ).train()
-    resumed = ParticleEnsemble(_peft_vit(), num_particles=3)
+    resumed = ParticleEnsemble(lora_vit(), num_particles=3)
     common["output_dir"] = str(tmp_path / "resumed")
     trainer = FHBITrainer(
-        model=resumed, args=FHBIConfig(**common, num_particles=3), train_dataset=_train_set()
+        model=resumed, args=FHBIConfig(**common, num_particles=3), train_dataset=train_set()
     )
     trainer.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
     assert (tmp_path / "full/checkpoint-2/particle_1/adapter_model.safetensors").is_file()
     for a, b in zip(resumed.particles, full.particles):
         assert torch.equal(a, b)
     assert max((a - b).abs().max() for a, b in zip(full.particles, ParticleEnsemble(
-        _peft_vit(), num_particles=3).particles)) > 1e-3  # fmt: skip
+        lora_vit(), num_particles=3).particles)) > 1e-3  # fmt: skip
 
 
 def test_trainer_refuses_an_ensemble_of_another_size(tmp_path):
     """(The config's own refusals are in the conformance suite.)"""
     with pytest.raises(ValueError, match="particles"):
         FHBITrainer(
-            model=ParticleEnsemble(_peft_vit(), num_particles=2),
+            model=ParticleEnsemble(lora_vit(), num_particles=2),
             args=FHBIConfig(output_dir=str(tmp_path), num_particles=3, report_to="none"),
         )
 
@@ -260,24 +236,18 @@ def test_paper_scale_setting_parses_into_valid_configs(tmp_path):
 
 
 def test_likelihoods_and_prior_define_the_training_loss(tmp_path):
-    from hf_extensions.models import tiny_mlp_classifier
-
-    ensemble = ParticleEnsemble(tiny_mlp_classifier(), num_particles=3)
-    ensemble.train()
-    data = load_digits(0, layout="vector")["train"].select(range(16)).with_format("torch")[:]
-    inputs = {"features": data["features"].float(), "labels": data["labels"]}
-    logits = ensemble(features=inputs["features"], return_particle_logits=True)["particle_logits"]
+    ensemble, inputs, logits = mlp_particles_and_logits()
     ce = torch.nn.functional.cross_entropy
     expected = {
         "per_particle": sum(ce(logits[i], inputs["labels"]) for i in range(3)),
         "ensemble_logits": 3 * ce(logits.mean(0), inputs["labels"]),
     }
     for likelihood, value in expected.items():
-        args = FHBIConfig(**_args(tmp_path), num_particles=3, likelihood=likelihood)
+        args = FHBIConfig(**training_args(tmp_path), num_particles=3, likelihood=likelihood)
         trainer = FHBITrainer(model=ensemble, args=args)
         torch.testing.assert_close(trainer.compute_loss(ensemble, dict(inputs)), value)
-    args = FHBIConfig(**_args(tmp_path), num_particles=3, prior_std=0.5)
-    trainer = FHBITrainer(model=ensemble, args=args, train_dataset=_train_set(10))
+    args = FHBIConfig(**training_args(tmp_path), num_particles=3, prior_std=0.5)
+    trainer = FHBITrainer(model=ensemble, args=args, train_dataset=train_set(10))
     squares = sum(p.pow(2).sum() for p in ensemble.particles)
     torch.testing.assert_close(
         trainer.compute_loss(ensemble, dict(inputs)),

@@ -4,44 +4,18 @@ SAM-ensemble arm (``kernel="none"``, ρ > 0) against m independent SAM runs."""
 import math
 
 import torch
-from peft import LoraConfig, get_peft_model
+from fhbi_setup import lora_vit, mlp_particles_and_logits, train_set, training_args
 from torch.func import functional_call
 
-from hf_extensions.data import load_digits
 from hf_extensions.fhbi.particles import ParticleEnsemble
-from hf_extensions.models import tiny_vit_classifier
 from trainers.fhbi_config import FHBIConfig
 from trainers.fhbi_trainer import FHBITrainer
 from trainers.sam_config import SAMConfig
 from trainers.sam_trainer import SAMTrainer
 
 
-def _peft_vit(seed=0):
-    config = LoraConfig(
-        r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"]
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return get_peft_model(tiny_vit_classifier(seed=seed), config)
-
-
-def _train_set(rows=32):
-    return load_digits(0)["train"].select(range(rows)).select_columns(["pixel_values", "labels"])
-
-
-def _args(tmp_path, **overrides):
-    values = dict(
-        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=32, optim="sgd",
-        learning_rate=0.1, weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant",
-        warmup_steps=0, save_strategy="no", report_to="none", disable_tqdm=True,
-        logging_steps=1, seed=0,
-    )  # fmt: skip
-    values.update(overrides)
-    return values
-
-
 def _ensemble(m):
-    ensemble = ParticleEnsemble(_peft_vit(), num_particles=m)
+    ensemble = ParticleEnsemble(lora_vit(), num_particles=m)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():  # non-zero LoRA B: every tensor gets a gradient
         for name, p in zip(ensemble.names, ensemble.particles):
@@ -63,10 +37,10 @@ def test_rho_and_several_particles_equal_a_hand_computed_fhbi_step(tmp_path):
     m, lr, rho = 3, 0.1, 0.05
     ensemble = _ensemble(m)
     x0 = [p.detach().clone() for p in ensemble.particles]
-    args = FHBIConfig(**_args(tmp_path, learning_rate=lr), num_particles=m, rho=rho)
-    FHBITrainer(model=ensemble, args=args, train_dataset=_train_set()).train()
+    args = FHBIConfig(**training_args(tmp_path, learning_rate=lr), num_particles=m, rho=rho)
+    FHBITrainer(model=ensemble, args=args, train_dataset=train_set()).train()
 
-    columns = _train_set().with_format("torch")[:]
+    columns = train_set().with_format("torch")[:]
     pixels, labels = columns["pixel_values"].float(), columns["labels"]
     perturbed_grads = []
     for i in range(m):
@@ -91,8 +65,10 @@ def test_rho_and_several_particles_equal_a_hand_computed_fhbi_step(tmp_path):
             )
     # the perturbation mattered: the same step with rho = 0 lands elsewhere
     svgd = _ensemble(m)
-    args = FHBIConfig(**_args(tmp_path / "svgd", learning_rate=lr), num_particles=m, rho=0.0)
-    FHBITrainer(model=svgd, args=args, train_dataset=_train_set()).train()
+    args = FHBIConfig(
+        **training_args(tmp_path / "svgd", learning_rate=lr), num_particles=m, rho=0.0
+    )
+    FHBITrainer(model=svgd, args=args, train_dataset=train_set()).train()
     gap = max((a - b).abs().max() for a, b in zip(svgd.particles, ensemble.particles))
     assert gap > 1e-4
 
@@ -102,18 +78,18 @@ def test_kernel_off_with_rho_equals_independent_sam_runs(tmp_path):
     m = 3
     ensemble = _ensemble(m)
     initial = [p.detach().clone() for p in ensemble.particles]
-    common = _args(tmp_path / "fhbi", max_steps=3, per_device_train_batch_size=16)
+    common = training_args(tmp_path / "fhbi", max_steps=3, per_device_train_batch_size=16)
     fhbi = FHBIConfig(**common, num_particles=m, rho=0.05, kernel="none", ascent_norm="particle")
-    FHBITrainer(model=ensemble, args=fhbi, train_dataset=_train_set()).train()
+    FHBITrainer(model=ensemble, args=fhbi, train_dataset=train_set()).train()
     for i in range(m):
-        model = _peft_vit()
+        model = lora_vit()
         named = dict(model.named_parameters())
         with torch.no_grad():
             for name, stacked in zip(ensemble.names, initial):
                 named[name].copy_(stacked[i])
         common["output_dir"] = str(tmp_path / f"sam{i}")
         SAMTrainer(
-            model=model, args=SAMConfig(**common, rho=0.05), train_dataset=_train_set()
+            model=model, args=SAMConfig(**common, rho=0.05), train_dataset=train_set()
         ).train()
         moved = max((named[n] - s[i]).abs().max() for n, s in zip(ensemble.names, initial))
         assert moved > 1e-3
@@ -122,13 +98,7 @@ def test_kernel_off_with_rho_equals_independent_sam_runs(tmp_path):
 
 
 def test_official_likelihood_scale_is_the_codes_loss_and_reports_the_same_losses(tmp_path):
-    from hf_extensions.models import tiny_mlp_classifier
-
-    ensemble = ParticleEnsemble(tiny_mlp_classifier(), num_particles=3)
-    ensemble.train()
-    data = load_digits(0, layout="vector")["train"].select(range(16)).with_format("torch")[:]
-    inputs = {"features": data["features"].float(), "labels": data["labels"]}
-    logits = ensemble(features=inputs["features"], return_particle_logits=True)["particle_logits"]
+    ensemble, inputs, logits = mlp_particles_and_logits()
     ce = torch.nn.functional.cross_entropy
     expected = {
         "per_particle": sum(ce(logits[i], inputs["labels"]) for i in range(3)) / 3,
@@ -136,7 +106,7 @@ def test_official_likelihood_scale_is_the_codes_loss_and_reports_the_same_losses
     }
     for likelihood, value in expected.items():
         args = FHBIConfig(
-            **_args(tmp_path), num_particles=3, likelihood=likelihood,
+            **training_args(tmp_path), num_particles=3, likelihood=likelihood,
             likelihood_scale="official_code",
         )  # fmt: skip
         trainer = FHBITrainer(model=ensemble, args=args)
@@ -144,11 +114,11 @@ def test_official_likelihood_scale_is_the_codes_loss_and_reports_the_same_losses
     # the logged training losses are per particle whatever the scale
     logged = {}
     for scale in ("particle", "official_code"):
-        model = ParticleEnsemble(_peft_vit(), num_particles=2)
+        model = ParticleEnsemble(lora_vit(), num_particles=2)
         args = FHBIConfig(
-            **_args(tmp_path / scale), num_particles=2, rho=0.05, likelihood_scale=scale
+            **training_args(tmp_path / scale), num_particles=2, rho=0.05, likelihood_scale=scale
         )
-        trainer = FHBITrainer(model=model, args=args, train_dataset=_train_set())
+        trainer = FHBITrainer(model=model, args=args, train_dataset=train_set())
         trainer.train()
         logged[scale] = next(h for h in trainer.state.log_history if "loss_at_weights" in h)
     assert logged["particle"]["loss_at_weights"] == logged["official_code"]["loss_at_weights"]

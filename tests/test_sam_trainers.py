@@ -7,6 +7,7 @@ divides it by the accumulation steps), the tiny ViT accepts loss kwargs and norm
 
 import pytest
 import torch
+from conformance.case import QUIET
 from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments
 
@@ -19,12 +20,7 @@ from hf_extensions.testing.mixed_precision import fp16_loss_scaling
 from trainers import AgnosticSAMConfig, AgnosticSAMTrainer, SAMConfig, SAMTrainer
 
 DEFAULTS = dict(
-    report_to=[],
-    use_cpu=True,
-    save_strategy="no",
-    logging_strategy="no",
-    disable_tqdm=True,
-    seed=0,
+    **QUIET,
     optim="sgd",
     learning_rate=0.5,
     lr_scheduler_type="constant",

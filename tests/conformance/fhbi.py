@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from fhbi_setup import lora_vit
 from transformers import Trainer, TrainingArguments
 
 from conformance.case import (
@@ -36,20 +36,11 @@ from hf_extensions.models import tiny_vit_classifier as vit
 from trainers import FHBIConfig, FHBITrainer
 
 
-def _lora_vit(seed: int = 0) -> PeftModel:
-    config = LoraConfig(
-        r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"]
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # LoRA A is drawn from the global generator
-        return get_peft_model(vit(seed=seed), config)
-
-
 def _fhbi_baseline(tmp_path: Path) -> Baseline:
     """One particle at ρ = 0 (SVGD with m = 1: K = 1, no repulsion), evaluated by the
     reference ``loop`` mode, against the stock ``Trainer`` on the model itself: an MLP and a
     LoRA ViT (the paper's particles)."""
-    builders = {"vector": tiny_mlp_classifier, "image": _lora_vit}
+    builders = {"vector": tiny_mlp_classifier, "image": lora_vit}
     result = Baseline({}, {}, {}, {})
     for kind, build in builders.items():
         data = digits(kind, 32)
@@ -86,7 +77,7 @@ FHBI_CARD = {
 
 
 def _fhbi_save(directory: Path) -> Saved:
-    ensemble = ParticleEnsemble(_lora_vit(), num_particles=3).train()
+    ensemble = ParticleEnsemble(lora_vit(), num_particles=3).train()
     args = FHBIConfig(
         output_dir=str(directory), **{**QUIET, **REAL_STEP, "max_steps": 2, **FHBI_CARD}
     )
@@ -108,7 +99,7 @@ def _fhbi_reload(directory: Path):
 def _fhbi_ranks(output_dir: str, variant: str):
     """3 LoRA particles: 2 x 16 == 1 x 32 in sharpness batches of 16; control: perturbed by
     the whole 32 rows."""
-    ensemble = ParticleEnsemble(_lora_vit(), num_particles=3).train()
+    ensemble = ParticleEnsemble(lora_vit(), num_particles=3).train()
     initial = params(ensemble)
     args = FHBIConfig(
         output_dir=output_dir,
