@@ -10,12 +10,12 @@ from typing import Any
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from transformers import Trainer, TrainingArguments, ViTConfig, ViTForImageClassification
+from transformers import Trainer, TrainingArguments, ViTForImageClassification
 
 from benchmarks.harness import quiet_training_arguments, trainer_step_fn
 from hf_extensions.bnn import PeerEnsemble, convert_to_bayesian, fixed_noise
 from hf_extensions.fhbi.particles import ParticleEnsemble
-from hf_extensions.models import tiny_clip
+from hf_extensions.models import tiny_clip, tiny_vit_classifier
 from hf_extensions.pga.clip_prompts import CLIPPromptLearner
 from hf_extensions.testing.mixed_precision import fp16_loss_scaling
 from trainers import (
@@ -74,19 +74,10 @@ class Size:
 
     def vit(self) -> ViTForImageClassification:
         """A ViT of this size with weights drawn from seed 0 (the same model every call)."""
-        config = ViTConfig(
-            image_size=self.image_size,
-            patch_size=self.patch_size,
-            hidden_size=self.hidden_size,
-            num_hidden_layers=self.num_layers,
-            num_attention_heads=self.num_heads,
-            intermediate_size=self.intermediate_size,
-            num_labels=self.num_labels,
-            attn_implementation="sdpa",
-        )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            return ViTForImageClassification(config).train()
+        return tiny_vit_classifier(
+            self.num_labels, self.image_size, self.patch_size, 3, self.hidden_size,
+            self.num_layers, self.num_heads, self.intermediate_size, "sdpa", seed=0,
+        ).train()  # fmt: skip
 
     def batch(self) -> dict[str, torch.Tensor]:
         generator = torch.Generator().manual_seed(1)
