@@ -15,15 +15,17 @@ def report():
 
 
 def test_every_method_passes_every_check(report):
-    assert set(report.metrics) == set(_device_steps.METHODS)
+    assert set(report.metrics) == set(device_check.CHECKS)
     assert device_check.failures(report) == []
     assert report.config["seconds"] < 120
 
 
 def test_figures_are_measured_not_defaults(report):
     for name, figures in report.metrics.items():
-        # two passes per step at least: a perturbation method costs more than the stock step
-        assert figures["step_ratio"] > 1.2, name
+        if name in _device_steps.METHODS:  # several passes: costs more than the stock step
+            assert figures["step_ratio"] > 1.2, name
+        else:  # one denoiser call per step, like DDIM's
+            assert 0.5 < figures["step_ratio"] < 2.0, name
         assert figures["fp32_step_size"] > 0, name
         assert 0 < figures["bf16_vs_fp32_max_diff"] < figures["fp32_step_size"], name
         assert report.ratios[f"{name}_step"] == figures["step_ratio"]
