@@ -13,6 +13,8 @@ negative gammas) is quantized round-to-nearest and exported. Two references:
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -144,3 +146,43 @@ def test_refuses_what_it_cannot_export(tmp_path):
 
 def test_integer_op_names_are_ort_operators():
     assert "QLinearConv" in INTEGER_OPS and "Conv" not in INTEGER_OPS
+
+
+def test_merge_into_quantization_keeps_every_other_key(tmp_path):
+    from benchmarks.quantization_runtime import merge_into_quantization
+
+    existing = {
+        "metrics": {"metaaug": {"heldout_acc": [1.0]}},
+        "ratios": {"metaaug_calib_time_vs_base": 2.0},
+        "notes": "kept",
+    }
+    (tmp_path / "quantization.json").write_text(json.dumps(existing))
+    report = {
+        "config": {"primary": "w4a8", "onnxruntime": "x", "tolerance_pp": 0.5},
+        "ratios": {"int_vs_float_latency": 0.9, "int_vs_float_size": 0.3},
+        "metrics": {
+            "ort_int_w4a8": {
+                key: [0.0]
+                for key in (
+                    "int_accuracy",
+                    "accuracy_diff_pp",
+                    "agreement",
+                    "ort_int_vs_ort_float_b64",
+                    "ort_int_vs_ort_float_b1",
+                    "int_bytes",
+                )
+            },
+            "ort_float": {"float_bytes": 1},
+        },
+        "intervals": {},
+    }
+    for _ in range(2):  # re-running is idempotent
+        merged = json.loads(merge_into_quantization(report, tmp_path).read_text())
+    assert merged["ratios"] == {
+        "metaaug_calib_time_vs_base": 2.0,
+        "int_vs_float_latency": 0.9,
+        "int_vs_float_size": 0.3,
+    }
+    assert merged["metrics"]["metaaug"] == existing["metrics"]["metaaug"]
+    assert merged["notes"] == "kept" and "onnx_int" in merged["metrics"]
+    assert [p.name for p in tmp_path.iterdir()] == ["quantization.json"]

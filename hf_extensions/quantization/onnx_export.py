@@ -3,43 +3,45 @@
 :func:`export_onnx` writes the model as an ONNX graph in the QDQ format: every
 :class:`~hf_extensions.quantization.modules.QuantConv2d` / ``QuantLinear`` becomes
 
-* its input: ``QuantizeLinear -> DequantizeLinear`` (``uint8``) with the layer's own per-tensor
+* its input: ``QuantizeLinear`` (uint8) ``-> DequantizeLinear`` with the layer's own per-tensor
   ``act_scale`` / ``act_zero_point``;
-* its weight: an integer initializer ``q`` and ``DequantizeLinear(q, weight_scale, zero point,
-  axis=0)`` (per output channel), so the file holds the weights as 8-bit integers;
-* its bias: ``int32`` on the grid ``act_scale * weight_scale`` where the input is quantized (the
-  form ONNX Runtime's integer convolution takes), else float;
+* its weight: an 8-bit integer initializer ``q`` and ``DequantizeLinear(q, weight_scale, zero
+  point, axis=0)`` (per output channel), so the file holds the weights as integers;
+* its bias: float, as in the model;
 
 and a ``BatchNormalization`` that follows a quantized convolution is folded into that
-convolution's per-channel scale and bias (``s' = s |γ / sqrt(σ² + ε)|``, the integers unchanged
-or mirrored where ``γ < 0``). ONNX Runtime's graph optimiser fuses ``DQ -> Conv -> Q`` into
-``QLinearConv`` (and ``DQ -> Gemm`` into ``QGemm``, ``DQ -> MatMul`` into
-``MatMulIntegerToFloat``), i.e. uint8 x int8 integer kernels with int32 accumulation; a
-quantized layer whose output the fake-quant model keeps in float (a convolution feeding a float
-residual sum) cannot be fused and runs in float on the dequantized weights, exactly as the
-fake-quant model computes it. :func:`integer_op_counts` reports what ONNX Runtime fused.
+convolution's per-channel scale and bias (``s' = s |γ / sqrt(σ² + ε)|``, the integers unchanged,
+or mirrored where ``γ < 0``). ONNX Runtime's graph optimiser rounds such a bias to int32 on the
+grid ``act_scale * weight_scale`` and fuses ``DQ -> Conv -> (Relu ->) Q`` into ``QLinearConv``:
+uint8 x int8 (or uint8) kernels with int32 accumulation. A quantized layer whose output the
+fake-quant model keeps in float (a convolution feeding a float residual sum, the classifier)
+has no quantizer after it and runs in float on its dequantized weight, exactly as the fake-quant
+model computes it; :class:`OnnxRunner` dequantizes those weights once at load (ONNX Runtime
+would redo it every call). :func:`integer_op_counts` reports what ONNX Runtime fused.
 
 Bit widths below 8 (MetaAug / BRECQ / QDrop at W4, W2, A4, ...) are stored in 8-bit containers
 holding the same integers: a b-bit weight ``q`` in ``[0, 2^b - 1]`` with zero point ``z`` is
-stored as the signed ``q - z`` with zero point 0 (it fits int8 for b <= 7, and for b = 8 where
-every ``q - z`` lies in [-127, 127]; otherwise ``uint8`` with the per-channel zero points, which
-ONNX Runtime may not fuse), and a b-bit input is first clipped to the float range of its b-bit
-grid, ``[s (0 - z), s (2^b - 1 - z)]``, so that the uint8 quantizer yields the same integers as
-the fake-quant model. That ``Clip`` sits between the producer and ``QuantizeLinear`` and so
-keeps ONNX Runtime from fusing the producer: A8 gets the most integer kernels.
+stored as the signed ``q - z`` with zero point 0 (int8; it fits for b <= 7, and for b = 8 where
+every ``q - z`` lies in [-127, 127]; otherwise uint8 ``q`` with the per-channel zero points, which
+ONNX Runtime runs on a slower u8u8 path), and a b-bit input is quantized to uint8 and then
+clipped in integers to ``[0, 2^b - 1]`` (a uint8 ``Clip`` between ``QuantizeLinear`` and
+``DequantizeLinear``), which gives the fake-quant model's integers and keeps the fusions.
 
-Equivalence: the exported graph computes what the fake-quant model (BRECQ Eq. 1,
-``x_hat = s (clip(round(x / s) + z, 0, 2^b - 1) - z)``; Pham et al., "MetaAug", ECCV 2024,
-arXiv 2407.14726) computes, up to float rounding: the order of float operations, the folded
-batch norm, the int32 rounding of the bias (at most half a grid step per output) and ties of
-``round`` flipped by that float noise (one grid step of one input element, rarely). The test
-suite holds logits to :data:`LOGIT_TOLERANCE` relative to their spread.
+Equivalence with the fake-quant model (BRECQ Eq. 1, ``x_hat = s (clip(round(x / s) + z, 0,
+2^b - 1) - z)``; Pham et al., "MetaAug", ECCV 2024, arXiv 2407.14726): the graph as written
+(ONNX Runtime with its optimisations off) computes it up to float rounding (the folded batch norm
+changes the order of float operations; rarely a ``round`` tie flips by one step). With the
+optimisations on, the int32 bias rounding (at most ``act_scale * weight_scale / 2`` per output
+channel) moves some values across a rounding boundary of the next quantizer; the tests hold the
+logits to a mean absolute difference of :data:`LOGIT_TOLERANCE` of their standard deviation and
+top-1 agreement of 95% (tiny model), and ``benchmarks/quantization_runtime.py`` measures the
+accuracy difference on ``zoo/resnet20`` against a tolerance of 0.5 percentage points.
 
-Optimum's ONNX exporter now lives in the ``optimum-onnx`` package, which requires
+Why not Optimum: its ONNX exporter now lives in the ``optimum-onnx`` package, which requires
 ``transformers<4.58`` and ``optimum~=2.1`` (this project runs transformers 5 and optimum 2.3), and
-ONNX Runtime's own quantizer would re-calibrate the scales; so the graph is written here with
-``torch.onnx.export`` (its TorchScript exporter) and the ``onnx`` helpers, from the model's own
-integers and scales.
+ONNX Runtime's own quantizer would re-calibrate the scales. So the graph is written here with
+``torch.onnx.export`` (its TorchScript exporter, ``dynamo=False``) and the ``onnx`` helpers, from
+the model's own integers and scales.
 """
 
 from __future__ import annotations
@@ -479,8 +481,9 @@ class OnnxRunner:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if optimized_path is not None:
+        if optimized_path is not None:  # (ORT warns that the file is for this machine only)
             options.optimized_model_filepath = str(optimized_path)
+            options.log_severity_level = 3
         data, self.float_layers = _dequantize_float_layers(Path(path).read_bytes())
         self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
