@@ -15,9 +15,9 @@ from transformers import Trainer, TrainingArguments, ViTForImageClassification
 from benchmarks.harness import quiet_training_arguments, trainer_step_fn
 from hf_extensions.bnn import PeerEnsemble, convert_to_bayesian, fixed_noise
 from hf_extensions.fhbi.particles import ParticleEnsemble
+from hf_extensions.mixed_precision import fp16_loss_scaling
 from hf_extensions.models import tiny_clip, tiny_vit_classifier
 from hf_extensions.pga.clip_prompts import CLIPPromptLearner
-from hf_extensions.testing.mixed_precision import fp16_loss_scaling
 from trainers import (
     AgnosticSAMConfig,
     AgnosticSAMTrainer,

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from hf_extensions.mixed_precision import fp16_loss_scaling
 from hf_extensions.models import tiny_mlp_classifier
 from hf_extensions.perturbation import (
     NORM_EPS,
@@ -18,7 +19,6 @@ from hf_extensions.perturbation import (
     perturbed_weights,
     trainable_parameters,
 )
-from hf_extensions.testing.mixed_precision import fp16_loss_scaling
 
 
 def _batch(rows=16, seed=0):

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from hf_extensions.mixed_precision import fp16_loss_scaling
 from hf_extensions.models import tiny_clip
 from hf_extensions.pga.clip_prompts import CLIPPromptLearner
-from hf_extensions.testing.mixed_precision import fp16_loss_scaling
 from trainers.pga_config import PGAConfig
 from trainers.pga_trainer import PairedDomainCollator, PairedDomainDataset, PGATrainer, pga_update
 

@@ -13,10 +13,10 @@ from transformers import Trainer, TrainingArguments
 
 from hf_extensions.data import load_digits
 from hf_extensions.hub import check_model_card_method
+from hf_extensions.mixed_precision import fp16_loss_scaling
 from hf_extensions.models import tiny_mlp_classifier, tiny_vit_classifier
 from hf_extensions.perturbation import trainable_parameters
 from hf_extensions.testing import fake_hub
-from hf_extensions.testing.mixed_precision import fp16_loss_scaling
 from trainers import AgnosticSAMConfig, AgnosticSAMTrainer, SAMConfig, SAMTrainer
 
 DEFAULTS = dict(

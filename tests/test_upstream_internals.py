@@ -1341,7 +1341,7 @@ def test_unscale_gradients_needs_native_amp_and_fp16(tmp_path):
         "Accelerator.unscale_gradients only when native_amp and mixed_precision == 'fp16'; "
         "Accelerator.mixed_precision reads AcceleratorState._mixed_precision",
         "hf_extensions/perturbation.py (loss_scaler), "
-        "hf_extensions/testing/mixed_precision.py (fp16_loss_scaling)",
+        "hf_extensions/mixed_precision.py (fp16_loss_scaling)",
         "update loss_scaler's refusal and fp16_loss_scaling's assignments to accelerate's new "
         "fp16 state",
     )
@@ -1384,7 +1384,7 @@ def test_accelerator_amp_attributes(tmp_path):
     internal = Internal(
         "accelerate",
         "the Accelerator attributes native_amp / scaler / autocast_handler",
-        "hf_extensions/testing/mixed_precision.py (fp16_loss_scaling)",
+        "hf_extensions/mixed_precision.py (fp16_loss_scaling)",
         "perform the assignments Accelerator.__init__'s fp16 branch now makes",
     )
     accelerator = _trainer(tmp_path).accelerator

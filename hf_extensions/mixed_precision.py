@@ -1,4 +1,5 @@
-"""accelerate's fp16 loss-scaling path, on the CPU, for tests.
+"""accelerate's fp16 loss-scaling path on any device, the CPU included: what the test suite and
+``python -m benchmarks.device_check --tiny`` check fp16 steps with where there is no GPU.
 
 accelerate sets an ``Accelerator`` up for fp16 only on a device with fp16 autocast support: in
 ``Accelerator.__init__``'s fp16 branch it turns ``native_amp`` on and creates a GradScaler
@@ -44,7 +45,7 @@ def fp16_loss_scaling(
     if not hasattr(state, "_mixed_precision"):
         raise AttributeError(
             "accelerate's AcceleratorState has no `_mixed_precision` any more (renamed upstream); "
-            "hf_extensions/testing/mixed_precision.py must follow the new name."
+            "hf_extensions/mixed_precision.py must follow the new name."
         )
     saved_state = state._mixed_precision
     saved = {
