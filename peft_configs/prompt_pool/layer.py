@@ -6,7 +6,9 @@ this layer's slice of every prompt of the pool, ``prompt_pool_prompts[adapter]``
 the per-sample selection ``[B, k]`` made by the tuner for this batch
 (:class:`~peft_configs.prompt_pool.selection.PoolState`), concatenates the ``k`` selected prompts
 in rank order and injects them as a per-sample prefix ``[B, k * prompt_length, kv_dim]`` through
-the module's :class:`~peft_configs.injection.PrefixSite` (L2P/PromptDSI prefix prompts). Indexing
+the module's :class:`~peft_configs.injection.PrefixSite` (L2P/PromptDSI prefix prompts); when
+decoding with a cache, the prompts selected at the prefill are written into the cache then and
+read from it at every later step (:meth:`~peft_configs.injection.PrefixSite.run`). Indexing
 the prompt table with the selection means only the selected prompts' rows receive gradients.
 """
 
@@ -76,14 +78,17 @@ class PromptPoolLayer(nn.Module, BaseTunerLayer):
             raise ValueError(
                 f"the prompt pool runs one adapter at a time; active: {adapters} (set_adapter)"
             )
-        if state.selection is None:
-            raise RuntimeError(
-                "no prompt selection for this forward: call the model wrapped by the prompt pool "
-                "(the PeftModel or its base model), not one of its submodules"
-            )
-        keys, values = self.prefix(adapters[0], state.selection)
-        with self.site.inject(keys, values):
-            return self.base_layer(*args, **kwargs)
+        name = adapters[0]
+
+        def make_prefix() -> tuple[torch.Tensor, torch.Tensor]:
+            if state.selection is None:
+                raise RuntimeError(
+                    "no prompt selection for this forward: call the model wrapped by the prompt "
+                    "pool (the PeftModel or its base model), not one of its submodules"
+                )
+            return self.prefix(name, state.selection)
+
+        return self.site.run(self.base_layer, args, kwargs, make_prefix)
 
     def _all_available_adapter_names(self) -> list[str]:
         return sorted(self.prompt_pool_prompts.keys())
