@@ -62,7 +62,17 @@ class PromptPoolLayer(nn.Module, BaseTunerLayer):
     def prefix(
         self, adapter_name: str, selection: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample ``(keys, values)``, each ``[B, k * length, kv_dim]``, of ``selection [B, k]``."""
+        """Per-sample ``(keys, values)``, each ``[B, k * length, kv_dim]``, of ``selection [B, k]``.
+
+        Departure from the official prefix-prompt code (DualPrompt / HiDe-Prompt ``prompt.py``,
+        which L2P-style prefix pools reuse): it gathers the selected prompts as ``(L, 2, B, k,
+        length, C)`` and reshapes them to ``(L, B, 2, k * length, heads, head_dim)`` without a
+        permute, so the key/value axis and the batch axis are interleaved: in the first half of
+        the batch the value prefix is made of key prompts, in the second half the key prefix of
+        value prompts (K = V in each half when every sample picks the same prompts). Here each
+        sample gets its own prompts' key part as keys and value part as values, as prefix tuning
+        (Li & Liang, 2021) and the papers' equations define them.
+        """
         chosen = self.prompt_pool_prompts[adapter_name][selection]  # [B, k, 2, length, d]
         batch = chosen.shape[0]
         keys = chosen[:, :, 0].reshape(batch, -1, chosen.shape[-1])
