@@ -171,7 +171,7 @@ def test_incdsi_updates_old_query_scores_incrementally():
     """Same rows as recomputing ``bank @ rows^T`` per document, at O(M d) per document: the
     matrix products cost about one pass over bank x old rows, not one per new document."""
     torch.manual_seed(2)
-    d, n_old, m, n_new = 8, 60, 600, 6
+    d, n_old, m, n_new = 8, 40, 300, 4
     weight = F.normalize(torch.randn(n_old, d), dim=-1)
     bank = F.normalize(torch.randn(m, d), dim=-1)
     new = [F.normalize(weight[i] + 0.3 * torch.randn(3, d), dim=-1) for i in range(n_new)]
