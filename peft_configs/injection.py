@@ -89,7 +89,12 @@ _SITE_ATTRIBUTE = "_hf_extensions_prefix_site"
 _PRE_ATTENTION_NORMS = ("layernorm_before", "ln_1", "input_layernorm")
 #: Post-norm encoders: attention reads the previous layer's normalised output directly.
 _POST_NORM_MODEL_TYPES = frozenset(
-    {"bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie", "mpnet"}
+    {"bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie", "mpnet", "bart"}
+)
+#: Attribute names under which decoder layers hold their cross-attention (BART family, BERT
+#: decoders, T5, recent encoder-decoders); such modules share the self-attention class.
+_CROSS_ATTENTION_NAMES = frozenset(
+    {"encoder_attn", "crossattention", "EncDecAttention", "cross_attn"}
 )
 
 
@@ -620,18 +625,29 @@ def check_attention_implementation(model: nn.Module) -> None:
         )
 
 
+def _is_cross_attention(name: str, module: nn.Module) -> bool:
+    """A cross-attention module: flagged (GPT-2, BERT) or held under a cross-attention name
+    (BART's ``encoder_attn``, whose class is also the self-attention's)."""
+    if getattr(module, "is_cross_attention", False):
+        return True
+    return name.rpartition(".")[2] in _CROSS_ATTENTION_NAMES
+
+
 def find_self_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of every self-attention module of ``model``, in layer order.
 
     The attention classes are those a ``transformers`` model declares for recording attention
-    weights (``_can_record_outputs["attentions"]``); cross-attention modules are left out.
+    weights (``_can_record_outputs["attentions"]``); cross-attention modules are left out (also
+    where they share the self-attention class, as BART's ``encoder_attn``). In an
+    encoder-decoder model the encoder's layers come first, then the decoder's (BART with 2 + 2
+    layers: indices 0-1 encoder, 2-3 decoder self-attention).
     Unsupported models are refused first (:func:`check_prefix_injection_supported`).
     """
     classes = check_prefix_injection_supported(model)
     found = [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, classes) and not getattr(module, "is_cross_attention", False)
+        if isinstance(module, classes) and not _is_cross_attention(name, module)
     ]
     if not found:
         raise ValueError(f"no self-attention module of classes {classes} in {type(model).__name__}")

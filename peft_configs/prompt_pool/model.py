@@ -19,6 +19,9 @@ whole prompt; the selected prompts are written into the ``DynamicCache`` there, 
 step (which sees only the new token) reuses them from the cache: no query, no selection, no
 usage count, ``prompt_ids`` ignored. So a generated token sees exactly the prompts a full
 forward of the sequence with ``prompt_ids=model.base_model.last_selection`` would give it.
+Encoder-decoder models (BART): prompts go into the encoder's and the decoder's self-attention
+(never the cross-attention) and the query is computed from the encoder's input; ``generate()``
+is refused (it runs the encoder on its own, outside this hook).
 """
 
 from __future__ import annotations
@@ -60,6 +63,11 @@ from peft_configs.prompt_pool.selection import (
 __all__ = ["PromptPoolModel"]
 
 _BATCH_INPUTS = ("input_ids", "inputs_embeds", "pixel_values")
+
+
+def batch_input(inputs: dict[str, Any]) -> torch.Tensor | None:
+    """The call's main input tensor (``input_ids``, ``inputs_embeds`` or ``pixel_values``)."""
+    return next((inputs[k] for k in _BATCH_INPUTS if torch.is_tensor(inputs.get(k))), None)
 
 
 class PromptPoolModel(BaseTuner):
@@ -414,6 +422,13 @@ class PromptPoolModel(BaseTuner):
         name = self._active_name()
         config = self.peft_config[name]
         inputs = model_inputs(module, args, kwargs)
+        if inputs.get("encoder_outputs") is not None and batch_input(inputs) is None:
+            raise ValueError(
+                "the prompt pool on an encoder-decoder model selects prompts from the encoder's "
+                "input, which this call does not carry (encoder_outputs given, as in generate(), "
+                "which runs the encoder on its own): not supported yet. Fix: call the model with "
+                "input_ids (teacher forcing), or pool the encoder alone (model.get_encoder())."
+            )
         cache = self_attention_cache(inputs)
         if holds_prefix(cache):  # a decoding step: the prompts chosen at the prefill are cached
             state.pending = False
@@ -425,9 +440,8 @@ class PromptPoolModel(BaseTuner):
                 f"{cache.get_seq_length()} tokens but no prompts. Fix: generate with the default "
                 "cache (cache_implementation='dynamic') and the pool enabled from the first step."
             )
-        batch = next(
-            (inputs[k].shape[0] for k in _BATCH_INPUTS if torch.is_tensor(inputs.get(k))), None
-        )
+        batch = batch_input(inputs)
+        batch = None if batch is None else batch.shape[0]
         state.query, state.pending = None, False
         forced = prompt_ids is not None
         if forced:
