@@ -33,6 +33,13 @@ the topic keys moved from D0's document texts to D0's pseudo-queries (all three 
 entropies are reported per seed in ``config.per_seed[*].topic_key_entropy_by_construction``).
 Seeds 0-2 by default; means in ``metrics``, per-seed values beside them.
 
+Amendment 2026-12-08 (issue 26, data): the corpus's document rows held their document's test
+spans verbatim (name + first 48 words; test spans at words 10 and 30; 58 of 760 test queries
+inside the 32-token truncated row). ``stdlib_retrieval_corpus`` now builds the document row from
+the words outside the test spans (no test query occurs in any training row of its document; all
+760 test queries kept). Results committed before this date were measured on the leaking rows and
+are not comparable; the benchmark has not been re-run since.
+
 Run: ``python -m benchmarks.prompt_dsi`` (writes ``benchmarks/results/prompt_dsi.json`` and
 ``.png``; several minutes on a loaded CPU); ``--quick`` is a smoke run.
 """

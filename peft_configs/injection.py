@@ -25,6 +25,17 @@ current architectures), with ``eager`` and ``sdpa`` attention:
   model file's own ``eager_attention_forward`` for ``eager``, the registered function otherwise.
   With no prefix set it is the real implementation, unchanged.
 
+**Decoding with a cache.** When the attention module is called with a ``DynamicCache`` (what
+``generate()`` uses, and what causal LMs build in a forward with ``use_cache=True``), the prefix
+is written into the cache once, in front of the first keys/values the layer caches (the
+prefill): that layer of the cache becomes a :class:`PrefixCacheLayer`, whose reported length
+excludes the prefix (so position ids, ``cache_position`` and the masks transformers builds see
+only the tokens). Every later step reads the prefix from the cache with the tokens' keys and
+only extends the mask; the prefix is neither recomputed nor concatenated onto the cache again
+(PEFT's ``PREFIX_TUNING`` reaches the same cost by passing the prefix as ``past_key_values``;
+ours keeps the tokens' positions unshifted). A cache layer of another kind (static, sliding
+window, quantised) gets the prefix concatenated at every call, as without a cache.
+
 A prefix is shared by the batch (``[P, kv_dim]``) or per sample (``[B, P, kv_dim]``, what a
 prompt pool that picks prompts per input needs), optionally with a per-sample prefix mask
 (``[B, P]``, ``True`` = attend) for prefixes of different lengths. Set it for one forward with
@@ -46,12 +57,14 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.cache_utils import DynamicLayer, EncoderDecoderCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 __all__ = [
     "PREFIX_ATTENTION",
     "SUPPORTED_IMPLEMENTATIONS",
     "SUPPORTED_MODELS",
+    "PrefixCacheLayer",
     "PrefixSite",
     "attach_prefix_sites",
     "check_attention_implementation",
@@ -60,7 +73,9 @@ __all__ = [
     "extend_attention_mask",
     "find_self_attention_modules",
     "get_prefix_site",
+    "holds_prefix",
     "prefix_attention_forward",
+    "self_attention_cache",
     "unwrap_attention_layers",
     "without_base_layer",
 ]
@@ -74,7 +89,12 @@ _SITE_ATTRIBUTE = "_hf_extensions_prefix_site"
 _PRE_ATTENTION_NORMS = ("layernorm_before", "ln_1", "input_layernorm")
 #: Post-norm encoders: attention reads the previous layer's normalised output directly.
 _POST_NORM_MODEL_TYPES = frozenset(
-    {"bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie", "mpnet"}
+    {"bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie", "mpnet", "bart"}
+)
+#: Attribute names under which decoder layers hold their cross-attention (BART family, BERT
+#: decoders, T5, recent encoder-decoders); such modules share the self-attention class.
+_CROSS_ATTENTION_NAMES = frozenset(
+    {"encoder_attn", "crossattention", "EncDecAttention", "cross_attn"}
 )
 
 
@@ -108,6 +128,99 @@ class _PrefixRoutedConfig:
 
     def __repr__(self) -> str:
         return f"PrefixRoutedConfig({self._hfx_config.__class__.__name__})"
+
+
+class PrefixCacheLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose first ``prefix_length`` positions hold a prefix, not tokens.
+
+    Written once by :func:`prefix_attention_forward` at the first cached call of a prefixed
+    layer (the prefill). ``get_seq_length`` (and so ``get_mask_sizes``, the position ids and
+    ``cache_position`` that transformers derives from it) counts the tokens only; ``update``
+    returns the prefix and the tokens together, so the prefix is never concatenated again.
+    ``prefix_mask`` (``[B, P]`` bool or ``None``) follows beam reordering and batch selection.
+    After ``reset`` the layer is an empty plain cache layer until a prefix is written again.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prefix_length = 0
+        self.prefix_mask: torch.Tensor | None = None
+
+    @classmethod
+    def holding(
+        cls,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        prefix_length: int,
+        prefix_mask: torch.Tensor | None,
+    ) -> PrefixCacheLayer:
+        """A layer holding ``keys``/``values`` (``[B, H, P + T, D]``, the prefix first)."""
+        layer = cls()
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        layer.prefix_length = prefix_length
+        layer.prefix_mask = prefix_mask
+        return layer
+
+    @property
+    def holds_prefix(self) -> bool:
+        return self.is_initialized and self.prefix_length > 0
+
+    def get_seq_length(self) -> int:
+        if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
+            return 0
+        return self.keys.shape[-2] - self.prefix_length
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove < 0 and -tokens_to_remove > self.get_seq_length():
+            raise ValueError(
+                f"cannot crop {-tokens_to_remove} tokens from a cache layer holding "
+                f"{self.get_seq_length()} tokens after its prefix"
+            )
+        super().crop(tokens_to_remove)
+
+    def reset(self) -> None:
+        super().reset()
+        self.prefix_length, self.prefix_mask = 0, None
+
+    def _select_mask(self, select: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if self.prefix_mask is not None and self.get_seq_length() > 0:
+            self.prefix_mask = select(self.prefix_mask)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_mask(lambda mask: mask.index_select(0, beam_idx.to(mask.device)))
+        super().reorder_cache(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._select_mask(lambda mask: mask.repeat_interleave(repeats, dim=0))
+        super().batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_mask(lambda mask: mask[indices, ...])
+        super().batch_select_indices(indices)
+
+
+def self_attention_cache(kwargs: dict[str, Any]) -> Any:
+    """The self-attention cache among an attention module's (or model's) keyword arguments.
+
+    transformers 5 passes it as ``cache`` (``past_key_values`` before); an
+    ``EncoderDecoderCache`` gives its self-attention part. ``None`` when there is none.
+    """
+    cache = kwargs.get("cache")
+    if cache is None:
+        cache = kwargs.get("past_key_values")
+    if isinstance(cache, EncoderDecoderCache):
+        cache = cache.self_attention_cache
+    return cache if hasattr(cache, "layers") else None
+
+
+def holds_prefix(cache: Any) -> bool:
+    """Whether a layer of ``cache`` (a model-level cache, or ``None``) holds a written prefix:
+    the call continues a sequence whose prefill already injected the prefix."""
+    cache = self_attention_cache({"cache": cache})
+    if cache is None:
+        return False
+    return any(isinstance(layer, PrefixCacheLayer) and layer.holds_prefix for layer in cache.layers)
 
 
 def _to_heads(tensor: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
@@ -148,6 +261,7 @@ class PrefixSite:
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
         self.prefix_mask: torch.Tensor | None = None
+        self.cache: Any = None  # the self-attention cache of the current call (see `run`)
 
     @property
     def kv_dim(self) -> int:
@@ -204,6 +318,44 @@ class PrefixSite:
             yield self
         finally:
             self.keys, self.values, self.prefix_mask = previous
+
+    def cache_layer(self) -> Any:
+        """This module's layer of the current call's cache (``None`` without one)."""
+        index = getattr(self.module, "layer_idx", None)
+        if self.cache is None or index is None or index >= len(self.cache.layers):
+            return None
+        return self.cache.layers[index]
+
+    def prefix_cached(self) -> bool:
+        """Whether the current call's cache already holds this layer's prefix (a decoding step)."""
+        layer = self.cache_layer()
+        return isinstance(layer, PrefixCacheLayer) and layer.holds_prefix
+
+    def run(
+        self,
+        forward: Callable,
+        args: tuple,
+        kwargs: dict[str, Any],
+        make_prefix: Callable[[], tuple[torch.Tensor, ...]],
+    ) -> Any:
+        """``forward(*args, **kwargs)`` of the attention module with the prefix ``make_prefix()``
+        (``(keys, values)`` or ``(keys, values, mask)``) injected: the tuner layers' forward.
+
+        With a ``DynamicCache`` among ``kwargs`` the prefix is computed and written into the
+        cache at the first (prefill) call only; later calls read it from there and
+        ``make_prefix`` is not called (so a prompt pool's selection made at prefill holds for
+        every generated token).
+        """
+        previous = (self.keys, self.values, self.prefix_mask, self.cache)
+        self.cache = self_attention_cache(kwargs)
+        try:
+            if self.prefix_cached():
+                self.keys = self.values = self.prefix_mask = None
+            else:
+                self.set(*make_prefix())
+            return forward(*args, **kwargs)
+        finally:
+            self.keys, self.values, self.prefix_mask, self.cache = previous
 
     def project(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values that ``tokens`` (``[..., hidden_size]``) would have in this layer.
@@ -311,7 +463,11 @@ def prefix_attention_forward(
 
     ``query`` is ``[B, H, q, D]``, ``key``/``value`` ``[B, H_kv, k, D]`` (after RoPE and the
     cache); the prefix becomes the first ``P`` key/value positions and the mask is extended by
-    :func:`extend_attention_mask`. Without a prefix this is exactly the real implementation.
+    :func:`extend_attention_mask`. At a cached call whose cache layer is a plain
+    ``DynamicLayer`` that layer is replaced by a :class:`PrefixCacheLayer` holding the prefix and
+    the keys (the one concatenation); when the cache layer already holds the prefix, ``key``
+    starts with it and only the mask is extended. Without a prefix this is exactly the real
+    implementation.
     """
     site = get_prefix_site(module)
     if site is None:
@@ -320,7 +476,9 @@ def prefix_attention_forward(
         )
     implementation = site.implementation
     function = site.base_function(implementation)
-    if site.keys is None:
+    layer = site.cache_layer()
+    cached = isinstance(layer, PrefixCacheLayer) and layer.holds_prefix and layer.keys is key
+    if site.keys is None and not cached:
         return function(module, query, key, value, attention_mask, **kwargs)
     if implementation not in SUPPORTED_IMPLEMENTATIONS:
         raise NotImplementedError(
@@ -328,30 +486,39 @@ def prefix_attention_forward(
             f"uses {implementation!r}"
         )
     batch = query.shape[0]
-    prefix_keys = site.keys.to(device=key.device, dtype=key.dtype)
-    prefix_values = site.values.to(device=value.device, dtype=value.dtype)
-    if prefix_keys.shape[0] not in (1, batch):
-        raise ValueError(
-            f"per-sample prefix of batch {prefix_keys.shape[0]} for an input batch of {batch}"
-        )
-    prefix_keys = prefix_keys.expand(batch, -1, -1, -1)
-    prefix_values = prefix_values.expand(batch, -1, -1, -1)
+    if cached:
+        prefix_length, prefix_mask = layer.prefix_length, layer.prefix_mask
+    else:
+        prefix_keys = site.keys.to(device=key.device, dtype=key.dtype)
+        prefix_values = site.values.to(device=value.device, dtype=value.dtype)
+        if prefix_keys.shape[0] not in (1, batch):
+            raise ValueError(
+                f"per-sample prefix of batch {prefix_keys.shape[0]} for an input batch of {batch}"
+            )
+        prefix_length, prefix_mask = prefix_keys.shape[2], site.prefix_mask
+        written = type(layer) in (DynamicLayer, PrefixCacheLayer) and layer.keys is key
+        key = torch.cat([prefix_keys.expand(batch, -1, -1, -1), key], dim=2)
+        value = torch.cat([prefix_values.expand(batch, -1, -1, -1), value], dim=2)
+        if written:  # the prefill: the prefix goes into the cache, once
+            if prefix_mask is not None:
+                prefix_mask = prefix_mask.expand(batch, -1).contiguous()
+            site.cache.layers[module.layer_idx] = PrefixCacheLayer.holding(
+                key, value, prefix_length, prefix_mask
+            )
     causal = kwargs.get("is_causal")
     if causal is None:
         causal = getattr(module, "is_causal", True)
     attention_mask = extend_attention_mask(
         attention_mask,
-        prefix_keys.shape[2],
+        prefix_length,
         query_length=query.shape[2],
-        key_length=key.shape[2],
+        key_length=key.shape[2] - prefix_length,
         causal=bool(causal),
         implementation=implementation,
         dtype=query.dtype,
         device=query.device,
-        prefix_mask=site.prefix_mask,
+        prefix_mask=prefix_mask,
     )
-    key = torch.cat([prefix_keys, key], dim=2)
-    value = torch.cat([prefix_values, value], dim=2)
     return function(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -458,18 +625,29 @@ def check_attention_implementation(model: nn.Module) -> None:
         )
 
 
+def _is_cross_attention(name: str, module: nn.Module) -> bool:
+    """A cross-attention module: flagged (GPT-2, BERT) or held under a cross-attention name
+    (BART's ``encoder_attn``, whose class is also the self-attention's)."""
+    if getattr(module, "is_cross_attention", False):
+        return True
+    return name.rpartition(".")[2] in _CROSS_ATTENTION_NAMES
+
+
 def find_self_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of every self-attention module of ``model``, in layer order.
 
     The attention classes are those a ``transformers`` model declares for recording attention
-    weights (``_can_record_outputs["attentions"]``); cross-attention modules are left out.
+    weights (``_can_record_outputs["attentions"]``); cross-attention modules are left out (also
+    where they share the self-attention class, as BART's ``encoder_attn``). In an
+    encoder-decoder model the encoder's layers come first, then the decoder's (BART with 2 + 2
+    layers: indices 0-1 encoder, 2-3 decoder self-attention).
     Unsupported models are refused first (:func:`check_prefix_injection_supported`).
     """
     classes = check_prefix_injection_supported(model)
     found = [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, classes) and not getattr(module, "is_cross_attention", False)
+        if isinstance(module, classes) and not _is_cross_attention(name, module)
     ]
     if not found:
         raise ValueError(f"no self-attention module of classes {classes} in {type(model).__name__}")

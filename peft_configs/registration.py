@@ -1,16 +1,20 @@
-"""Register hf-extensions' PEFT methods with PEFT: the one place that extends PEFT's closed enum.
+"""Register hf-extensions' PEFT methods with PEFT, without touching PEFT's ``PeftType`` enum.
 
-PEFT looks every method up by its ``PeftType``: ``get_peft_model`` finds the tuner class through
-``PEFT_TYPE_TO_TUNER_MAPPING[config.peft_type]``, and ``PeftConfig.from_pretrained`` /
-``PeftModel.from_pretrained`` read ``peft_type`` from ``adapter_config.json`` and look the config
-class up in ``PEFT_TYPE_TO_CONFIG_MAPPING``. ``peft.utils.register_peft_method`` fills those
-mappings, but only for a name that is already a member of ``peft.utils.PeftType``, and that enum
-is closed (a plain ``enum.Enum``: no public way to add a member). :func:`extend_peft_type` adds
-one member the way ``enum`` itself does when it builds a class (the member object, then
-``_member_names_``, ``_member_map_`` and ``_value2member_map_``), so that ``PeftType.NAME``,
-``PeftType[NAME]``, ``PeftType(value)``, iteration and ``in`` all see it; everything else is
-PEFT's own ``register_peft_method``. ``tests/test_peft_registration.py`` fails loudly if PEFT or
-Python change any of the assumptions made here.
+PEFT looks every method up by its ``peft_type``: ``get_peft_model`` finds the tuner class through
+``PEFT_TYPE_TO_TUNER_MAPPING[config.peft_type]``, ``PeftConfig.from_pretrained`` /
+``PeftModel.from_pretrained`` read ``peft_type`` from ``adapter_config.json`` (a plain string)
+and look the config class up in ``PEFT_TYPE_TO_CONFIG_MAPPING``, and the state-dict helpers read
+``PEFT_TYPE_TO_PREFIX_MAPPING``. ``peft.utils.register_peft_method`` fills those mappings, but
+only for a name that is already a member of the closed ``peft.utils.PeftType``. This package owns
+its own ``str`` enum instead, :class:`HfExtensionsPeftType`: a ``str``-valued member hashes and
+compares as its string, so it is found in PEFT's dicts by the string read from JSON, serialises
+to that same string, and has the ``.value`` transformers uses (``peft_type.value.lower()``).
+:func:`register_method` places it in PEFT's mappings (config, tuner, prefix; not the mixed-model
+one: the methods are not ``PeftMixedModel``-compatible, as ``register_peft_method``'s default).
+Checked with peft 0.21.2 (``tests/test_peft_registration.py``, ``tests/test_upstream_internals.py``):
+save / load / ``from_pretrained`` of both methods give byte-identical ``adapter_config.json`` and
+bit-identical weights, as with the earlier extension of ``PeftType._member_map_``, which this
+replaces (it edited a third-party enum's private tables).
 
 **Names.** Every method of this package is registered under a namespaced type,
 ``HF_EXTENSIONS_<NAME>`` (:data:`NAMESPACE`): it cannot collide with a method PEFT adds later,
@@ -37,6 +41,7 @@ package in the error itself.
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import tempfile
@@ -44,15 +49,19 @@ from pathlib import Path
 from typing import Any
 
 from peft.config import PeftConfig
-from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
-from peft.utils import PeftType, register_peft_method
+from peft.mapping import (
+    PEFT_TYPE_TO_CONFIG_MAPPING,
+    PEFT_TYPE_TO_PREFIX_MAPPING,
+    PEFT_TYPE_TO_TUNER_MAPPING,
+)
 
 __all__ = [
     "LOADING_HEADING",
     "NAMESPACE",
+    "HfExtensionsPeftType",
     "RegisteredPeftConfig",
     "add_loading_section",
-    "extend_peft_type",
+    "hf_extensions_peft_type",
     "loading_instructions",
     "peft_type_name",
     "register_method",
@@ -83,37 +92,27 @@ def peft_type_name(name: str) -> str:
     return (name if name.startswith(NAMESPACE) else NAMESPACE + name).upper()
 
 
-def extend_peft_type(name: str) -> PeftType:
-    """Add ``HF_EXTENSIONS_<NAME>`` to ``peft.utils.PeftType`` and return the member; idempotent.
+class HfExtensionsPeftType(str, enum.Enum):
+    """The PEFT types of this package's methods (``peft_type`` in ``adapter_config.json``).
 
-    Raises ``TypeError`` if ``PeftType`` is no longer a ``str``-valued ``Enum`` with the standard
-    member tables (the extension below would then be wrong: update it for that PEFT).
+    A ``str`` enum like ``peft.utils.PeftType``: each member equals and hashes as its value, so
+    PEFT's ``PEFT_TYPE_TO_*`` dicts find it by the string they read from JSON. Add a member here
+    for a new method (its name is :func:`peft_type_name` of the method's short name).
     """
-    member_name = peft_type_name(name)
-    existing = PeftType.__members__.get(member_name)
-    if existing is not None:
-        return existing
-    # `in vars(PeftType)`, not hasattr: enum.Enum itself has empty tables that hasattr would find
-    # (and this would then write members into every enum's shared tables).
-    if PeftType._member_type_ is not str or not all(
-        attribute in vars(PeftType)
-        for attribute in ("_member_names_", "_member_map_", "_value2member_map_")
-    ):
-        raise TypeError(
-            "peft.utils.PeftType is no longer a str-valued enum.Enum with the standard member "
-            "tables; peft_configs.registration.extend_peft_type must be updated for this PEFT."
+
+    HF_EXTENSIONS_SHARED_PREFIX = "HF_EXTENSIONS_SHARED_PREFIX"
+    HF_EXTENSIONS_PROMPT_POOL = "HF_EXTENSIONS_PROMPT_POOL"
+
+
+def hf_extensions_peft_type(name: str) -> HfExtensionsPeftType:
+    """The :class:`HfExtensionsPeftType` member of our method ``name`` (``"shared_prefix"``)."""
+    member = HfExtensionsPeftType.__members__.get(peft_type_name(name))
+    if member is None:
+        raise ValueError(
+            f"no PEFT type {peft_type_name(name)!r} for method name {name!r}; add it to "
+            f"peft_configs.registration.HfExtensionsPeftType (have "
+            f"{sorted(HfExtensionsPeftType.__members__)})"
         )
-    # What enum does for every member while building the class (enum._proto_member.__set_name__).
-    member = str.__new__(PeftType, member_name)
-    member._name_ = member_name
-    member._value_ = member_name
-    member.__objclass__ = PeftType
-    member._sort_order_ = len(PeftType._member_names_)
-    # EnumType.__setattr__ refuses to re-assign a name of _member_map_: set the attribute first.
-    setattr(PeftType, member_name, member)
-    PeftType._member_names_.append(member_name)
-    PeftType._member_map_[member_name] = member
-    PeftType._value2member_map_[member_name] = member
     return member
 
 
@@ -217,13 +216,16 @@ class RegisteredPeftConfig(PeftConfig):
         add_loading_section(save_directory, section)
 
 
-def register_method(name: str, config_cls: type[PeftConfig], model_cls: type) -> PeftType:
-    """Make ``name`` a PEFT method: extend ``PeftType``, then PEFT's ``register_peft_method``.
+def register_method(
+    name: str, config_cls: type[PeftConfig], model_cls: type
+) -> HfExtensionsPeftType:
+    """Make ``name`` a PEFT method: put its type in PEFT's config, tuner and prefix mappings.
 
-    ``name`` is the short lower-case name (``"shared_prefix"``); the PEFT type is
-    ``HF_EXTENSIONS_SHARED_PREFIX`` and the state-dict prefix ``model_cls.prefix``, which must be
-    ``name + "_"``. Idempotent (a second import or a module reload registers nothing twice), but
-    refuses to register the name for classes of another name. Returns the ``PeftType`` member.
+    ``name`` is the short lower-case name (``"shared_prefix"``); the PEFT type is the
+    :class:`HfExtensionsPeftType` member ``HF_EXTENSIONS_SHARED_PREFIX`` and the state-dict
+    prefix ``model_cls.prefix``, which must be ``name + "_"``. Idempotent (a second import or a
+    module reload points the mappings at the new classes), but refuses to register the name for
+    classes of another name, or a prefix another method already uses. Returns the member.
     """
     if name != name.lower() or name.endswith("_"):
         raise ValueError(f"PEFT method names are lower case without a trailing '_', got {name!r}.")
@@ -235,22 +237,20 @@ def register_method(name: str, config_cls: type[PeftConfig], model_cls: type) ->
     prefix = f"{name}_"
     if getattr(model_cls, "prefix", None) != prefix:
         raise ValueError(f"{model_cls.__name__}.prefix must be {prefix!r}.")
-    peft_type = extend_peft_type(name)
+    peft_type = hf_extensions_peft_type(name)
     registered = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)
-    if registered is not None:
-        if (registered.__module__, registered.__qualname__) != (
-            config_cls.__module__,
-            config_cls.__qualname__,
-        ):
-            raise ValueError(
-                f"PEFT type {peft_type.value} is already registered with "
-                f"{registered.__module__}.{registered.__qualname__}."
-            )
-        # A reloaded module: point the mappings at the new classes.
-        PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
-        PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
-        return peft_type
-    register_peft_method(
-        name=peft_type.value.lower(), config_cls=config_cls, model_cls=model_cls, prefix=prefix
-    )
+    if registered is not None and (registered.__module__, registered.__qualname__) != (
+        config_cls.__module__,
+        config_cls.__qualname__,
+    ):
+        raise ValueError(
+            f"PEFT type {peft_type.value} is already registered with "
+            f"{registered.__module__}.{registered.__qualname__}."
+        )
+    clash = [t for t, p in PEFT_TYPE_TO_PREFIX_MAPPING.items() if p == prefix and t != peft_type]
+    if clash:
+        raise ValueError(f"the state-dict prefix {prefix!r} is already PEFT type {clash[0]}'s.")
+    PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = prefix
+    PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
+    PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
     return peft_type

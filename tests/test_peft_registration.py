@@ -1,8 +1,9 @@
 """Registration of hf-extensions' PEFT methods with PEFT (peft_configs.registration).
 
-These tests pin the assumptions the one enum-extension helper makes about PEFT and Python: if PEFT
-opens its enum, changes ``register_peft_method`` or the way configs are looked up, one of them
-fails and says what to change.
+The package's own ``str`` enum (:class:`HfExtensionsPeftType`) in PEFT's mappings: PEFT's
+``PeftType`` is left untouched, the members act as PEFT's string keys, and saving / loading is
+byte-identical to what the earlier ``PeftType`` extension wrote. If PEFT changes where it looks
+methods up, one of these fails and says what to change.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 from peft import PeftConfig, get_peft_model
 from peft.mapping import (
     PEFT_TYPE_TO_CONFIG_MAPPING,
+    PEFT_TYPE_TO_MIXED_MODEL_MAPPING,
     PEFT_TYPE_TO_PREFIX_MAPPING,
     PEFT_TYPE_TO_TUNER_MAPPING,
 )
@@ -28,8 +30,9 @@ from hf_extensions.models import tiny_bert_classifier
 from peft_configs.registration import (
     LOADING_HEADING,
     NAMESPACE,
+    HfExtensionsPeftType,
     add_loading_section,
-    extend_peft_type,
+    hf_extensions_peft_type,
     loading_instructions,
     peft_type_name,
     register_method,
@@ -37,19 +40,17 @@ from peft_configs.registration import (
 from peft_configs.shared_prefix import SharedPrefixModel, SharedPrefixTuningConfig
 
 TYPE = "HF_EXTENSIONS_SHARED_PREFIX"
+MEMBER = HfExtensionsPeftType.HF_EXTENSIONS_SHARED_PREFIX
 
 
-def test_peft_type_is_still_a_closed_str_enum():
-    # The helper mirrors enum's own member creation; it is only valid for a str-valued Enum with
-    # the standard member tables. If PEFT makes PeftType open (or not an Enum), drop the helper.
-    assert issubclass(PeftType, str) and issubclass(PeftType, enum.Enum)
-    assert PeftType._member_type_ is str
-    for table in ("_member_names_", "_member_map_", "_value2member_map_"):
-        assert hasattr(PeftType, table), table
+def test_peft_type_enum_is_left_untouched():
+    # The earlier registration added members to PeftType's private tables; nothing does now.
+    assert not [name for name in PeftType.__members__ if name.startswith("HF_EXTENSIONS")]
+    assert TYPE not in PeftType._value2member_map_
 
 
 def test_register_peft_method_still_requires_an_enum_member():
-    # What makes the helper necessary: PEFT refuses a name that is not a PeftType member.
+    # Why register_method fills PEFT's mappings itself: PEFT refuses a name outside PeftType.
     class Config(PeftConfig):
         pass
 
@@ -59,31 +60,29 @@ def test_register_peft_method_still_requires_an_enum_member():
         )
 
 
-def test_the_new_member_behaves_like_a_native_one():
-    member = PeftType.HF_EXTENSIONS_SHARED_PREFIX
-    native = PeftType.LORA
-    assert type(member) is type(native) is PeftType
-    assert member.name == member.value == TYPE
-    assert PeftType(TYPE) is member and PeftType[TYPE] is member
-    assert member in list(PeftType) and TYPE in PeftType.__members__
-    assert member == TYPE and hash(member) == hash(TYPE)  # str-keyed mapping lookups work
-    assert json.dumps({"peft_type": member}) == json.dumps({"peft_type": TYPE})
-    assert extend_peft_type("shared_prefix") is member  # idempotent
+def test_our_members_act_as_peft_string_keys():
+    assert issubclass(HfExtensionsPeftType, str) and issubclass(HfExtensionsPeftType, enum.Enum)
+    assert MEMBER.name == MEMBER.value == TYPE
+    assert MEMBER == TYPE and hash(MEMBER) == hash(TYPE)  # str-keyed mapping lookups work
+    assert json.dumps({"peft_type": MEMBER}) == json.dumps({"peft_type": TYPE})
+    assert MEMBER.value.lower() == "hf_extensions_shared_prefix"  # transformers' delete_adapter
+    assert hf_extensions_peft_type("shared_prefix") is MEMBER
     assert peft_type_name("shared_prefix") == TYPE and TYPE.lower().startswith(NAMESPACE)
+    with pytest.raises(ValueError, match=r"add it to peft_configs\.registration"):
+        hf_extensions_peft_type("never_registered")
 
 
 def test_import_registers_config_tuner_and_prefix():
     assert PEFT_TYPE_TO_CONFIG_MAPPING[TYPE] is SharedPrefixTuningConfig
     assert PEFT_TYPE_TO_TUNER_MAPPING[TYPE] is SharedPrefixModel
-    assert PEFT_TYPE_TO_PREFIX_MAPPING[PeftType.HF_EXTENSIONS_SHARED_PREFIX] == "shared_prefix_"
-    assert SharedPrefixTuningConfig().peft_type is PeftType.HF_EXTENSIONS_SHARED_PREFIX
+    assert PEFT_TYPE_TO_PREFIX_MAPPING[MEMBER] == "shared_prefix_"
+    assert TYPE not in PEFT_TYPE_TO_MIXED_MODEL_MAPPING  # not PeftMixedModel-compatible
+    assert SharedPrefixTuningConfig().peft_type is MEMBER
     assert peft_configs.SharedPrefixTuningConfig is SharedPrefixTuningConfig
 
 
 def test_registration_is_idempotent_and_refuses_a_different_class():
-    assert register_method("shared_prefix", SharedPrefixTuningConfig, SharedPrefixModel) is (
-        PeftType.HF_EXTENSIONS_SHARED_PREFIX
-    )
+    assert register_method("shared_prefix", SharedPrefixTuningConfig, SharedPrefixModel) is MEMBER
 
     class Impostor(SharedPrefixTuningConfig):
         pass

@@ -6,12 +6,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import get_peft_model
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModel, AutoTokenizer, DataCollatorWithPadding
 
 import peft_configs  # noqa: F401  (registers the prompt pool with PEFT)
 from hf_extensions.models import tiny_bert_classifier
 from hf_extensions.models.encoders import minilm_path
-from hf_extensions.prompt_dsi.dsi import DSIModel, fit_docid_head, incdsi_add_documents, incdsi_rows
+from hf_extensions.prompt_dsi.dsi import (
+    DSIModel,
+    _enforce_old_argmax,
+    _solve_one_document,
+    fit_docid_head,
+    incdsi_add_documents,
+    incdsi_rows,
+)
 from hf_extensions.prompt_dsi.retrieval import select_splits, stdlib_retrieval_corpus
 from peft_configs.prompt_pool import PromptPoolConfig, query_features, topic_keys
 from trainers.prompt_dsi_config import PromptDSIConfig
@@ -100,6 +108,32 @@ def test_add_documents_grows_head_and_keeps_old_rows_bit_identical():
         model.add_documents(2, rows=torch.zeros(3, 32))
 
 
+def test_scores_never_concatenate_the_rows():
+    """DSI scoring used to build ``[num_docs, hidden]`` (all rows) at every forward."""
+    torch.manual_seed(0)
+    model = DSIModel(tiny_bert_classifier().bert, 5)
+    model.add_documents(3)
+    model.add_documents(4)
+    features = F.normalize(torch.randn(6, 32), dim=-1)
+    shapes = []
+
+    class RecordCat(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            if func is torch.cat:
+                shapes.append(tuple(result.shape))
+            return result
+
+    with RecordCat():
+        logits = model.scores(features)
+    assert (12, 32) not in shapes and shapes == [(6, 12)]
+    expected = model.logit_scale * features @ model.docid_weight.T
+    torch.testing.assert_close(logits, expected, atol=1e-6, rtol=0)
+    model.set_trainable(encoder=False, old_rows=False)
+    model.scores(features).sum().backward()
+    assert model.docid_blocks[0].grad is None and model.docid_blocks[2].grad is not None
+
+
 def test_incdsi_rows_keep_every_old_query_argmax_exactly():
     torch.manual_seed(0)
     d, n_old = 16, 40
@@ -117,6 +151,37 @@ def test_incdsi_rows_keep_every_old_query_argmax_exactly():
     labels = torch.arange(n_old, n_old + 12).repeat_interleave(3)
     hits = ((new_queries @ full.T).argmax(dim=1) == labels).float().mean()
     assert hits >= 0.5, hits  # the new documents are found by their own queries
+
+
+def _incdsi_recomputing(weight, bank, new_queries, lam=0.5, m1=0.1, m2=0.1, l2_reg=1e-3):
+    """The first implementation: every bank query's best score recomputed for each document."""
+    rows = []
+    for qs in new_queries:
+        current = torch.cat([weight, *[r[None] for r in rows]])
+        max_new = (qs @ current.T).max(dim=1).values
+        limits = (bank @ current.T).max(dim=1).values
+        x = _solve_one_document(qs, bank, max_new, limits, lam, m1, m2, l2_reg, 20, 1.0)
+        x, _ = _enforce_old_argmax(x, bank, limits, m2 / 2, 1000)
+        rows.append(x)
+        bank = torch.cat([bank, qs.mean(dim=0, keepdim=True)])
+    return torch.stack(rows), bank
+
+
+def test_incdsi_updates_old_query_scores_incrementally():
+    """Same rows as recomputing ``bank @ rows^T`` per document, at O(M d) per document: the
+    matrix products cost about one pass over bank x old rows, not one per new document."""
+    torch.manual_seed(2)
+    d, n_old, m, n_new = 8, 40, 300, 4
+    weight = F.normalize(torch.randn(n_old, d), dim=-1)
+    bank = F.normalize(torch.randn(m, d), dim=-1)
+    new = [F.normalize(weight[i] + 0.3 * torch.randn(3, d), dim=-1) for i in range(n_new)]
+    with FlopCounterMode(display=False) as counter:
+        rows, extended = incdsi_rows(weight, bank, new)
+    expected_rows, expected_bank = _incdsi_recomputing(weight, bank, new)
+    torch.testing.assert_close(rows, expected_rows, atol=1e-6, rtol=0)
+    torch.testing.assert_close(extended, expected_bank, atol=0, rtol=0)
+    one_pass = 2 * m * n_old * d
+    assert counter.get_total_flops() < 1.5 * one_pass, (counter.get_total_flops(), one_pass)
 
 
 def test_incdsi_add_documents_appends_a_frozen_block():

@@ -51,6 +51,21 @@ def test_train_and_test_query_spans_are_disjoint(corpus):
     assert len(test) == 2 * 60
 
 
+def test_no_test_query_appears_in_a_training_row_of_its_document(corpus):
+    """The leak of the first corpus: the document row (name + first 48 words) held the test
+    spans at words 10 and 30 verbatim. A test query's word window must occur in no training
+    text (document row or training query) of its document."""
+    rows: dict[int, list[str]] = {}
+    for text, label in zip(corpus["train"]["text"], corpus["train"]["labels"]):
+        rows.setdefault(label, []).append(f" {text} ")
+    assert len(corpus["test"]) == 2 * 60  # nothing had to be dropped for these documents
+    for query, label in zip(corpus["test"]["text"], corpus["test"]["labels"]):
+        assert not any(f" {query} " in row for row in rows[label]), (label, query)
+    # the document rows keep every other word: name + up to 48 words outside the two test spans
+    # of a docstring of >= 40 words
+    assert all(21 <= len(text.split()) <= 49 for text in corpus["corpus"]["text"])
+
+
 def test_too_many_documents_is_refused():
     with pytest.raises(ValueError, match="documents requested"):
         stdlib_retrieval_corpus(num_initial=5000)

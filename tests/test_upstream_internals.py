@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import enum
 import functools
 import importlib.metadata
 import inspect
-import json
 import math
 import platform
 import sys
@@ -48,7 +46,7 @@ from peft.mapping import (
 )
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-from peft.utils import PeftType, get_peft_model_state_dict, register_peft_method
+from peft.utils import get_peft_model_state_dict
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -169,76 +167,7 @@ def _takes_var_keyword(function: Callable) -> bool:
     )
 
 
-# ============================================================================= peft: PeftType
-
-
-REGISTRATION = "peft_configs/registration.py (extend_peft_type)"
-
-
-@pytest.mark.parametrize(
-    "table, kind",
-    [("_member_names_", list), ("_member_map_", dict), ("_value2member_map_", dict)],
-)
-def test_peft_type_keeps_the_enum_member_tables(table, kind):
-    internal = Internal(
-        "peft",
-        f"PeftType.{table}",
-        REGISTRATION,
-        "if PEFT now lets methods add their own type (a registry, or register_peft_method "
-        "accepting new names), register through it and delete extend_peft_type; otherwise "
-        "follow PeftType's new implementation in extend_peft_type",
-    )
-    expect(
-        issubclass(PeftType, str) and issubclass(PeftType, enum.Enum),
-        internal,
-        f"peft.utils.PeftType is no longer a str-valued enum.Enum (bases: {PeftType.__mro__})",
-    )
-    expect(
-        getattr(PeftType, "_member_type_", None) is str,
-        internal,
-        "PeftType._member_type_ is no longer str",
-    )
-    # PeftType's own table: enum.Enum itself has empty ones that getattr / hasattr would find.
-    found = vars(PeftType).get(table)
-    expect(
-        isinstance(found, kind),
-        internal,
-        f"PeftType no longer has its own {table} {kind.__name__} (found {type(found).__name__})",
-    )
-
-
-def test_enum_member_protocol_on_a_throwaway_str_enum(monkeypatch):
-    """extend_peft_type mirrors what Python's enum does per member; check it on a fresh enum."""
-
-    class Probe(str, enum.Enum):
-        NATIVE = "NATIVE"
-
-    internal = Internal(
-        "python",
-        "enum internals (_member_names_, _member_map_, _value2member_map_, _name_, _value_, "
-        "_sort_order_, EnumType.__setattr__)",
-        REGISTRATION,
-        "mirror what this Python's enum does for each member (enum._proto_member.__set_name__)",
-    )
-    monkeypatch.setattr(registration, "PeftType", Probe)
-    with upstream(internal, "adding a member the way extend_peft_type does raised"):
-        member = registration.extend_peft_type("probe")
-    name = "HF_EXTENSIONS_PROBE"
-    checks = {
-        "Enum[name]": lambda: Probe[name] is member,
-        "Enum(value)": lambda: Probe(name) is member,
-        "Enum.NAME": lambda: getattr(Probe, name) is member,
-        "iteration order": lambda: list(Probe) == [Probe.NATIVE, member],
-        "__members__ / in": lambda: name in Probe.__members__ and member in Probe,
-        "name / value": lambda: member.name == member.value == name,
-        "str equality and hash": lambda: member == name and hash(member) == hash(name),
-        "json": lambda: json.dumps({"t": member}) == json.dumps({"t": name}),
-        "idempotent": lambda: registration.extend_peft_type("probe") is member,
-    }
-    for what, check in checks.items():
-        with upstream(internal, f"a member added by extend_peft_type fails '{what}'"):
-            ok = check()
-        expect(ok, internal, f"a member added by extend_peft_type fails '{what}'")
+# ============================================================================= peft: mappings
 
 
 @pytest.mark.parametrize(
@@ -251,26 +180,19 @@ def test_enum_member_protocol_on_a_throwaway_str_enum(monkeypatch):
 def test_registered_peft_types_round_trip_through_peft(short, config_cls, model_cls, tmp_path):
     internal = Internal(
         "peft",
-        "PeftType extension + PEFT_TYPE_TO_CONFIG_MAPPING / PEFT_TYPE_TO_TUNER_MAPPING / "
-        "PEFT_TYPE_TO_PREFIX_MAPPING (peft.mapping)",
-        "peft_configs/registration.py (extend_peft_type, register_method)",
+        "PEFT_TYPE_TO_CONFIG_MAPPING / PEFT_TYPE_TO_TUNER_MAPPING / PEFT_TYPE_TO_PREFIX_MAPPING "
+        "(peft.mapping) keyed by str-valued types",
+        "peft_configs/registration.py (HfExtensionsPeftType, register_method)",
         "follow where PEFT now looks configs and tuners up (PeftConfig.from_pretrained, "
         "get_peft_model) and register there",
     )
-    type_name = registration.peft_type_name(short)
-    member = PeftType.__members__.get(type_name)
-    expect(member is not None, internal, f"PeftType has no member {type_name} after import")
-    expect(
-        PeftType[type_name] is member and PeftType(type_name) is member and member in PeftType,
-        internal,
-        f"PeftType[{type_name!r}] / PeftType({type_name!r}) / `in` do not see the added member",
-    )
+    member = registration.hf_extensions_peft_type(short)
     expect(
         PEFT_TYPE_TO_CONFIG_MAPPING.get(member) is config_cls
         and PEFT_TYPE_TO_TUNER_MAPPING.get(member) is model_cls
         and PEFT_TYPE_TO_PREFIX_MAPPING.get(member) == f"{short}_",
         internal,
-        "register_peft_method no longer fills peft.mapping's PEFT_TYPE_TO_* dicts",
+        "peft.mapping's PEFT_TYPE_TO_* dicts do not hold the registered type",
     )
     config = config_cls(**({"pool_size": 2, "top_k": 1} if short == "prompt_pool" else {}))
     with upstream(internal, "PeftConfig.from_pretrained of a saved adapter_config.json failed"):
@@ -289,21 +211,6 @@ def test_registered_peft_types_round_trip_through_peft(short, config_cls, model_
         internal,
         f"get_peft_model built {type(model.base_model).__name__}: it no longer resolves the "
         "tuner through PEFT_TYPE_TO_TUNER_MAPPING",
-    )
-
-
-def test_register_peft_method_keeps_its_keywords():
-    internal = Internal(
-        "peft",
-        "peft.utils.register_peft_method(name=, config_cls=, model_cls=, prefix=)",
-        "peft_configs/registration.py (register_method)",
-        "call register_peft_method with its new parameters",
-    )
-    names = _parameters(register_peft_method)
-    expect(
-        {"name", "config_cls", "model_cls", "prefix"} <= set(names),
-        internal,
-        f"register_peft_method's parameters are now {names}",
     )
 
 

@@ -22,7 +22,9 @@ joining the old-query bank. Departures: (1) the second constraint uses each old 
 the old query is retrieved correctly, and the max form is what "keeps every old query's argmax"
 means; (2) after L-BFGS, violated old-query constraints are removed exactly by cyclic projection
 onto their half-spaces (the penalty alone does not guarantee them), so the argmax of every old
-query in the bank is provably unchanged.
+query in the bank is provably unchanged. Cost: each bank query's best score is updated as rows
+are added (``O(M d)`` per new document, ``O(N d)`` for its mean query), as the official code
+does, not recomputed over all rows for every new document (``O(M N d)``).
 """
 
 from __future__ import annotations
@@ -214,8 +216,16 @@ class DSIModel(nn.Module):
         return self.pool(output.last_hidden_state, attention_mask)
 
     def scores(self, features: torch.Tensor) -> torch.Tensor:
-        """``logit_scale * features @ W^T``: ``[B, num_docs]``."""
-        return self.logit_scale * features @ self.docid_weight.T
+        """``logit_scale * features @ W^T``: ``[B, num_docs]``.
+
+        One product per row block, the ``[B, n_block]`` results side by side: the rows are never
+        concatenated into ``[num_docs, hidden]`` (a copy of every row at every forward, which
+        :attr:`docid_weight` makes); gradients reach each block as before.
+        """
+        blocks = list(self.docid_blocks)
+        if len(blocks) == 1:
+            return self.logit_scale * (features @ blocks[0].T)
+        return self.logit_scale * torch.cat([features @ block.T for block in blocks], dim=-1)
 
     def forward(self, input_ids, attention_mask=None, labels=None, **encoder_kwargs):
         if attention_mask is None:
@@ -415,22 +425,39 @@ def incdsi_rows(
         constraints are infeasible, which raises ``RuntimeError``.
     """
     weight = weight.detach().float()
-    bank = old_queries.detach().float()
-    rows = []
-    for qs in new_queries:
+    old_queries = old_queries.detach().float()
+    num_old, num_new, width = weight.shape[0], len(new_queries), weight.shape[1]
+    # Rows and bank grow into preallocated storage; each bank query's best score over the rows
+    # so far (`limits`) is kept up to date: O(M d) per new row, plus O(N d) for the new
+    # document's mean query (the official code's incremental update), instead of recomputing
+    # bank @ rows^T (O(M N d)) for every new document.
+    rows = torch.empty(num_old + num_new, width, dtype=weight.dtype, device=weight.device)
+    rows[:num_old] = weight
+    bank = torch.empty(
+        old_queries.shape[0] + num_new, width, dtype=weight.dtype, device=weight.device
+    )
+    bank[: old_queries.shape[0]] = old_queries
+    limits = torch.empty(bank.shape[0], dtype=weight.dtype, device=weight.device)
+    limits[: old_queries.shape[0]] = (old_queries @ weight.T).max(dim=1).values
+    size = old_queries.shape[0]
+    for j, qs in enumerate(new_queries):
         qs = qs.detach().float()
-        if qs.ndim != 2 or qs.shape[1] != weight.shape[1]:
-            raise ValueError(f"each new query block must be [n, {weight.shape[1]}], got {qs.shape}")
-        current = torch.cat([weight, *[r[None] for r in rows]]) if rows else weight
+        if qs.ndim != 2 or qs.shape[1] != width:
+            raise ValueError(f"each new query block must be [n, {width}], got {qs.shape}")
+        current = rows[: num_old + j]
         max_new = (qs @ current.T).max(dim=1).values
-        limits = (bank @ current.T).max(dim=1).values
-        x = _solve_one_document(qs, bank, max_new, limits, lam, m1, m2, l2_reg, iterations, lr)
-        x, ok = _enforce_old_argmax(x, bank, limits, m2 / 2, max_projection_rounds)
+        old, old_limits = bank[:size], limits[:size]
+        x = _solve_one_document(qs, old, max_new, old_limits, lam, m1, m2, l2_reg, iterations, lr)
+        x, ok = _enforce_old_argmax(x, old, old_limits, m2 / 2, max_projection_rounds)
         if not ok:
             raise RuntimeError("IncDSI: could not satisfy every old query's argmax constraint.")
-        rows.append(x)
-        bank = torch.cat([bank, qs.mean(dim=0, keepdim=True)])
-    return torch.stack(rows), bank
+        rows[num_old + j] = x
+        limits[:size] = torch.maximum(old_limits, old @ x)
+        mean = qs.mean(dim=0)
+        bank[size] = mean
+        limits[size] = (rows[: num_old + j + 1] @ mean).max()
+        size += 1
+    return rows[num_old:].clone(), bank
 
 
 def incdsi_add_documents(

@@ -6,7 +6,11 @@ atomic docid; the collection is split into an initial corpus ``D0`` and ``num_in
 splits ``D1..Dn`` (the incremental-indexing protocol of DSI++ / IncDSI / PromptDSI). Training
 inputs are, as in DSI indexing, the document text itself plus pseudo-queries; pseudo-queries are
 spans of ``span_words`` consecutive words of the docstring: even-numbered spans are training
-queries, odd-numbered spans are test queries, so a test query never overlaps a training query.
+queries, odd-numbered spans are test queries, and the document text is built from the words
+outside the test spans. So no test query shares a word position with any training row of its
+document (before 2026-12-08 the document text was the first 48 words, which contain the test
+spans at words 10 and 30: 58 of the recipe's 760 test queries appeared verbatim in their
+document's training row).
 
 Determinism: the rows depend only on the Python version (the docstrings change between Python
 releases; this was built on 3.11) and on ``seed`` (which documents go to which split).
@@ -95,15 +99,18 @@ def stdlib_retrieval_corpus(
     Splits:
 
     - ``corpus``: ``docid``, ``name`` (e.g. ``json.dumps``), ``text`` (name + the first
-      ``document_words`` words), ``split`` (0 = D0, ``t`` = increment ``t``);
+      ``document_words`` words of the docstring that lie outside every test span), ``split``
+      (0 = D0, ``t`` = increment ``t``);
     - ``train``: ``text``, ``labels`` (docid), ``split``, ``kind`` (``"document"``: the document
       text, DSI's indexing input; ``"query"``: a training pseudo-query), ``span_start`` (the
       query's first word in the docstring; -1 for document rows);
     - ``test``: ``text``, ``labels``, ``split``, ``span_start``: held-out pseudo-queries.
 
     Query spans are the docstring's consecutive ``span_words``-word windows: spans 0, 2, 4, ...
-    train, spans 1, 3, 5, ... test (at most ``num_train_queries`` / ``num_test_queries`` each), so
-    training and test queries never share a word position. Docids are ``0..num_initial-1`` for
+    train, spans 1, 3, 5, ... test (at most ``num_train_queries`` / ``num_test_queries`` each), and
+    the document text skips the test spans' words, so no training row (document or query) holds
+    a word position of a test query. A test span whose words still occur, in order, in a
+    training row of its document (a docstring that repeats a phrase) is dropped. Docids are ``0..num_initial-1`` for
     D0, then consecutive per increment. Which document lands in which split is a permutation
     drawn with ``seed``.
 
@@ -136,25 +143,31 @@ def stdlib_retrieval_corpus(
         split = 0 if docid < num_initial else 1 + (docid - num_initial) // docs_per_increment
         name, text = documents[index]
         words = text.split()
-        document = f"{name}: {' '.join(words[:document_words])}"
+        starts = list(range(0, len(words) - span_words + 1, span_words))
+        train_starts = starts[0::2][:num_train_queries]
+        test_starts = starts[1::2][:num_test_queries]
+        held_out = {i for start in test_starts for i in range(start, start + span_words)}
+        kept = [word for i, word in enumerate(words) if i not in held_out]
+        document = f"{name}: {' '.join(kept[:document_words])}"
+        queries = [" ".join(words[start : start + span_words]) for start in train_starts]
         corpus["docid"].append(docid)
         corpus["name"].append(name)
         corpus["text"].append(document)
         corpus["split"].append(split)
-        train["text"].append(document)
-        train["labels"].append(docid)
-        train["split"].append(split)
-        train["kind"].append("document")
-        train["span_start"].append(-1)
-        starts = list(range(0, len(words) - span_words + 1, span_words))
-        for start in starts[0::2][:num_train_queries]:
-            train["text"].append(" ".join(words[start : start + span_words]))
+        for row, kind, start in [(document, "document", -1)] + [
+            (query, "query", start) for query, start in zip(queries, train_starts)
+        ]:
+            train["text"].append(row)
             train["labels"].append(docid)
             train["split"].append(split)
-            train["kind"].append("query")
+            train["kind"].append(kind)
             train["span_start"].append(start)
-        for start in starts[1::2][:num_test_queries]:
-            test["text"].append(" ".join(words[start : start + span_words]))
+        training_texts = [f" {row} " for row in [document, *queries]]
+        for start in test_starts:
+            query = " ".join(words[start : start + span_words])
+            if any(f" {query} " in row for row in training_texts):
+                continue  # the docstring repeats this phrase in a training row
+            test["text"].append(query)
             test["labels"].append(docid)
             test["split"].append(split)
             test["span_start"].append(start)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from peft.utils import PeftType
-
 from hf_extensions.documentation import document_fields
 from hf_extensions.validation import (
     check_choice,
@@ -16,7 +14,7 @@ from hf_extensions.validation import (
     is_plain_int,
     refuse,
 )
-from peft_configs.registration import RegisteredPeftConfig, extend_peft_type
+from peft_configs.registration import HfExtensionsPeftType, RegisteredPeftConfig
 
 __all__ = ["FORMAT_VERSION", "KEY_SOURCES", "QUERY_SOURCES", "PromptPoolConfig"]
 
@@ -26,8 +24,6 @@ FORMAT_VERSION = 1
 KEY_SOURCES = ("learned", "fixed")
 #: Which feature of the input is matched against the keys (see :class:`PromptPoolConfig`).
 QUERY_SOURCES = ("input_embed_mean", "frozen_cls", "layer_k_cls")
-
-extend_peft_type("prompt_pool")
 
 
 @document_fields
@@ -119,7 +115,7 @@ class PromptPoolConfig(RegisteredPeftConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self.peft_type = PeftType.HF_EXTENSIONS_PROMPT_POOL
+        self.peft_type = HfExtensionsPeftType.HF_EXTENSIONS_PROMPT_POOL
         if not is_plain_int(self.format_version) or self.format_version != FORMAT_VERSION:
             refuse(
                 "format_version",

@@ -6,7 +6,9 @@ this layer's slice of every prompt of the pool, ``prompt_pool_prompts[adapter]``
 the per-sample selection ``[B, k]`` made by the tuner for this batch
 (:class:`~peft_configs.prompt_pool.selection.PoolState`), concatenates the ``k`` selected prompts
 in rank order and injects them as a per-sample prefix ``[B, k * prompt_length, kv_dim]`` through
-the module's :class:`~peft_configs.injection.PrefixSite` (L2P/PromptDSI prefix prompts). Indexing
+the module's :class:`~peft_configs.injection.PrefixSite` (L2P/PromptDSI prefix prompts); when
+decoding with a cache, the prompts selected at the prefill are written into the cache then and
+read from it at every later step (:meth:`~peft_configs.injection.PrefixSite.run`). Indexing
 the prompt table with the selection means only the selected prompts' rows receive gradients.
 """
 
@@ -60,7 +62,17 @@ class PromptPoolLayer(nn.Module, BaseTunerLayer):
     def prefix(
         self, adapter_name: str, selection: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample ``(keys, values)``, each ``[B, k * length, kv_dim]``, of ``selection [B, k]``."""
+        """Per-sample ``(keys, values)``, each ``[B, k * length, kv_dim]``, of ``selection [B, k]``.
+
+        Departure from the official prefix-prompt code (DualPrompt / HiDe-Prompt ``prompt.py``,
+        which L2P-style prefix pools reuse): it gathers the selected prompts as ``(L, 2, B, k,
+        length, C)`` and reshapes them to ``(L, B, 2, k * length, heads, head_dim)`` without a
+        permute, so the key/value axis and the batch axis are interleaved: in the first half of
+        the batch the value prefix is made of key prompts, in the second half the key prefix of
+        value prompts (K = V in each half when every sample picks the same prompts). Here each
+        sample gets its own prompts' key part as keys and value part as values, as prefix tuning
+        (Li & Liang, 2021) and the papers' equations define them.
+        """
         chosen = self.prompt_pool_prompts[adapter_name][selection]  # [B, k, 2, length, d]
         batch = chosen.shape[0]
         keys = chosen[:, :, 0].reshape(batch, -1, chosen.shape[-1])
@@ -76,14 +88,17 @@ class PromptPoolLayer(nn.Module, BaseTunerLayer):
             raise ValueError(
                 f"the prompt pool runs one adapter at a time; active: {adapters} (set_adapter)"
             )
-        if state.selection is None:
-            raise RuntimeError(
-                "no prompt selection for this forward: call the model wrapped by the prompt pool "
-                "(the PeftModel or its base model), not one of its submodules"
-            )
-        keys, values = self.prefix(adapters[0], state.selection)
-        with self.site.inject(keys, values):
-            return self.base_layer(*args, **kwargs)
+        name = adapters[0]
+
+        def make_prefix() -> tuple[torch.Tensor, torch.Tensor]:
+            if state.selection is None:
+                raise RuntimeError(
+                    "no prompt selection for this forward: call the model wrapped by the prompt "
+                    "pool (the PeftModel or its base model), not one of its submodules"
+                )
+            return self.prefix(name, state.selection)
+
+        return self.site.run(self.base_layer, args, kwargs, make_prefix)
 
     def _all_available_adapter_names(self) -> list[str]:
         return sorted(self.prompt_pool_prompts.keys())

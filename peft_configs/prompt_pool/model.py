@@ -13,6 +13,15 @@ input embeddings, no encoder pass; ``frozen_cls``: a second, prompt-free pass; `
 pre-hook on block ``query_layer`` of the same pass), selects the ``top_k`` prompts by cosine
 similarity (or takes ``prompt_ids``), and the :class:`PromptPoolLayer` modules inject the selected
 prompts as per-sample prefixes. The model returns exactly what the base model returns.
+
+Decoding (``generate()``): the query and the selection are made once, at the prefill, from the
+whole prompt; the selected prompts are written into the ``DynamicCache`` there, and every later
+step (which sees only the new token) reuses them from the cache: no query, no selection, no
+usage count, ``prompt_ids`` ignored. So a generated token sees exactly the prompts a full
+forward of the sequence with ``prompt_ids=model.base_model.last_selection`` would give it.
+Encoder-decoder models (BART): prompts go into the encoder's and the decoder's self-attention
+(never the cross-attention) and the query is computed from the encoder's input; ``generate()``
+is refused (it runs the encoder on its own, outside this hook).
 """
 
 from __future__ import annotations
@@ -28,6 +37,8 @@ from hf_extensions.validation import check_allocation
 from peft_configs.injection import (
     PrefixSite,
     attach_prefix_sites,
+    holds_prefix,
+    self_attention_cache,
     unwrap_attention_layers,
     without_base_layer,
 )
@@ -52,6 +63,11 @@ from peft_configs.prompt_pool.selection import (
 __all__ = ["PromptPoolModel"]
 
 _BATCH_INPUTS = ("input_ids", "inputs_embeds", "pixel_values")
+
+
+def batch_input(inputs: dict[str, Any]) -> torch.Tensor | None:
+    """The call's main input tensor (``input_ids``, ``inputs_embeds`` or ``pixel_values``)."""
+    return next((inputs[k] for k in _BATCH_INPUTS if torch.is_tensor(inputs.get(k))), None)
 
 
 class PromptPoolModel(BaseTuner):
@@ -406,9 +422,26 @@ class PromptPoolModel(BaseTuner):
         name = self._active_name()
         config = self.peft_config[name]
         inputs = model_inputs(module, args, kwargs)
-        batch = next(
-            (inputs[k].shape[0] for k in _BATCH_INPUTS if torch.is_tensor(inputs.get(k))), None
-        )
+        if inputs.get("encoder_outputs") is not None and batch_input(inputs) is None:
+            raise ValueError(
+                "the prompt pool on an encoder-decoder model selects prompts from the encoder's "
+                "input, which this call does not carry (encoder_outputs given, as in generate(), "
+                "which runs the encoder on its own): not supported yet. Fix: call the model with "
+                "input_ids (teacher forcing), or pool the encoder alone (model.get_encoder())."
+            )
+        cache = self_attention_cache(inputs)
+        if holds_prefix(cache):  # a decoding step: the prompts chosen at the prefill are cached
+            state.pending = False
+            return args, kwargs
+        if cache is not None and cache.get_seq_length() > 0:
+            raise ValueError(
+                f"the prompt pool continues a cached sequence only from its own prefill in a "
+                f"DynamicCache; got a {type(cache).__name__} that already holds "
+                f"{cache.get_seq_length()} tokens but no prompts. Fix: generate with the default "
+                "cache (cache_implementation='dynamic') and the pool enabled from the first step."
+            )
+        batch = batch_input(inputs)
+        batch = None if batch is None else batch.shape[0]
         state.query, state.pending = None, False
         forced = prompt_ids is not None
         if forced:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from peft.utils import PeftType
-
 from hf_extensions.documentation import document_fields
 from hf_extensions.validation import (
     check_bool,
@@ -17,7 +15,7 @@ from hf_extensions.validation import (
     is_plain_int,
     refuse,
 )
-from peft_configs.registration import RegisteredPeftConfig, extend_peft_type
+from peft_configs.registration import HfExtensionsPeftType, RegisteredPeftConfig
 
 __all__ = ["FORMAT_VERSION", "SHARE_CHOICES", "SharedPrefixTuningConfig"]
 
@@ -27,8 +25,6 @@ FORMAT_VERSION = 1
 SHARE_CHOICES = ("none", "global_mlp", "per_layer_mlp", "per_layer_linear", "simple_share")
 _USES_HIDDEN = ("global_mlp", "per_layer_mlp")
 _USES_LATENT = ("global_mlp", "per_layer_mlp", "per_layer_linear")
-
-extend_peft_type("shared_prefix")
 
 
 @document_fields
@@ -126,7 +122,7 @@ class SharedPrefixTuningConfig(RegisteredPeftConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self.peft_type = PeftType.HF_EXTENSIONS_SHARED_PREFIX
+        self.peft_type = HfExtensionsPeftType.HF_EXTENSIONS_SHARED_PREFIX
         if not is_plain_int(self.format_version) or self.format_version != FORMAT_VERSION:
             refuse(
                 "format_version",

@@ -3,7 +3,8 @@
 :class:`SharedPrefixLayer` wraps a self-attention module (PEFT's ``base_layer`` convention) and
 owns the per-layer adapter weights. At every forward it computes its prefix keys/values from
 them (Le et al., ICLR 2025; ``[P^K_l | P^V_l] = g_l(p'_l)`` for ``per_layer_mlp``) and injects
-them through the module's :class:`~peft_configs.injection.PrefixSite`. The ``global_mlp``
+them through the module's :class:`~peft_configs.injection.PrefixSite` (decoding with a cache:
+once, written into the cache at the prefill and read from it afterwards). The ``global_mlp``
 weights are shared by all layers and live on the tuner (``SharedPrefixModel``); each layer
 computes only its own rows of the shared MLP's output (``W_2[rows] tanh(W_1 p' + b_1) +
 b_2[rows]``), so no layer computes another layer's prefix and generation / gradient
@@ -183,11 +184,14 @@ class SharedPrefixLayer(nn.Module, BaseTunerLayer):
         adapters = [name for name in self.active_adapters if name in self.share]
         if self.disable_adapters or not adapters:
             return self.base_layer(*args, **kwargs)
-        prefixes = [self.prefix(name) for name in adapters]
-        keys = torch.cat([k for k, _ in prefixes]) if len(prefixes) > 1 else prefixes[0][0]
-        values = torch.cat([v for _, v in prefixes]) if len(prefixes) > 1 else prefixes[0][1]
-        with self.site.inject(keys, values):
-            return self.base_layer(*args, **kwargs)
+
+        def make_prefix() -> tuple[torch.Tensor, torch.Tensor]:
+            prefixes = [self.prefix(name) for name in adapters]
+            if len(prefixes) == 1:
+                return prefixes[0]
+            return torch.cat([k for k, _ in prefixes]), torch.cat([v for _, v in prefixes])
+
+        return self.site.run(self.base_layer, args, kwargs, make_prefix)
 
     # ------------------------------------------------------------------------- PEFT hooks
     @torch.no_grad()
