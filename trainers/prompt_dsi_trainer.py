@@ -86,9 +86,11 @@ def evaluate_retrieval(
         batch = {key: value.to(device) for key, value in collator(features).items()}
         batch.pop("labels", None)
         logits = model(**batch).logits
+        # host: per evaluation batch (a [queries, documents] table would not fit on the device);
+        # the ranking runs in numpy
         scores.append(logits[:, :num_docs].float().cpu() if num_docs else logits.float().cpu())
     model.train(was_training)
-    ranked = rank_from_scores(torch.cat(scores).numpy(), max(*ks, mrr_k))
+    ranked = rank_from_scores(torch.cat(scores).numpy(), max(*ks, mrr_k))  # host: see above
     labels = list(dataset["labels"])
     metrics = {f"hits@{k}": hits_at_k(ranked, labels, k) for k in ks}
     metrics[f"mrr@{mrr_k}"] = mrr_at_k(ranked, labels, mrr_k)
@@ -185,7 +187,7 @@ class PromptDSITrainer(MethodTrainer):
         ids = range(model.num_docs, model.num_docs)
         if num_new_docs > 0:
             ids = model.add_documents(num_new_docs, rows=rows)
-        labels = torch.as_tensor(train_dataset["labels"])
+        labels = torch.as_tensor(train_dataset["labels"])  # host: checking the data set, once
         if len(labels) and int(labels.max()) >= model.num_docs:
             raise ValueError(
                 f"`train_dataset` has docid {int(labels.max())} but the index has "

@@ -175,6 +175,7 @@ class DSIModel(nn.Module):
         start = self.num_docs if len(self.docid_blocks) else 0
         reference = self.docid_blocks[0] if len(self.docid_blocks) else None
         if rows is None:
+            # host: drawn on the CPU so that the rows do not depend on the device; moved below
             rows = torch.randn(num_new, self.hidden_size, generator=generator) * self.init_std
         elif tuple(rows.shape) != (num_new, self.hidden_size):
             raise ValueError(
@@ -243,7 +244,7 @@ class DSIModel(nn.Module):
         one all-or-nothing save (:func:`hf_extensions.atomic.atomic_save`: ``encoder/`` is
         replaced whole).
         """
-        blocks = {
+        blocks = {  # host: saving
             f"block_{i}": b.detach().cpu().contiguous() for i, b in enumerate(self.docid_blocks)
         }
         config = {
@@ -352,7 +353,7 @@ def fit_docid_head(
     optimizer = torch.optim.AdamW([target], lr=lr, weight_decay=0.0)
     features = features.to(target.device, target.dtype)
     labels = labels.to(target.device)
-    loss = torch.tensor(float("nan"))
+    loss = torch.full((), float("nan"), device=target.device)
     for _ in range(steps):
         optimizer.zero_grad()
         logits = model.scores(features)

@@ -139,7 +139,7 @@ def stdlib_retrieval_corpus(
     corpus: dict[str, list] = {"docid": [], "name": [], "text": [], "split": []}
     train: dict[str, list] = {"text": [], "labels": [], "split": [], "kind": [], "span_start": []}
     test: dict[str, list] = {"text": [], "labels": [], "split": [], "span_start": []}
-    for docid, index in enumerate(order.tolist()):
+    for docid, index in enumerate(order.tolist()):  # host: building the corpus
         split = 0 if docid < num_initial else 1 + (docid - num_initial) // docs_per_increment
         name, text = documents[index]
         words = text.split()

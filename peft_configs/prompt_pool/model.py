@@ -156,7 +156,7 @@ class PromptPoolModel(BaseTuner):
         dtype = reference.dtype if reference.dtype.is_floating_point else torch.float32
         per_prompt = sum(2 * config.prompt_length * site.kv_dim for site in sites.values())
         per_prompt += self._query_dim(model, config)
-        nbytes = config.pool_size * per_prompt * torch.empty((), dtype=dtype).element_size()
+        nbytes = config.pool_size * per_prompt * dtype.itemsize
         check_allocation(
             "pool_size",
             nbytes,
@@ -206,6 +206,7 @@ class PromptPoolModel(BaseTuner):
         else:
             keys.fill_(float("nan"))  # "not set yet": set_keys or a loaded adapter fills them
         self.prompt_pool_keys[adapter_name] = nn.Parameter(keys, requires_grad=False)
+        # host: until the first count, which moves it to the selection's device (_record)
         self._usage[adapter_name] = torch.zeros(config.pool_size, dtype=torch.long)
         self._set_keys_requires_grad()
         if not self._hooks:
@@ -311,7 +312,7 @@ class PromptPoolModel(BaseTuner):
         """
         name = adapter_name or self._active_name()
         target = self.prompt_pool_keys[name]
-        keys = torch.as_tensor(keys)
+        keys = torch.as_tensor(keys)  # host: user input, copied into the keys below
         if keys.shape != target.shape:
             raise ValueError(
                 f"keys must be [pool_size, d_query] = {list(target.shape)}, got "
@@ -369,7 +370,7 @@ class PromptPoolModel(BaseTuner):
     def _forced_selection(
         self, prompt_ids: Any, batch: int | None, config: PromptPoolConfig
     ) -> torch.Tensor:
-        ids = torch.as_tensor(prompt_ids)
+        ids = torch.as_tensor(prompt_ids)  # host: a Python int or list (a tensor keeps its device)
         if ids.is_floating_point() or ids.dtype == torch.bool or ids.is_complex():
             raise ValueError(f"prompt_ids must be integers, got dtype {ids.dtype}")
         if ids.dim() == 0:
@@ -387,7 +388,10 @@ class PromptPoolModel(BaseTuner):
             raise ValueError(
                 f"prompt_ids [B, k] needs k = 1 or top_k = {config.top_k}, got k = {ids.shape[1]}"
             )
-        if ids.numel() and (ids.min() < 0 or ids.max() >= config.pool_size):
+        # checked where it is free (the host); on an accelerator an index out of range is a
+        # device-side error of the prompt gather instead (checking there would sync every step)
+        on_host = ids.device.type == "cpu" and ids.numel() > 0
+        if on_host and (ids.min() < 0 or ids.max() >= config.pool_size):
             raise ValueError(
                 f"prompt_ids must lie in [0, {config.pool_size}), got {ids.min()}..{ids.max()}"
             )
@@ -396,8 +400,12 @@ class PromptPoolModel(BaseTuner):
 
     def _record(self, name: str, selection: torch.Tensor) -> None:
         self.pool_state.selection = selection
-        counts = torch.bincount(selection.flatten().cpu(), minlength=self._usage[name].numel())
-        self._usage[name] += counts
+        usage = self._usage[name]
+        if usage.device != selection.device:
+            usage = self._usage[name] = usage.to(selection.device)
+        # index_add_ rather than bincount: no host sync (CUDA's bincount reads the max back)
+        flat = selection.flatten()
+        usage.index_add_(0, flat, torch.ones_like(flat, dtype=usage.dtype))
 
     def _receive_query(self, query: torch.Tensor, forced: bool) -> None:
         """Store the query; without forced ids, select the ``top_k`` keys by cosine (L2P Eq. 3)."""

@@ -348,6 +348,7 @@ def topic_keys(
         topic. Pass ``keys`` to ``PromptPoolModel.set_keys``; ``pool_size`` must equal
         ``num_topics``.
     """
+    # host: scikit-learn's boundary (k-means), once
     array = features.detach().float().cpu().numpy() if torch.is_tensor(features) else features
     array = np.asarray(array, dtype=np.float64)
     if array.ndim != 2:
@@ -375,6 +376,7 @@ def usage_entropy(counts: torch.Tensor | Sequence[int]) -> float:
     1 = every prompt used equally often, 0 = one prompt only (collapse, the L2P failure PromptDSI's
     topic keys avoid). A pool of one prompt that was used gives 1; no usage at all gives 0.
     """
+    # host: a summary statistic, read when asked
     counts = np.asarray(counts.cpu() if torch.is_tensor(counts) else counts, dtype=np.float64)
     if counts.sum() <= 0:
         return 0.0

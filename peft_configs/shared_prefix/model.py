@@ -134,7 +134,7 @@ class SharedPrefixModel(BaseTuner):
         dtype = reference.dtype if reference.dtype.is_floating_point else torch.float32
         check_allocation(
             "num_virtual_tokens",
-            numbers * torch.empty((), dtype=dtype).element_size(),
+            numbers * dtype.itemsize,
             reference.device,
             what=f"share={share!r} prefixes ({n} tokens on {layers} layers, `latent_dim`="
             f"{config.latent_dim}, `hidden_size`={config.hidden_size})",
@@ -410,6 +410,7 @@ class SharedPrefixModel(BaseTuner):
                 stacklevel=2,
             )
         site = layers[0].site
+        # host: exported to PEFT's PrefixTuningConfig files
         prompt_embeddings = self.materialized_prefix(adapter_name).float().cpu().contiguous()
         peft_config = PrefixTuningConfig(
             task_type=config.task_type,
