@@ -10,14 +10,22 @@ from typing import Any
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from transformers import Trainer, TrainingArguments, ViTForImageClassification
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    Trainer,
+    TrainingArguments,
+    ViTForImageClassification,
+)
 
+import peft_configs  # noqa: F401  (registers the PEFT methods)
 from benchmarks.harness import quiet_training_arguments, trainer_step_fn
 from hf_extensions.bnn import PeerEnsemble, convert_to_bayesian, fixed_noise
 from hf_extensions.fhbi.particles import ParticleEnsemble
 from hf_extensions.mixed_precision import fp16_loss_scaling
 from hf_extensions.models import tiny_clip, tiny_vit_classifier
 from hf_extensions.pga.clip_prompts import CLIPPromptLearner
+from peft_configs import PromptPoolConfig, SharedPrefixTuningConfig
 from trainers import (
     AgnosticSAMConfig,
     AgnosticSAMTrainer,
@@ -79,6 +87,33 @@ class Size:
             self.num_layers, self.num_heads, self.intermediate_size, "sdpa", seed=0,
         ).train()  # fmt: skip
 
+    def bert(self, trainable_body: bool = False) -> nn.Module:
+        """A ``BertForSequenceClassification`` (BERT-base for the real size), seed 0; with
+        ``trainable_body=False`` only the classifier trains (the linear probe under a prompt)."""
+        config = BertConfig(
+            vocab_size=30522 if self.is_real else 100, hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
+            intermediate_size=self.intermediate_size, num_labels=self.num_labels,
+        )  # fmt: skip
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = BertForSequenceClassification(config).train()
+        if not trainable_body:
+            for name, p in model.named_parameters():
+                p.requires_grad_(name.startswith("classifier"))
+        return model
+
+    def tokens(self) -> dict[str, torch.Tensor]:
+        """A batch of token ids (128 per row at the real size) with labels."""
+        generator = torch.Generator().manual_seed(1)
+        vocab, length = (30522, 128) if self.is_real else (100, 16)
+        ids = torch.randint(0, vocab, (self.batch_size, length), generator=generator)
+        return {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "labels": torch.randint(0, self.num_labels, (self.batch_size,), generator=generator),
+        }
+
     def batch(self) -> dict[str, torch.Tensor]:
         generator = torch.Generator().manual_seed(1)
         shape = (self.batch_size, 3, self.image_size, self.image_size)
@@ -93,13 +128,16 @@ class Method:
     """How to build a method's model and trainer: ``settings`` are its real step's, and
     ``baseline`` the settings at which it must take the stock step (on ``stock_model``, else
     on ``model(size, True)``). ``batch`` builds the inputs (default: ``Size.batch``);
-    ``around_step`` wraps every step (BNN: one frozen weight draw, so runs compare exactly)."""
+    ``around_step`` wraps every step (BNN: one frozen weight draw, so runs compare exactly).
+    ``baseline=None``: no setting of the method is the stock step (the PEFT prompt methods, whose
+    exactness the CPU suite checks against PEFT and real tokens); the stock step then only
+    times the reference."""
 
     model: Callable[[Size, bool], nn.Module]
     trainer_cls: type
     config_cls: type
     settings: dict[str, Any]
-    baseline: dict[str, Any]
+    baseline: dict[str, Any] | None
     stock_model: Callable[[Size], nn.Module] | None = None
     batch: Callable[[Size], dict[str, Any]] = Size.batch
     around_step: Callable[[nn.Module], Any] | None = None
@@ -131,6 +169,15 @@ def _bayesian_vit(size: Size) -> nn.Module:
 
 def _peers(size: Size, baseline: bool) -> nn.Module:
     return PeerEnsemble([_bayesian_vit(size) for _ in range(1 if baseline else 2)])
+
+
+def _prompted_bert(adapter: Callable[[], Any]) -> Callable[[Size, bool], nn.Module]:
+    def build(size: Size, baseline: bool) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # prompts and latents are drawn from the global generator
+            return get_peft_model(size.bert(trainable_body=True), adapter()).train()
+
+    return build
 
 
 _CLASSES = ["zero", "one", "two"]
@@ -229,6 +276,37 @@ METHODS: dict[str, Method] = {
         batch=_domain_batch,
         arguments={"remove_unused_columns": False},
     ),
+    "shared_prefix": Method(
+        _prompted_bert(
+            lambda: SharedPrefixTuningConfig(
+                task_type="SEQ_CLS", num_virtual_tokens=16, share="per_layer_mlp"
+            )
+        ),
+        Trainer,
+        TrainingArguments,
+        {},
+        None,
+        stock_model=Size.bert,
+        batch=Size.tokens,
+    ),
+    "prompt_pool": Method(
+        _prompted_bert(
+            lambda: PromptPoolConfig(
+                task_type="SEQ_CLS",
+                pool_size=10,
+                top_k=5,
+                prompt_length=5,
+                layers=[0, 1],
+                key_source="learned",
+            )
+        ),
+        Trainer,
+        TrainingArguments,
+        {},
+        None,
+        stock_model=Size.bert,
+        batch=Size.tokens,
+    ),
 }
 
 
@@ -276,6 +354,7 @@ def build_step(
         trainer = Trainer(model=model, args=TrainingArguments(**common))
     else:
         settings = method.baseline if baseline else method.settings
+        settings = settings or {}
         model = method.model(size, baseline)
         args = method.config_cls(**common, **settings)
         trainer = method.trainer_cls(model=model, args=args)
