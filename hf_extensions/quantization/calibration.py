@@ -61,7 +61,9 @@ def reconstruct_model(
     2. Every quantized layer is switched to full precision; then, block by block in forward order,
        the block's layers are switched on and reconstructed (blocks after it stay in float, as in
        the BRECQ / MetaAug code). ``method="metaaug"`` first trains the transformation network T
-       for the block and reconstructs on the union of ``images`` and ``T(images)``.
+       for the block and reconstructs on the union of ``images`` and ``T(images)`` with the
+       base method ``config.metaaug_base``; ``method="genie"`` learns the per-channel weight
+       scales with the rounding (Genie-M).
 
     The model ends in eval mode with its parameters' ``requires_grad`` as they were.
 

@@ -84,7 +84,8 @@ class MetaAugConfig(QuantizationConfigMixin):
         activation_lr (`float`, *optional*, defaults to `4e-05`):
             Adam lr of the LSQ activation steps, with cosine decay to 0 over ``iterations``.
         rounding_weight (`float`, *optional*, defaults to `0.01`):
-            λ, the weight of AdaRound's rounding regulariser (AdaRound Eq. 25).
+            λ, the weight of AdaRound's rounding regulariser (AdaRound Eq. 25): 0.01 in BRECQ /
+            QDrop, 1.0 in the official Genie-M / MetaAug code.
         warmup (`float`, *optional*, defaults to `0.2`):
             Fraction, in [0, 1], of the iterations (and of the meta iterations) run without the
             rounding regulariser.

@@ -11,16 +11,48 @@ last layer), for ``meta_iterations`` steps:
   ``torch.func.functional_call`` (the official code uses the archived ``higher`` library);
 * **outer** (Eq. 5-7): on the ORIGINAL images
   ``L = a KL(softmax(q_θ̄(x_v)/t) || softmax(fp(x_v)/t)) + b ReLU(τ - mean((x' - x)^2))
-  + c PKT(feat_fp(mix(x')), feat_fp(mix(x)))``, and T takes one Adam step (gradient norm clipped).
+  + c PKT(feat_fp(mix(x')), feat_fp(mix(x)))``, ``mix`` with the official code's
+  ``λ ~ Beta(4, 4)``, ``max(λ, 1 - λ)`` (:func:`mixup_lambda`), and T takes one Adam step
+  (gradient norm clipped).
 
 θ_Q is never updated by this stage (the official code rebuilds its ``higher`` copy every step);
-the block is then reconstructed on the union of ``x`` and ``T(x)`` by the base method.
+the block is then reconstructed on the union of ``x`` and ``T(x)`` by the base method
+(``metaaug_base``: QDrop by default, or BRECQ / Genie-M).
+
+**The inner update, and why its derivative with respect to T is not degenerate.** The inner
+step is plain SGD, ``θ̄ = θ - η g(T)`` with ``g = ∇θ L_inner(T(x))``, so T reaches the KL term
+only through ``∂θ̄/∂T = -η ∂g/∂T`` (MAML's second-order term): a mixed second derivative that
+is not zero and not a sign function; the finite-difference tests check it. The official code's
+inner step is Adam, whose first step from a fresh state, ``θ - lr · g / (|g| + ε)``, has
+derivative ``lr · ε / (|g| + ε)^2 ≈ 0`` with respect to ``g`` wherever ``|g| ≫ ε``, so it
+carries (almost) no meta-gradient. SGD's meta-gradient is not degenerate but small: it scales
+with η (1e-2) and with the KL's own gradient, which is what the audit of issue 24 measured
+(the KL term's gradient on T 1.6e-6 at W4A4 and 1.2e-3 at W2A4 against 48 from the c-weighted
+PKT term, so after the norm clipping T followed PKT alone).
+
+**Balancing the terms** (``meta_balance="unit"``, the default; a departure from the paper's
+weighted sum, which ``"none"`` keeps): each term's gradient on T is computed separately and
+scaled to unit norm before they are summed (:func:`combine_term_gradients`), so every active
+term has the same share of the (clipped) direction whatever the scale of its loss; the
+weights a, b, c then only switch terms on and off. The per-term gradient norms, their shares
+and the KL-PKT cosine are logged at every meta step (``history`` in the log). Measured at the
+benchmark's setting (the zoo ResNet-20, W2A2, 32 calibration images, first inner block): the
+KL term's share of T's gradient is 1.8e-4 with ``"none"`` and 0.5 with ``"unit"``, and the KL
+and PKT gradients point against each other (cosine about -0.8). The margin term is inactive at
+the start (the random residual T already moves the images by more than τ), so its gradient
+is zero and it adds nothing until T comes closer to the identity.
+
+**Caching.** The float model does not change, so its logits on the calibration images are
+computed once per run and indexed for ``x_v``. What else each meta step computes depends on T
+(``T(x)`` through the quantized prefix, the float target, the PKT features of the mixed
+images, which depend on the step's ``λ`` and permutation) or on the inner update (the
+quantized model from block k on ``x_v``); the quantized prefix on ``x_v`` alone does not, but
+a generic model's forward pass cannot start at block k, so it is recomputed.
 
 Departures from the official code, and why:
 
-* the inner step is plain SGD (``inner_lr``), not Adam: the first step of a differentiable Adam
-  from a fresh state is ``lr · g / (|g| + ε)``, whose derivative with respect to ``g`` (hence to
-  T) is almost zero, so the KL term could barely reach T through it;
+* the inner step is plain SGD (``inner_lr``), not Adam (see above);
+* the terms' gradients on T are balanced (see above);
 * T is a small residual conv net ``x + g(x)`` (:class:`TransformNet`, size in the config), not
   the official UNet with 64..1024 channels warm-started from weights that are not published;
 * the two mixups of the PKT term share one ``λ`` and permutation, so that PKT compares the

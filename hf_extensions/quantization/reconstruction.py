@@ -17,6 +17,14 @@ activation element stays at full precision, both inside the block (the LSQ quant
 mode) and at the block input (``where(rand < p, x_fp, x_q)``, as the QDrop code mixes
 ``cur_fp_inp`` / ``cur_inp``). ``method="brecq"`` is QDrop with ``drop_prob = 0``.
 
+Genie-M (Jeon et al., "Genie: Show Me the Data for Quantization", CVPR 2023, Sec. 4), the base
+of the official MetaAug code, is QDrop whose per-channel weight scales are learned together with
+the rounding variables: ``W_hat = s * (clip(floor(W / s_0) + h(V) + z) - z)`` with ``s``
+trained from ``s_0`` (:meth:`WeightQuantizer.learn_scale`; ``method="genie"``, Adam lr
+``weight_scale_lr``). The official defaults named by issue 24: rounding weight λ = 1.0 (set
+``rounding_weight=1.0``; 0.01 is BRECQ's), the scales learned jointly with ``V``; the official
+scale learning rate could not be read offline (1e-4 here).
+
 MetaAug (Pham et al., ECCV 2024, arXiv 2407.14726) runs its bi-level stage
 (:func:`~hf_extensions.quantization.metaaug.train_transform`) before each block that holds
 neither the first nor the last quantized layer, then reconstructs that block on the union of ``x`` and ``T(x)``.
