@@ -36,8 +36,8 @@ Protocol (committed before the full run; 2026-12-08):
   from.
 
 ``ratios.metaaug_calib_time_vs_base``: mean over seeds of MetaAug's calibration time over the
-base's, run back to back in this process. Other ``ratios`` keys already in the results JSON
-(the integer export's) are kept.
+base's, run back to back in this process. Other ``ratios`` keys already in the results JSON are
+kept, and the integer export's keys are merged back from ``quantization_runtime.json``.
 
 Run: ``python -m benchmarks.quantization`` (about 20 minutes on one busy CPU thread);
 ``--quick`` for a smoke run that writes nothing unless ``--results-dir`` is given.
@@ -199,6 +199,16 @@ def _kept_ratios(results_dir) -> dict[str, float]:
         return {}
 
 
+def _remerge_runtime(results_dir) -> None:
+    """Put back the integer-export keys (``benchmarks.quantization_runtime``'s ratios, metrics,
+    intervals and config) that rewriting ``quantization.json`` replaced, from its own report."""
+    runtime = results_dir / "quantization_runtime.json"
+    if runtime.is_file():
+        from benchmarks.quantization_runtime import merge_into_quantization
+
+        merge_into_quantization(json.loads(runtime.read_text()), results_dir)
+
+
 def main(argv: list[str] | None = None) -> BenchmarkReport:
     with torch_threads(1):  # small model: extra threads only wait for a busy core here
         return _main(argv)
@@ -282,6 +292,7 @@ def _main(argv: list[str] | None = None) -> BenchmarkReport:
     )
     if not args.quick or args.results_dir != RESULTS_DIR:  # a quick run keeps the real results
         report.write(args.results_dir)
+        _remerge_runtime(args.results_dir)
         plot(metrics, args.arms, args.results_dir)
     print(f"== {NAME} == (mean ± std over seeds)")
     for arm in args.arms:
