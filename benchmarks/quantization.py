@@ -35,6 +35,15 @@ Protocol (committed before the full run; 2026-12-08):
   are compared with ``base`` on the same metrics to say where an effect (or its absence) comes
   from.
 
+Result of the full run (2026-12-08, 5 seeds, W2A2, 32 images; ``benchmarks/results``): NOT
+reproduced. Held-out top-1 base 60.6 %, metaaug 56.5 % (paired difference -4.1 pp, 95 %
+interval [-7.2, -0.9]); calibration-vs-held-out KL gap base 1.24, metaaug 1.45 (+0.21,
+[+0.06, +0.37]: larger). Ablations: kl_only 47.0 % (-13.6 pp vs base, [-21.8, -5.4]), pkt_only
+58.9 % and untrained_t 59.0 % (no detectable difference from base). The bi-level KL term, now
+reaching T, makes things worse: its "validation" images are the 32 calibration images
+themselves, so it rewards a T whose inner update fits those images better; the augmentation
+alone (untrained T, PKT) neither helps nor hurts detectably at 10 meta steps per block.
+
 ``ratios.metaaug_calib_time_vs_base``: mean over seeds of MetaAug's calibration time over the
 base's, run back to back in this process. Other ``ratios`` keys already in the results JSON are
 kept, and the integer export's keys are merged back from ``quantization_runtime.json``.
