@@ -67,7 +67,12 @@ def test_config_dict_round_trip():
 
 def test_rtn_modules_follow_the_config():
     model = _vit(seed=0).eval()
-    config = MetaAugConfig(weight_bits=4, activation_bits=8, modules_to_not_convert=["fc2"])
+    config = MetaAugConfig(
+        weight_bits=4,
+        activation_bits=8,
+        modules_to_not_convert=["fc2"],
+        quantize_first_layer_input=True,
+    )
     quantize_model_rtn(model, config, _inputs(8))
     first = model.vit.embeddings.patch_embeddings.projection
     assert isinstance(first, QuantConv2d) and (first.weight_bits, first.activation_bits) == (8, 8)

@@ -20,6 +20,7 @@ from torch import nn
 
 from hf_extensions.quantization.config import MetaAugConfig
 from hf_extensions.quantization.metaaug import train_transform
+from hf_extensions.quantization.models import model_logits
 from hf_extensions.quantization.modules import check_quantizable, quantize_model_rtn
 from hf_extensions.quantization.reconstruction import (
     _inside,
@@ -41,7 +42,7 @@ class ReconstructionResult:
     blocks: list[str]
     seconds: dict[str, float] = field(default_factory=dict)
     losses: dict[str, dict[str, float]] = field(default_factory=dict)
-    meta: dict[str, dict[str, float]] = field(default_factory=dict)
+    meta: dict[str, dict[str, Any]] = field(default_factory=dict)
     total_seconds: float = 0.0
 
 
@@ -60,7 +61,9 @@ def reconstruct_model(
     2. Every quantized layer is switched to full precision; then, block by block in forward order,
        the block's layers are switched on and reconstructed (blocks after it stay in float, as in
        the BRECQ / MetaAug code). ``method="metaaug"`` first trains the transformation network T
-       for the block and reconstructs on the union of ``images`` and ``T(images)``.
+       for the block and reconstructs on the union of ``images`` and ``T(images)`` with the
+       base method ``config.metaaug_base``; ``method="genie"`` learns the per-channel weight
+       scales with the rounding (Genie-M).
 
     The model ends in eval mode with its parameters' ``requires_grad`` as they were.
 
@@ -105,7 +108,12 @@ def reconstruct_model(
     blocks = find_blocks(model, images[:2], config.max_block_layers, config.block_names)
     layer_names = [n for n, _ in quant_layers(model)]
     edge = {layer_names[0], layer_names[-1]}
-    drop_prob = 0.0 if config.method == "brecq" else config.drop_prob
+    base = config.metaaug_base if config.method == "metaaug" else config.method
+    drop_prob = 0.0 if base == "brecq" else config.drop_prob
+    fp_logits = None
+    if config.method == "metaaug" and config.meta_iterations > 0:
+        with torch.no_grad():  # the float model never changes: its logits serve every block
+            fp_logits = torch.cat([model_logits(fp_model, c) for c in images.split(256)])
     result = ReconstructionResult(blocks=blocks)
     set_quant_enabled(model, False)
     show = progress and (accelerator is None or accelerator.is_local_main_process)
@@ -126,7 +134,7 @@ def reconstruct_model(
             is_edge = any(_inside(layer, name) for layer in edge)
             if config.method == "metaaug" and not is_edge and config.meta_iterations > 0:
                 transform, history = train_transform(
-                    model, fp_model, name, images, config, generator
+                    model, fp_model, name, images, config, generator, fp_logits
                 )
                 with torch.no_grad():
                     block_images = torch.cat([images, transform(images)])
@@ -134,7 +142,14 @@ def reconstruct_model(
             q_data = capture_block(model, name, block_images, need_output=False)
             fp_data = capture_block(fp_model, name, block_images, need_output=True)
             losses = reconstruct_block(
-                block, q_data, fp_data, config, drop_prob, generator, accelerator
+                block,
+                q_data,
+                fp_data,
+                config,
+                drop_prob,
+                generator,
+                accelerator,
+                learn_weight_scale=base == "genie",
             )
             result.losses[name] = losses
             result.seconds[name] = time.perf_counter() - block_start

@@ -33,7 +33,8 @@ from hf_extensions.validation import (
 __all__ = ["METHODS", "QUANT_METHOD", "MetaAugConfig"]
 
 QUANT_METHOD = "hf_extensions_metaaug"
-METHODS = ("brecq", "qdrop", "metaaug")
+METHODS = ("brecq", "qdrop", "genie", "metaaug")
+META_BALANCES = ("unit", "none")
 
 
 @dataclass
@@ -48,7 +49,10 @@ class MetaAugConfig(QuantizationConfigMixin):
     Args:
         method (`str`, *optional*, defaults to `"metaaug"`):
             How the scales are calibrated: ``"brecq"`` (Li et al. 2021), ``"qdrop"`` (Wei et al.
-            2022) or ``"metaaug"`` (Pham et al. 2024: QDrop plus the transformation network).
+            2022), ``"genie"`` (Genie-M, Jeon et al., CVPR 2023: QDrop whose per-channel weight
+            scales are learned together with the rounding, see ``weight_scale_lr``) or
+            ``"metaaug"`` (Pham et al. 2024: the transformation network, then the base given by
+            ``metaaug_base``).
         weight_bits (`int`, *optional*, defaults to `4`):
             Bits of the per-output-channel asymmetric weight quantization, 2..8.
         activation_bits (`int`, *optional*, defaults to `4`):
@@ -57,10 +61,10 @@ class MetaAugConfig(QuantizationConfigMixin):
         first_last_8bit (`bool`, *optional*, defaults to `True`):
             The BRECQ / QDrop convention: the first and the last quantized layer (in
             ``named_modules`` order) use 8-bit weights and, unless weight-only, 8-bit inputs.
-        quantize_first_layer_input (`bool`, *optional*, defaults to `True`):
+        quantize_first_layer_input (`bool`, *optional*, defaults to `False`):
             With ``first_last_8bit``, whether the first layer's input (the image) is quantized
-            to 8 bits too. The BRECQ / QDrop / MetaAug convention is `False` (first layer W8 on
-            the float image, last layer W8A8); `True` keeps the first layer W8A8.
+            to 8 bits too. `False` is the BRECQ / QDrop / MetaAug convention (first layer W8 on
+            the float image, last layer W8A8); `True` makes the first layer W8A8.
         modules_to_not_convert (`list[str]`, *optional*, defaults to `None`):
             Names of modules kept in float: a module matches a name exactly, or as a dotted
             prefix, suffix or inner part of its name (``"classifier"`` matches
@@ -80,7 +84,8 @@ class MetaAugConfig(QuantizationConfigMixin):
         activation_lr (`float`, *optional*, defaults to `4e-05`):
             Adam lr of the LSQ activation steps, with cosine decay to 0 over ``iterations``.
         rounding_weight (`float`, *optional*, defaults to `0.01`):
-            λ, the weight of AdaRound's rounding regulariser (AdaRound Eq. 25).
+            λ, the weight of AdaRound's rounding regulariser (AdaRound Eq. 25): 0.01 in BRECQ /
+            QDrop, 1.0 in the official Genie-M / MetaAug code.
         warmup (`float`, *optional*, defaults to `0.2`):
             Fraction, in [0, 1], of the iterations (and of the meta iterations) run without the
             rounding regulariser.
@@ -129,6 +134,19 @@ class MetaAugConfig(QuantizationConfigMixin):
             Residual 3x3 conv-ReLU blocks of T.
         seed (`int`, *optional*, defaults to `0`):
             Seed of the batches, the QDrop masks, the mixups and T's initial weights.
+        metaaug_base (`str`, *optional*, defaults to `"qdrop"`):
+            ``"metaaug"``: the base reconstruction run after T is trained, ``"brecq"``,
+            ``"qdrop"`` or ``"genie"`` (the official MetaAug code builds on Genie-M).
+        meta_balance (`str`, *optional*, defaults to `"unit"`):
+            How the outer terms' gradients on T are combined. ``"unit"``: each term whose weight
+            is > 0 and whose gradient on T is not zero contributes its gradient scaled to unit
+            norm, so every active term has the same share of the step whatever the scale of its
+            loss (the weights then only switch terms on and off); ``"none"``: the paper's
+            weighted sum ``a KL + b margin + c PKT``, in which the PKT term owns the direction
+            (see :mod:`~hf_extensions.quantization.metaaug`).
+        weight_scale_lr (`float`, *optional*, defaults to `1e-4`):
+            ``"genie"``: Adam lr of the per-channel weight scales learned with the rounding
+            variables (0 keeps them fixed, which is QDrop).
         quant_method (`str`, *optional*, defaults to `"hf_extensions_metaaug"`):
             The ``quant_method`` key by which transformers finds this class in a checkpoint's
             ``config.json``; any other value is refused.
@@ -141,7 +159,7 @@ class MetaAugConfig(QuantizationConfigMixin):
     weight_bits: int = 4
     activation_bits: int | None = 4
     first_last_8bit: bool = True
-    quantize_first_layer_input: bool = True
+    quantize_first_layer_input: bool = False
     modules_to_not_convert: list[str] | None = None
     iterations: int = 200
     batch_size: int = 32
@@ -166,10 +184,17 @@ class MetaAugConfig(QuantizationConfigMixin):
     transform_channels: int = 16
     transform_blocks: int = 2
     seed: int = 0
+    metaaug_base: str = "qdrop"
+    meta_balance: str = "unit"
+    weight_scale_lr: float = 1e-4
     quant_method: str = QUANT_METHOD
 
     def __post_init__(self) -> None:
         self.method = check_choice("method", self.method, METHODS)
+        self.metaaug_base = check_choice(
+            "metaaug_base", self.metaaug_base, tuple(m for m in METHODS if m != "metaaug")
+        )
+        self.meta_balance = check_choice("meta_balance", self.meta_balance, META_BALANCES)
         self.weight_bits = check_integer(
             "weight_bits", self.weight_bits, low=MIN_BITS, high=MAX_BITS
         )
@@ -197,6 +222,7 @@ class MetaAugConfig(QuantizationConfigMixin):
             "margin_weight",
             "pkt_weight",
             "margin",
+            "weight_scale_lr",
         ):
             setattr(self, name, check_positive(name, getattr(self, name), allow_zero=True))
         self.temperature = check_positive("temperature", self.temperature)

@@ -189,7 +189,8 @@ class WeightQuantizer(nn.Module):
       weight is rounded down or up; hence within one step ``s`` of round-to-nearest.
 
     :meth:`rounding_regularizer` is AdaRound's Eq. 24, ``sum(1 - |2 h(V) - 1|^β)``. As in the
-    BRECQ code, the scale is fixed while ``V`` is learned.
+    BRECQ code, the scale is fixed while ``V`` is learned, unless :meth:`learn_scale` makes it a
+    parameter too (Genie-M).
     """
 
     def __init__(
@@ -217,6 +218,7 @@ class WeightQuantizer(nn.Module):
         self.mode = "nearest"
         self.register_buffer("scale", None)
         self.register_buffer("zero_point", None)
+        self.register_buffer("floor_scale", None)
         self.alpha: nn.Parameter | None = None
 
     @torch.no_grad()
@@ -248,6 +250,19 @@ class WeightQuantizer(nn.Module):
         self.mode = "soft"
         return self
 
+    def learn_scale(self) -> nn.Parameter:
+        """Make ``scale`` a parameter learned with ``V`` (Genie-M, Jeon et al., CVPR 2023).
+
+        The integer grid point below each weight stays the one of the initial scale
+        (``floor(W / s_0)``, kept in ``floor_scale``), and the learned ``s`` multiplies the
+        rounded integer: ``W_hat = s * (clip(floor(W / s_0) + h(V) + z, q_min, q_max) - z)``.
+        At ``s = s_0`` this is the fixed-scale AdaRound of :meth:`forward`.
+        """
+        self._require_calibrated()
+        self.floor_scale = self.scale.detach().clone()
+        self.scale = nn.Parameter(self.scale.detach().clone())
+        return self.scale
+
     def rectified_sigmoid(self) -> torch.Tensor:
         """``h(V) = clip(sigmoid(V) * (ζ - γ) + γ, 0, 1)`` (AdaRound Eq. 23)."""
         if self.alpha is None:
@@ -274,7 +289,10 @@ class WeightQuantizer(nn.Module):
             )
         s = _expand(self.scale, weight, self.channel_axis)
         z = _expand(self.zero_point, weight, self.channel_axis)
-        w_floor = torch.floor(weight / s)
+        base = (
+            s if self.floor_scale is None else _expand(self.floor_scale, weight, self.channel_axis)
+        )
+        w_floor = torch.floor(weight / base.detach())
         h = self.rectified_sigmoid()
         if self.mode == "hard":
             h = (h >= 0.5).to(weight.dtype)

@@ -17,6 +17,14 @@ activation element stays at full precision, both inside the block (the LSQ quant
 mode) and at the block input (``where(rand < p, x_fp, x_q)``, as the QDrop code mixes
 ``cur_fp_inp`` / ``cur_inp``). ``method="brecq"`` is QDrop with ``drop_prob = 0``.
 
+Genie-M (Jeon et al., "Genie: Show Me the Data for Quantization", CVPR 2023, Sec. 4), the base
+of the official MetaAug code, is QDrop whose per-channel weight scales are learned together with
+the rounding variables: ``W_hat = s * (clip(floor(W / s_0) + h(V) + z) - z)`` with ``s``
+trained from ``s_0`` (:meth:`WeightQuantizer.learn_scale`; ``method="genie"``, Adam lr
+``weight_scale_lr``). The official defaults named by issue 24: rounding weight λ = 1.0 (set
+``rounding_weight=1.0``; 0.01 is BRECQ's), the scales learned jointly with ``V``; the official
+scale learning rate could not be read offline (1e-4 here).
+
 MetaAug (Pham et al., ECCV 2024, arXiv 2407.14726) runs its bi-level stage
 (:func:`~hf_extensions.quantization.metaaug.train_transform`) before each block that holds
 neither the first nor the last quantized layer, then reconstructs that block on the union of ``x`` and ``T(x)``.
@@ -53,6 +61,7 @@ __all__ = [
     "capture_block",
     "finalize_learners",
     "find_blocks",
+    "mask_generator",
     "quant_layers",
     "reconstruct_block",
     "reconstruction_loss",
@@ -250,13 +259,16 @@ def reconstruction_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Ten
 
 
 def attach_learners(
-    block: nn.Module, drop_prob: float
+    block: nn.Module, drop_prob: float, learn_weight_scale: bool = False
 ) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """Give every quantized layer of ``block`` an AdaRound weight and an LSQ/QDrop input quantizer.
 
     They start from the layer's stored (round-to-nearest) scales: ``weight_quantizer`` with
     ``V`` initialised so that the soft weight equals the float weight, ``input_quantizer`` with
-    step = ``act_scale``. Returns ``(rounding variables V, activation steps)``.
+    step = ``act_scale``. ``learn_weight_scale`` (Genie-M) also makes each weight quantizer's
+    per-channel scale a parameter (:meth:`WeightQuantizer.learn_scale`). Returns
+    ``(rounding variables V, activation steps)``; the learned weight scales are the
+    ``weight_quantizer.scale`` parameters of the layers.
     """
     alphas, steps = [], []
     for _, layer in quant_layers(block):
@@ -264,6 +276,8 @@ def attach_learners(
         wq.scale = layer.weight_scale.detach().clone()
         wq.zero_point = layer.weight_zero_point.detach().clone()
         wq.init_adaround(layer.weight.detach())
+        if learn_weight_scale:
+            wq.learn_scale()
         layer.weight_quantizer = wq
         alphas.append(wq.alpha)
         if layer.activation_bits is not None:
@@ -298,6 +312,8 @@ def finalize_learners(block: nn.Module) -> None:
         if wq is not None:
             wq.set_mode("hard")
             layer.weight.copy_(wq(layer.weight))
+            # A learned scale (Genie-M) is the one the rounded weight lies on.
+            layer.weight_scale.copy_(wq.scale.detach().abs().clamp(min=1e-8))
         aq = layer._modules.pop("input_quantizer", None)
         if aq is not None:
             layer.act_scale.copy_(aq.step.detach().abs().clamp(min=1e-8))
@@ -314,6 +330,17 @@ def _call_block(block: nn.Module, x: torch.Tensor, data: BlockData) -> torch.Ten
     return _first(block(x, *data.args, **data.kwargs))
 
 
+def mask_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:
+    """A generator on ``device`` seeded from ``generator``, for QDrop's block-input masks.
+
+    The masks are then drawn where the activations are (no host tensor copied to the device
+    every iteration); every process of a distributed run seeds it identically, so all draw the
+    same full-batch mask and take their slice of it.
+    """
+    seed = int(torch.randint(2**62, (1,), generator=generator))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def reconstruct_block(
     block: nn.Module,
     q_data: BlockData,
@@ -322,16 +349,25 @@ def reconstruct_block(
     drop_prob: float,
     generator: torch.Generator,
     accelerator: Any = None,
+    learn_weight_scale: bool = False,
 ) -> dict[str, float]:
-    """BRECQ / QDrop reconstruction of one block (see the module docstring); in place.
+    """BRECQ / QDrop / Genie-M reconstruction of one block (see the module docstring); in place.
 
     ``q_data.inputs``: the block's inputs in the partially quantized model; ``fp_data``: inputs
     and outputs in the float model, on the same images. Under Accelerate with several processes
     each process takes its slice of every (identically sampled) batch and the gradients are
     averaged, so the result does not depend on the number of processes beyond float sums.
+    ``learn_weight_scale``: Genie-M, the per-channel weight scales are learned with the
+    rounding (Adam, ``config.weight_scale_lr``). QDrop's block-input masks are drawn on the
+    inputs' device (:func:`mask_generator`), and not at all when ``drop_prob`` is 0.
     """
-    alphas, steps = attach_learners(block, drop_prob)
+    alphas, steps = attach_learners(block, drop_prob, learn_weight_scale)
     groups = [{"params": alphas, "lr": config.weight_lr}]
+    scales = [
+        m.scale for m in block.modules() if isinstance(m, WeightQuantizer) and learn_weight_scale
+    ]
+    if scales:
+        groups.append({"params": scales, "lr": config.weight_scale_lr})
     opt = torch.optim.Adam(groups)
     act_opt = sched = None
     if steps:
@@ -347,17 +383,21 @@ def reconstruct_block(
     rank = getattr(accelerator, "process_index", 0)
     first_loss = last_loss = float("nan")
     idx = torch.empty(0)
+    device = q_data.inputs.device
+    masks = mask_generator(generator, device) if drop_prob > 0 else None
     for it in range(config.iterations):
         idx = torch.randint(n, (min(config.batch_size, n),), generator=generator)
-        mask_source = torch.rand((len(idx), *q_data.inputs.shape[1:]), generator=generator).to(
-            q_data.inputs.device
-        )
+        mask = None
+        if masks is not None:
+            shape = (len(idx), *q_data.inputs.shape[1:])
+            mask = torch.rand(shape, generator=masks, device=device) < drop_prob
         if world > 1:
-            idx, mask_source = idx.chunk(world)[rank], mask_source.chunk(world)[rank]
-        idx = idx.to(q_data.inputs.device)
+            idx = idx.chunk(world)[rank]
+            mask = None if mask is None else mask.chunk(world)[rank]
+        idx = idx.to(device)
         x = q_data.inputs[idx]
-        if drop_prob > 0:
-            x = torch.where(mask_source < drop_prob, fp_data.inputs[idx], x)
+        if mask is not None:
+            x = torch.where(mask, fp_data.inputs[idx], x)
         rec = reconstruction_loss(_call_block(block, x, q_data), fp_data.outputs[idx])
         beta = rounding_beta(
             it, config.iterations, config.warmup, config.beta_start, config.beta_end
@@ -368,7 +408,7 @@ def reconstruct_block(
             act_opt.zero_grad()
         loss.backward()
         if world > 1:
-            for p in alphas + steps:
+            for p in alphas + steps + scales:
                 if p.grad is not None:
                     p.grad = accelerator.reduce(p.grad, reduction="mean")
         opt.step()
