@@ -65,7 +65,10 @@ def _images(n: int, seed: int) -> torch.Tensor:
 
 def _quantized(weight_bits: int, activation_bits: int) -> ResNetForImageClassification:
     model = _tiny_resnet()
-    config = MetaAugConfig(weight_bits=weight_bits, activation_bits=activation_bits)
+    # every layer's input quantized (the stem too), so that every conv runs as an integer kernel
+    config = MetaAugConfig(
+        weight_bits=weight_bits, activation_bits=activation_bits, quantize_first_layer_input=True
+    )
     return quantize_model_rtn(model, config, _images(32, 1))
 
 
