@@ -113,8 +113,13 @@ class ErasureConfig:
     gradient_accumulation_steps: int = field(
         default=1, metadata={"help": "Micro-batches per optimizer step (Accelerate)."}
     )
-    mixed_precision: str = field(
-        default="no", metadata={"help": "Accelerate mixed precision: no, fp16, bf16."}
+    mixed_precision: str | None = field(
+        default=None,
+        metadata={
+            "help": "Accelerate mixed precision: no, fp16, bf16, or None (default): the "
+            "launcher's (`accelerate launch --mixed_precision bf16` sets "
+            "ACCELERATE_MIXED_PRECISION; unset: no)."
+        },
     )
     max_grad_norm: float | None = field(
         default=None, metadata={"help": "Clip the UNet gradient norm (None: no clipping)."}
@@ -194,10 +199,13 @@ class ErasureConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.mixed_precision is not None:  # None: Accelerate reads the launcher's setting
+            self.mixed_precision = _choice(
+                "mixed_precision", self.mixed_precision, MIXED_PRECISIONS
+            )
         for name, allowed in (
             ("parameter_group", PARAMETER_GROUPS),
             ("loss_space", LOSS_SPACES),
-            ("mixed_precision", MIXED_PRECISIONS),
             ("adversary_estimator", ADVERSARY_ESTIMATORS),
             ("adversary_reference", ADVERSARY_REFERENCES),
         ):

@@ -312,7 +312,8 @@ class ConceptEraser:
             The hyper-parameters; `None` uses ``ErasureConfig()`` (the paper's defaults).
         accelerator (`accelerate.Accelerator`, *optional*, defaults to `None`):
             An existing accelerator to run under, used as it is. `None` creates one with the
-            config's ``gradient_accumulation_steps`` and ``mixed_precision``.
+            config's ``gradient_accumulation_steps`` and ``mixed_precision`` (`None` there: the
+            launcher's, e.g. ``accelerate launch --mixed_precision bf16``).
         extra_candidates (`Mapping[str, torch.Tensor]`, *optional*, defaults to `None`):
             Name -> text-encoder output ``[L, D]`` (e.g. a learned token's prompt embedding),
             added to every concept's selected candidate words (``"eap"`` only; ignored by the
@@ -698,7 +699,8 @@ def erase_concepts(
             The hyper-parameters; `None` uses ``ErasureConfig()`` (the paper's defaults).
         accelerator (`accelerate.Accelerator`, *optional*, defaults to `None`):
             An existing accelerator to run under, used as it is. `None` creates one with the
-            config's ``gradient_accumulation_steps`` and ``mixed_precision``; Accelerate keeps one
+            config's ``gradient_accumulation_steps`` and ``mixed_precision`` (`None`, the
+            default: the launcher's, ``ACCELERATE_MIXED_PRECISION``); Accelerate keeps one
             state per process, so pass one to run inside a script that already made one (or to
             erase a second time with another ``mixed_precision``).
         extra_candidates (`Mapping[str, torch.Tensor]`, *optional*, defaults to `None`):
