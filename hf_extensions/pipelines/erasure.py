@@ -20,9 +20,15 @@ One training cycle (paper Alg. 1; ``pgd_num_steps`` = 1 model step + the adversa
 
 Departures from the official ``train_adversarial_gumbel.py``, and why:
 
-- z and t agree: the official (CompVis ESD) loop samples z for ``t_enc`` DDIM steps from noise
-  but queries the UNet at the DDPM step ``≈ 1000 t_enc / ddim_steps`` (the opposite end of the
-  trajectory) and takes ᾱ from that index; here z is at ``timesteps[i]`` and so is the query.
+- z and t are paired exactly: the official (CompVis ESD) loop draws a DDIM index ``t_enc``
+  uniform in ``[0, ddim_steps)``, runs its DDIM sampler from noise until the update at index
+  ``t_enc − 1`` (``till_T``; ``t_enc`` 0 and 1 both run the full sampling), so z sits at the
+  grid timestep ``ddim_timesteps[t_enc − 2]``, then queries the UNet at a DDPM timestep drawn
+  uniformly in ``[1000 t_enc / ddim_steps, 1000 (t_enc + 1) / ddim_steps)`` and maps to x0 with
+  ᾱ of ``ddim_timesteps[t_enc]``: the same end of the trajectory, but the query and ᾱ are about
+  two grid steps noisier than z (and t is jittered within its grid cell). Here z is at
+  ``timesteps[i]`` and so are the query and ᾱ; the noise levels are drawn uniformly over the
+  same grid.
 - The adversary's straight-through step differentiates the frozen model's ε_θ(z_a, c_a) in c_a
   too (``adversary_reference="differentiable"``, the gradient of the paper's L_preserve); the
   official code detaches it, which measurably finds the most damaged concept far more slowly
@@ -417,6 +423,7 @@ class ConceptEraser:
                     config.k_closest,
                     config.num_centers,
                     config.seed,
+                    config.exclude_target,
                 )
                 index = {word: n for n, word in enumerate(words)}
                 rows = torch.tensor([index[word] for word in chosen.words])
