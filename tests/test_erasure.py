@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -216,3 +218,46 @@ def test_accumulation_ignores_a_dataloader_another_run_left_open(tmp_path):
     eraser.step()
     steps = {int(state["step"]) for state in eraser.optimizer.optimizer.state.values()}
     assert steps == {2}  # one optimizer step per model step, not per cycle
+
+
+def _as_v_prediction(pipe):
+    """The same model as a v-prediction UNet (SD 2.x style): v = (ε − σ z) / α at ᾱ_t."""
+    import types
+
+    from diffusers import DDIMScheduler
+
+    pipe.scheduler = DDIMScheduler.from_config(
+        pipe.scheduler.config, prediction_type="v_prediction"
+    )
+    alphas_cumprod = pipe.scheduler.alphas_cumprod
+    eps_forward = type(pipe.unet).forward
+
+    def v_forward(self, sample, timestep, *args, **kwargs):
+        eps = eps_forward(self, sample, timestep, *args, **kwargs)[0]
+        bar = alphas_cumprod[torch.as_tensor(timestep).long()].reshape(-1, 1, 1, 1)
+        return ((eps - (1 - bar).sqrt() * sample) / bar.sqrt(),)
+
+    pipe.unet.forward = types.MethodType(v_forward, pipe.unet)  # deepcopy rebinds it
+    return pipe
+
+
+def test_v_prediction_unet_erases_exactly_like_its_epsilon_twin():
+    """A v-prediction UNet (SD 2.x) must get the loss of the ε UNet it equals: read as ε, its
+    x0 loss was 1/ᾱ too large (~150x at t = 981) and its ε loss ᾱ too small."""
+    from hf_extensions.pipelines import evaluate_erasure
+
+    results, base = {}, tiny_stable_diffusion_pipeline()
+    for kind in ("epsilon", "v"):
+        pipe = copy.deepcopy(base)
+        if kind == "v":
+            pipe = _as_v_prediction(pipe)
+        original = copy.deepcopy(pipe.unet)
+        pipe = erase_concepts(pipe, [CONCEPT], "eap", _fast_config(ddim_steps=2))
+        metrics = evaluate_erasure(
+            pipe, original, [CONCEPT], heldout=["dog"], num_samples=2, ddim_steps=2
+        )
+        results[kind] = (pipe.erasure_result.losses, metrics)
+    (eps_losses, eps_metrics), (v_losses, v_metrics) = results["epsilon"], results["v"]
+    torch.testing.assert_close(v_losses, eps_losses, rtol=1e-3, atol=0)
+    for key in ("erasure_gap", "erasure_distance_before", "heldout_drift"):
+        assert v_metrics[key] == pytest.approx(eps_metrics[key], rel=1e-3)

@@ -36,10 +36,26 @@ def test_candidates_are_closest_words_spread_by_kmeans(embedded):
     # spread: the 8 picks span the kept range, unlike the 8 closest
     kept = distances.sort().values[:40]
     assert chosen.distances[-1] - chosen.distances[0] > 0.5 * float(kept[-1] - kept[0])
-    again = select_candidates(
-        TARGET, target, [*words, TARGET], torch.cat([embeddings, target[None]]), 40, 8
-    )
-    assert TARGET not in again.words  # the target itself is never a candidate
+    with_target = ([*words, TARGET], torch.cat([embeddings, target[None]]))
+    kept = select_candidates(TARGET, target, *with_target, 40, 8)
+    # as in the official code the target word stays: the closest word, at distance 0
+    assert kept.closest[0] == TARGET and kept.words[0] == TARGET and kept.distances[0] == 0
+    dropped = select_candidates(TARGET, target, *with_target, 40, 8, exclude_target=True)
+    assert TARGET not in dropped.words and TARGET not in dropped.closest
+
+
+def test_default_k_closest_keeps_the_closest_third_of_the_vocabulary(embedded):
+    """The paper keeps 1000 of 3000 words; a fixed 1000 kept ~80% of the shipped ~1250."""
+    from hf_extensions.pipelines import ErasureConfig
+
+    target, words, embeddings = embedded
+    config = ErasureConfig()
+    assert config.k_closest is None and config.exclude_target is False
+    chosen = select_candidates(TARGET, target, words, embeddings, config.k_closest, 8)
+    assert len(chosen.closest) == round(len(words) / 3)
+    few = select_candidates(TARGET, target, words, embeddings, None, 50)
+    assert len(few.closest) == 50  # at least num_centers
+    assert len(common_words()) >= 3 * 400  # the shipped list: a third is a real filter
 
 
 def test_gumbel_softmax_is_straight_through_one_hot():

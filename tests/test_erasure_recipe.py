@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from hf_extensions.hub import read_model_card_metadata
+from hf_extensions.pipelines.vocabulary import common_words
 from recipes.erasure.train import main
 
 FAST = ["--num_steps", "3", "--k_closest", "6", "--num_centers", "3", "--eval_samples", "1"]
@@ -61,9 +63,49 @@ def test_settings_parse_and_validate(setting):
 
     parser = RecipeArgumentParser((ErasureRecipeArguments, ErasureConfig))
     args, config = parser.parse(["--config", f"recipes/erasure/{setting}.yaml"])
-    assert args.concepts and config.num_centers <= config.k_closest
+    assert args.concepts and config.num_centers <= (config.k_closest or len(common_words()) // 3)
     if setting != "tiny":
         assert args.model_name_or_path == "CompVis/stable-diffusion-v1-4"
         assert config.learning_rate == 1e-5 and config.num_steps == 1000
         expected = "noxattn" if setting == "sd14_nudity" else "xattn"
         assert config.parameter_group == expected
+
+
+def test_accelerate_launch_bf16_runs_the_erasure_in_bf16(tmp_path, monkeypatch):
+    """`accelerate launch --mixed_precision bf16` sets ACCELERATE_MIXED_PRECISION=bf16; the
+    recipe's erasure step must then run its UNet forwards under bf16 autocast (the config's
+    mixed_precision, unset in the YAMLs, used to pin "no" and override the launcher)."""
+    from accelerate.state import AcceleratorState
+
+    from hf_extensions.pipelines import erasure
+
+    seen = []
+    unet_forward = erasure._eps
+
+    def recording(unet, latents, timestep, cond):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
+        return unet_forward(unet, latents, timestep, cond)
+
+    monkeypatch.setattr(erasure, "_eps", recording)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        config = ["--num_steps", "1", "--evaluate", "false", "--save_mode", "changed"]
+        main(["--config", "recipes/erasure/tiny.yaml", "--output_dir", str(tmp_path), *config,
+              "--k_closest", "6", "--num_centers", "3", *WORDS])  # fmt: skip
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert seen and set(seen) == {torch.bfloat16}  # every forward of the erasure step
+
+
+def test_sd14_settings_leave_mixed_precision_to_the_launcher():
+    from hf_extensions.cli import RecipeArgumentParser
+    from hf_extensions.pipelines import ErasureConfig
+    from recipes.erasure.train import ErasureRecipeArguments
+
+    parser = RecipeArgumentParser((ErasureRecipeArguments, ErasureConfig))
+    for setting in ("sd14_objects", "sd14_nudity", "sd14_artists"):
+        _, config = parser.parse(["--config", f"recipes/erasure/{setting}.yaml"])
+        assert config.mixed_precision is None
+    assert ErasureConfig().mixed_precision is None
+    assert parser.parse(["--mixed_precision", "fp16"])[1].mixed_precision == "fp16"

@@ -6,7 +6,9 @@ Bui et al., "Erasing Undesirable Concepts in Diffusion Models with Adversarial P
 real words, not over continuous embeddings (which collapse to background concepts, Sec. 4.1):
 
 1. :func:`select_candidates`: embed every word of a vocabulary with the text encoder, keep the
-   ``k_closest`` by L2 distance to the target concept's embedding, then pick ``num_centers``
+   ``k_closest`` by L2 distance to the target concept's embedding (default: the closest third,
+   the paper's 1000 of 3000 words; the target word itself stays in when the vocabulary holds it,
+   as in the official code, unless ``exclude_target``), then pick ``num_centers``
    of them spread over that distance range by 1-D k-means (scikit-learn) on the distances: one
    word per cluster, the member closest to the cluster's centre;
 2. :class:`GumbelAdversary`: learnable logits π over C (uniform start), a straight-through
@@ -55,20 +57,23 @@ def select_candidates(
     target_embedding: torch.Tensor,
     words: Sequence[str],
     word_embeddings: torch.Tensor,
-    k_closest: int,
+    k_closest: int | None,
     num_centers: int,
     seed: int = 0,
+    exclude_target: bool = False,
 ) -> CandidateSet:
     """Rank ``words`` by text-encoder distance to ``target`` and spread ``num_centers`` of them.
 
     Args:
         target_embedding: the target prompt's text-encoder output ``[L, D]``.
         word_embeddings: the words' outputs ``[N, L, D]`` (same encoder and padding).
-        k_closest: how many closest words to keep (clipped to ``N``).
+        k_closest: how many closest words to keep (clipped to ``N``); `None`: the closest third
+            (the paper's 1000 of 3000 words), at least ``num_centers``.
         num_centers: how many to select by 1-D k-means over the kept distances (clipped to the
             number of distinct distances, so k-means never asks for more clusters than points).
-
-    The target itself (same text after stripping and lower-casing) is never a candidate.
+        exclude_target: drop a word equal to the target (same text after stripping and
+            lower-casing). The official code keeps it (`False`, the default): the target is then
+            the closest word (distance 0) and usually one of the spread candidates.
     """
     from sklearn.cluster import KMeans
 
@@ -76,9 +81,13 @@ def select_candidates(
         raise ValueError(
             f"{len(words)} words but {word_embeddings.shape[0]} embeddings were given."
         )
-    keep = [i for i, word in enumerate(words) if word.strip().lower() != target.strip().lower()]
+    keep = list(range(len(words)))
+    if exclude_target:
+        keep = [i for i in keep if words[i].strip().lower() != target.strip().lower()]
     if not keep:
         raise ValueError("No candidate word is left once the target itself is removed.")
+    if k_closest is None:
+        k_closest = max(num_centers, round(len(keep) / 3))
     flat = word_embeddings[keep].flatten(1).double()
     distances = (flat - target_embedding.flatten().double()).norm(dim=1).cpu().numpy()
     order = np.argsort(distances, kind="stable")[: min(k_closest, len(keep))]

@@ -56,6 +56,7 @@ _CARD_KEYS = (
     "start_guidance",
     "k_closest",
     "num_centers",
+    "exclude_target",
     "gumbel_temperature",
     "gumbel_hard",
     "adversary_lr",

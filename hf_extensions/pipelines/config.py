@@ -3,8 +3,10 @@
 Bui et al., "Erasing Undesirable Concepts in Diffusion Models with Adversarial Preservation"
 (NeurIPS 2024, arXiv 2410.15618). The defaults are the paper's (and the official
 ``train_adversarial_gumbel.py``'s) for Stable Diffusion v1.4: model Adam lr 1e-5, 1000 model
-steps, negative guidance 1, start guidance 3, 50 DDIM steps, 3000 -> 1000 closest -> 100 spread
-candidates, Gumbel temperature 2, adversary Adam lr 1e-2, ``pgd_num_steps`` 2.
+steps, negative guidance 1, start guidance 3, 50 DDIM steps, the closest third of the vocabulary
+(the paper: 1000 of 3000 words) -> 100 spread candidates, the target word kept among them when the
+vocabulary holds it (``exclude_target``), Gumbel temperature 2, adversary Adam lr 1e-2,
+``pgd_num_steps`` 2.
 """
 
 from __future__ import annotations
@@ -113,8 +115,13 @@ class ErasureConfig:
     gradient_accumulation_steps: int = field(
         default=1, metadata={"help": "Micro-batches per optimizer step (Accelerate)."}
     )
-    mixed_precision: str = field(
-        default="no", metadata={"help": "Accelerate mixed precision: no, fp16, bf16."}
+    mixed_precision: str | None = field(
+        default=None,
+        metadata={
+            "help": "Accelerate mixed precision: no, fp16, bf16, or None (default): the "
+            "launcher's (`accelerate launch --mixed_precision bf16` sets "
+            "ACCELERATE_MIXED_PRECISION; unset: no)."
+        },
     )
     max_grad_norm: float | None = field(
         default=None, metadata={"help": "Clip the UNet gradient norm (None: no clipping)."}
@@ -134,8 +141,22 @@ class ErasureConfig:
     candidate_template: str = field(
         default="{}", metadata={"help": "Prompt a candidate word is embedded in, e.g. 'a {}'."}
     )
-    k_closest: int = field(
-        default=1000, metadata={"help": "Candidates kept by text-encoder distance to the target."}
+    k_closest: int | None = field(
+        default=None,
+        metadata={
+            "help": "Candidates kept by text-encoder distance to the target. None (default): "
+            "the closest third of the vocabulary, at least num_centers (the paper keeps 1000 of "
+            "its 3000 words; a fixed 1000 of the shipped ~1250 words would barely filter)."
+        },
+    )
+    exclude_target: bool = field(
+        default=False,
+        metadata={
+            "help": "Drop a candidate word equal to the target concept (same text, stripped, "
+            "lower-cased). False (default): kept, as the official code does (it is then the "
+            "closest word, at distance 0); True: a departure that stops the adversary from "
+            "'preserving' the erased concept itself."
+        },
     )
     num_centers: int = field(
         default=100, metadata={"help": "Candidates spread over the distances by 1-D k-means."}
@@ -194,10 +215,13 @@ class ErasureConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.mixed_precision is not None:  # None: Accelerate reads the launcher's setting
+            self.mixed_precision = _choice(
+                "mixed_precision", self.mixed_precision, MIXED_PRECISIONS
+            )
         for name, allowed in (
             ("parameter_group", PARAMETER_GROUPS),
             ("loss_space", LOSS_SPACES),
-            ("mixed_precision", MIXED_PRECISIONS),
             ("adversary_estimator", ADVERSARY_ESTIMATORS),
             ("adversary_reference", ADVERSARY_REFERENCES),
         ):
@@ -212,13 +236,14 @@ class ErasureConfig:
             ("num_steps", 0),
             ("gradient_accumulation_steps", 1),
             ("ddim_steps", 1),
-            ("k_closest", 1),
             ("num_centers", 1),
             ("pgd_num_steps", 1),
         ):
             setattr(self, name, _integer(name, getattr(self, name), low))
         self.seed = _integer("seed", self.seed, 0, MAX_SEED)
-        if self.num_centers > self.k_closest:
+        if self.k_closest is not None:
+            self.k_closest = _integer("k_closest", self.k_closest, 1)
+        if self.k_closest is not None and self.num_centers > self.k_closest:
             refuse("num_centers", f"<= `k_closest` ({self.k_closest})", self.num_centers)
         self.candidate_template = check_text(
             "candidate_template", self.candidate_template, "a template containing '{}'"
@@ -229,7 +254,7 @@ class ErasureConfig:
         self.preserve_concepts = check_names(
             "preserve_concepts", self.preserve_concepts, optional=False
         )
-        for name in ("gumbel_hard", "progress_bar"):
+        for name in ("gumbel_hard", "progress_bar", "exclude_target"):
             setattr(self, name, check_bool(name, getattr(self, name)))
         for name in ("height", "width"):
             value = getattr(self, name)

@@ -20,9 +20,15 @@ One training cycle (paper Alg. 1; ``pgd_num_steps`` = 1 model step + the adversa
 
 Departures from the official ``train_adversarial_gumbel.py``, and why:
 
-- z and t agree: the official (CompVis ESD) loop samples z for ``t_enc`` DDIM steps from noise
-  but queries the UNet at the DDPM step ``≈ 1000 t_enc / ddim_steps`` (the opposite end of the
-  trajectory) and takes ᾱ from that index; here z is at ``timesteps[i]`` and so is the query.
+- z and t are paired exactly: the official (CompVis ESD) loop draws a DDIM index ``t_enc``
+  uniform in ``[0, ddim_steps)``, runs its DDIM sampler from noise until the update at index
+  ``t_enc − 1`` (``till_T``; ``t_enc`` 0 and 1 both run the full sampling), so z sits at the
+  grid timestep ``ddim_timesteps[t_enc − 2]``, then queries the UNet at a DDPM timestep drawn
+  uniformly in ``[1000 t_enc / ddim_steps, 1000 (t_enc + 1) / ddim_steps)`` and maps to x0 with
+  ᾱ of ``ddim_timesteps[t_enc]``: the same end of the trajectory, but the query and ᾱ are about
+  two grid steps noisier than z (and t is jittered within its grid cell). Here z is at
+  ``timesteps[i]`` and so are the query and ᾱ; the noise levels are drawn uniformly over the
+  same grid.
 - The adversary's straight-through step differentiates the frozen model's ε_θ(z_a, c_a) in c_a
   too (``adversary_reference="differentiable"``, the gradient of the paper's L_preserve); the
   official code detaches it, which measurably finds the most damaged concept far more slowly
@@ -85,7 +91,8 @@ ARXIV_ID = "2410.15618"
 
 #: What erasure supports, for error messages.
 SUPPORTED_PIPELINES = (
-    "Stable Diffusion 1.x/2.x-style text-to-image pipelines: `unet` (a UNet2DConditionModel "
+    "Stable Diffusion 1.x/2.x-style text-to-image pipelines (epsilon, v_prediction or sample "
+    "UNets, read from scheduler.config.prediction_type): `unet` (a UNet2DConditionModel "
     "conditioned only on the hidden states of one `text_encoder`: addition_embed_type, "
     "class_embed_type and encoder_hid_dim_type None), `tokenizer` and `scheduler`; not SDXL "
     "(addition_embed_type='text_time', a second text encoder) nor transformer-based pipelines"
@@ -144,7 +151,10 @@ def check_erasure_pipeline(pipe) -> None:
         extra = extra or {"text_encoder_2": type(components["text_encoder_2"]).__name__}
         raise ValueError(
             f"concept erasure does not support {name}: its UNet takes conditioning besides one "
-            f"text encoder's hidden states ({extra}). {fix}"
+            f"text encoder's hidden states ({extra}); the erasure loop calls the UNet with "
+            "encoder_hidden_states only (no added_cond_kwargs: SDXL's pooled text_embeds and "
+            "time_ids). Fix: erase from a Stable Diffusion 1.x/2.x pipeline "
+            f"(StableDiffusionPipeline; v-prediction 2.x UNets are supported). {fix}"
         )
     width = getattr(getattr(text_encoder, "config", None), "hidden_size", None)
     cross = unet.config.get("cross_attention_dim")
@@ -186,35 +196,64 @@ def erasure_target(
     return eps_uncond - negative_guidance * (eps_cond - eps_uncond)
 
 
+#: UNet targets the loss converts (the scheduler config's ``prediction_type``).
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
 def prediction_loss(
     prediction: torch.Tensor,
     target: torch.Tensor,
     latents: torch.Tensor,
     alpha_bar: torch.Tensor | float,
     loss_space: str = "x0",
+    prediction_type: str = "epsilon",
 ) -> torch.Tensor:
-    """Mean squared error of two ε predictions at ``latents``, in ε or in x0 space.
+    """Mean squared error of two UNet outputs at ``latents``, in ε or in x0 space.
 
-    x0 space (the official code): both predictions are mapped to
-    ``X(z, ε) = (z − sqrt(1 − ᾱ) ε) / sqrt(ᾱ)`` before the MSE, which equals the ε-space MSE
-    times ``(1 − ᾱ) / ᾱ`` (so it weights noisy timesteps up). ``alpha_bar`` is a number or one
-    value per sample.
+    The outputs are first read as what the UNet predicts (``prediction_type``, with
+    ``z = sqrt(ᾱ) x0 + sqrt(1 − ᾱ) ε``, α = sqrt(ᾱ), σ = sqrt(1 − ᾱ)): ``epsilon``;
+    ``v_prediction`` (v = α ε − σ x0, Salimans & Ho 2022: SD 2.x), giving ε = α v + σ z and
+    x0 = α z − σ v; ``sample`` (x0 itself), giving ε = (z − α x0)/σ. x0 space (the official
+    code) compares ``X(z, ε) = (z − σ ε)/α``, which equals the ε-space MSE times ``(1 − ᾱ)/ᾱ``
+    (so it weights noisy timesteps up), whatever the UNet predicts. ``alpha_bar`` is a number or
+    one value per sample.
     """
-    if loss_space == "epsilon":
-        return torch.nn.functional.mse_loss(prediction.float(), target.float())
     check_choice("loss_space", loss_space, ("x0", "epsilon"))
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float32, device=latents.device)
     if alpha_bar.ndim == 1:
         alpha_bar = alpha_bar.view(-1, *([1] * (latents.ndim - 1)))
+    alpha, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
     z = latents.float()
 
-    def to_x0(eps: torch.Tensor) -> torch.Tensor:
-        return (z - (1 - alpha_bar).sqrt() * eps.float()) / alpha_bar.sqrt()
+    def convert(output: torch.Tensor) -> torch.Tensor:
+        output = output.float()
+        if prediction_type == "v_prediction":  # linear in v, finite at ᾱ = 0 (zero SNR)
+            return alpha * z - sigma * output if loss_space == "x0" else alpha * output + sigma * z
+        if prediction_type == "sample":
+            return output if loss_space == "x0" else (z - alpha * output) / sigma
+        return (z - sigma * output) / alpha if loss_space == "x0" else output
 
-    return torch.nn.functional.mse_loss(to_x0(prediction), to_x0(target))
+    return torch.nn.functional.mse_loss(convert(prediction), convert(target))
+
+
+def prediction_type_of(pipe) -> str:
+    """What ``pipe.unet`` predicts, from the scheduler config (diffusers' convention)."""
+    value = pipe.scheduler.config.get("prediction_type", "epsilon")
+    if value not in PREDICTION_TYPES:
+        refuse(
+            "scheduler.config.prediction_type",
+            f"one of {PREDICTION_TYPES} (concept erasure converts these to its ε / x0 loss); "
+            "fix: load the pipeline with the scheduler its UNet was trained with",
+            value,
+        )
+    return value
 
 
 def _eps(unet, latents: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """The UNet's raw output (ε, v or x0: its ``prediction_type``). Guidance and the ESD target
+    combine outputs with weights summing to 1, which commutes with the affine maps to ε and x0
+    at the same z, so they are formed on raw outputs; :func:`prediction_loss` converts."""
     cond = cond.to(latents.dtype)
     return unet(latents, timestep, encoder_hidden_states=cond, return_dict=False)[0]
 
@@ -312,7 +351,8 @@ class ConceptEraser:
             The hyper-parameters; `None` uses ``ErasureConfig()`` (the paper's defaults).
         accelerator (`accelerate.Accelerator`, *optional*, defaults to `None`):
             An existing accelerator to run under, used as it is. `None` creates one with the
-            config's ``gradient_accumulation_steps`` and ``mixed_precision``.
+            config's ``gradient_accumulation_steps`` and ``mixed_precision`` (`None` there: the
+            launcher's, e.g. ``accelerate launch --mixed_precision bf16``).
         extra_candidates (`Mapping[str, torch.Tensor]`, *optional*, defaults to `None`):
             Name -> text-encoder output ``[L, D]`` (e.g. a learned token's prompt embedding),
             added to every concept's selected candidate words (``"eap"`` only; ignored by the
@@ -365,6 +405,7 @@ class ConceptEraser:
         self.concept_embeddings = encode_prompts(pipe, concepts, self.device)
         self.preserve_embeddings = encode_prompts(pipe, config.preserve_concepts, self.device)
         self.sampler = LatentSampler(pipe.scheduler.config, config.ddim_steps)
+        self.prediction_type = prediction_type_of(pipe)
         self.latent_shape = _latent_shape(pipe, config)
 
         self.adversaries: list[GumbelAdversary] = []
@@ -382,6 +423,7 @@ class ConceptEraser:
                     config.k_closest,
                     config.num_centers,
                     config.seed,
+                    config.exclude_target,
                 )
                 index = {word: n for n, word in enumerate(words)}
                 rows = torch.tensor([index[word] for word in chosen.words])
@@ -502,7 +544,12 @@ class ConceptEraser:
             with acc.autocast():
                 prediction = _eps(self.unet, latents, t, conds_t).float()
             loss = prediction_loss(
-                prediction[0:1], target, latents[0:1], alpha_bar, config.loss_space
+                prediction[0:1],
+                target,
+                latents[0:1],
+                alpha_bar,
+                config.loss_space,
+                self.prediction_type,
             )
             preserve_losses = [
                 prediction_loss(
@@ -511,6 +558,7 @@ class ConceptEraser:
                     latents[n : n + 1],
                     alpha_bar,
                     config.loss_space,
+                    self.prediction_type,
                 )
                 for n in range(1, len(conds))
             ]
@@ -581,7 +629,9 @@ class ConceptEraser:
             prediction = _eps(edited, latents, t, c_a[None]).float()
             if differentiable:  # ε_θ(z_a, c_a) with its graph to c_a (θ stays frozen)
                 frozen_pred = _eps(self.frozen, latents, t, c_a[None]).float()
-        objective = prediction_loss(prediction, frozen_pred, latents, alpha_bar, config.loss_space)
+        objective = prediction_loss(
+            prediction, frozen_pred, latents, alpha_bar, config.loss_space, self.prediction_type
+        )
         (grad,) = torch.autograd.grad(-objective, adversary.logits)
         return grad
 
@@ -698,7 +748,8 @@ def erase_concepts(
             The hyper-parameters; `None` uses ``ErasureConfig()`` (the paper's defaults).
         accelerator (`accelerate.Accelerator`, *optional*, defaults to `None`):
             An existing accelerator to run under, used as it is. `None` creates one with the
-            config's ``gradient_accumulation_steps`` and ``mixed_precision``; Accelerate keeps one
+            config's ``gradient_accumulation_steps`` and ``mixed_precision`` (`None`, the
+            default: the launcher's, ``ACCELERATE_MIXED_PRECISION``); Accelerate keeps one
             state per process, so pass one to run inside a script that already made one (or to
             erase a second time with another ``mixed_precision``).
         extra_candidates (`Mapping[str, torch.Tensor]`, *optional*, defaults to `None`):
@@ -816,6 +867,7 @@ def evaluate_erasure(
     device = next(original_unet.parameters()).device
     edited = pipe.unet
     sampler = LatentSampler(pipe.scheduler.config, ddim_steps)
+    prediction_type = prediction_type_of(pipe)
     uncond = encode_prompts(pipe, [""], device)[0]
     shape = (num_samples, edited.config.in_channels, *(edited.config.sample_size,) * 2)
     if isinstance(edited.config.sample_size, (list, tuple)):
@@ -832,21 +884,25 @@ def evaluate_erasure(
         for noise, i in points(index):
             z = sampler.sample(original_unet, embedding[None], uncond, noise, i, start_guidance)
             t = sampler.timestep(i).to(device)
-            pairs.append((z, t))
+            pairs.append((z, t, sampler.alpha_bar(i)))
         z = torch.cat([p[0] for p in pairs])
         t = torch.stack([p[1] for p in pairs])
+        alpha_bar = torch.stack([p[2] for p in pairs])
         cond = embedding[None].expand(len(pairs), *embedding.shape)
-        return z, t, cond
+        return z, t, alpha_bar, cond
+
+    def distance(a, b, z, alpha_bar) -> torch.Tensor:  # mean squared ε difference
+        return prediction_loss(a, b, z, alpha_bar, "epsilon", prediction_type)
 
     gaps, scales = [], []
     embeddings = encode_prompts(pipe, list(concepts), device)
     for n, embedding in enumerate(embeddings):
-        z, t, cond = predictions(embedding, n)
+        z, t, alpha_bar, cond = predictions(embedding, n)
         eps_orig = _eps(original_unet, z, t, cond)
         eps_uncond = _eps(original_unet, z, t, uncond[None].expand_as(cond))
         target = erasure_target(eps_uncond, eps_orig, negative_guidance)
-        before = (eps_orig - target).pow(2).mean()
-        after = (_eps(edited, z, t, cond) - target).pow(2).mean()
+        before = distance(eps_orig, target, z, alpha_bar)
+        after = distance(_eps(edited, z, t, cond), target, z, alpha_bar)
         gaps.append(float(after / before))
         scales.append(float(before))
     scale = sum(scales) / len(scales)
@@ -855,9 +911,9 @@ def evaluate_erasure(
     def drift(prompts: Sequence[str], offset: int) -> float:
         values = []
         for n, embedding in enumerate(encode_prompts(pipe, list(prompts), device)):
-            z, t, cond = predictions(embedding, offset + n)
-            delta = _eps(edited, z, t, cond) - _eps(original_unet, z, t, cond)
-            values.append(float(delta.pow(2).mean()))
+            z, t, alpha_bar, cond = predictions(embedding, offset + n)
+            edited_out, original_out = _eps(edited, z, t, cond), _eps(original_unet, z, t, cond)
+            values.append(float(distance(edited_out, original_out, z, alpha_bar)))
         return sum(values) / len(values) / scale
 
     if preserved:

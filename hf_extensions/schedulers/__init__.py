@@ -2,6 +2,8 @@
 
 - :class:`S2NGeneralizedScheduler`: the generalized backward equation with one knob ρ
   (0 = DDIM / probability-flow ODE, 1 = reverse SDE = DDIM eta 1), a drop-in diffusers scheduler.
+- :class:`S2NFlowMatchScheduler`: the same update for flow-matching pipelines (SD3, Flux), a
+  drop-in for ``FlowMatchEulerDiscreteScheduler`` (ρ = 0 reproduces it).
 - :mod:`~hf_extensions.schedulers.snr`: the S2N view (α, σ, λ, SNR) of VP, VE, EDM and
   flow-matching schedules, prediction conversions, and :func:`sample_s2n`, one sampler for all.
 - :mod:`~hf_extensions.schedulers.information`: MMSE(SNR), the I-MMSE relation, and Gaussian
@@ -22,6 +24,7 @@ from hf_extensions.schedulers.scheduling_s2n import (
     S2NSchedulerOutput,
     run_denoising_loop,
 )
+from hf_extensions.schedulers.scheduling_s2n_flow import S2NFlowMatchScheduler
 from hf_extensions.schedulers.snr import (
     BETA_SCHEDULES,
     EDMSchedule,
@@ -40,6 +43,7 @@ __all__ = [
     "EDMSchedule",
     "FlowMatchingSchedule",
     "GaussianMixture",
+    "S2NFlowMatchScheduler",
     "S2NGeneralizedScheduler",
     "S2NSchedule",
     "S2NSchedulerOutput",

@@ -357,9 +357,15 @@ class S2NGeneralizedScheduler(SchedulerMixin, ConfigMixin):
         A flow-matching or EDM scheduler's config has no beta schedule: taking DDIM's default
         betas instead would sample the model with the wrong α(t), σ(t) (and EDM's ``rho`` is
         the Karras exponent 7, not this ρ). Keys shared with DPM-Solver / DEIS / UniPC configs
-        keep their meaning: ``solver_order=2`` selects the 2M update (3 is refused). Use
-        :mod:`hf_extensions.schedulers.snr` (``FlowMatchingSchedule``, ``EDMSchedule`` with
-        ``sample_s2n``) for those families.
+        keep their meaning: ``solver_order=2`` selects the 2M update (3 is refused). Flow-matching
+        pipelines take :class:`~hf_extensions.schedulers.S2NFlowMatchScheduler`; EDM models are
+        sampled with :func:`~hf_extensions.schedulers.sample_s2n` and ``EDMSchedule``.
+
+        ``clip_sample``: a config without the key comes from a scheduler that never clips x̂0
+        (Euler, Heun, LMS, DPM-Solver, UniPC, DEIS, PNDM; every scheduler that clips saves the
+        key), so it defaults to `False` there instead of DDIM's `True` (which would clamp the
+        latents of a latent-diffusion model to [-1, 1] at every step). An empty config keeps
+        DDIM's defaults; an explicit ``clip_sample=...`` keyword wins.
         """
         values = dict(config or {}) if not isinstance(config, str) else {}
         class_name = str(values.get("_class_name", ""))
@@ -373,8 +379,12 @@ class S2NGeneralizedScheduler(SchedulerMixin, ConfigMixin):
                 f"config of {class_name or 'a non-VP scheduler'} is not a variance-preserving "
                 "beta schedule; S2NGeneralizedScheduler samples VP models (allowed: configs "
                 "with beta_start/beta_end/beta_schedule such as DDIM, DDPM, PNDM, Euler, "
-                "DPM-Solver). For flow matching / EDM use hf_extensions.schedulers.sample_s2n."
+                "DPM-Solver). Fix: for flow matching use hf_extensions.schedulers."
+                "S2NFlowMatchScheduler.from_config(...) (a pipeline scheduler); for EDM, "
+                "hf_extensions.schedulers.sample_s2n with EDMSchedule."
             )
+        if values and "clip_sample" not in values and "clip_sample" not in kwargs:
+            kwargs["clip_sample"] = False  # the source scheduler does not clip (docstring)
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     # ------------------------------------------------------------------ diffusers API

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hf_extensions.atomic import atomic_write_text
 from hf_extensions.cli import (
     Artifact,
     RecipeArgumentParser,
@@ -226,7 +227,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "config": config.to_dict(),
         }
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(args.output_dir) / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        atomic_write_text(
+            Path(args.output_dir) / "results.json", json.dumps(results, indent=2) + "\n"
+        )
     state.wait_for_everyone()
     if args.push_to_hub:  # the saved folder, as it is, in one commit
         concepts = ", ".join(args.concepts)

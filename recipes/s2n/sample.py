@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hf_extensions.atomic import atomic_write_text
 from hf_extensions.cli import (
     Artifact,
     RecipeArgumentParser,
@@ -353,7 +354,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["arguments"] = asdict(args)
         output_dir = Path(args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "sweep.json").write_text(json.dumps(results, indent=2) + "\n")
+        atomic_write_text(output_dir / "sweep.json", json.dumps(results, indent=2) + "\n")
     state.wait_for_everyone()
     if args.push_to_hub:
         message = f"Pipeline with the S2N scheduler (rho={args.pipeline_rho:g})"
