@@ -1496,6 +1496,30 @@ def test_randn_tensor_signature_and_determinism():
     )
 
 
+def test_flow_match_euler_step_index_internals():
+    """``S2NFlowMatchScheduler.step`` replaces ``FlowMatchEulerDiscreteScheduler.step`` and keeps
+    its bookkeeping: ``_init_step_index`` / ``step_index`` / ``_step_index`` and ``sigmas``."""
+    internal = Internal(
+        "diffusers",
+        "FlowMatchEulerDiscreteScheduler._init_step_index / step_index / _step_index / sigmas",
+        "hf_extensions/schedulers/scheduling_s2n_flow.py (S2NFlowMatchScheduler.step)",
+        "follow how FlowMatchEulerDiscreteScheduler.step now finds and advances its step",
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    scheduler.set_timesteps(4)
+    expect(
+        len(scheduler.sigmas) == len(scheduler.timesteps) + 1,
+        internal,
+        f"sigmas has {len(scheduler.sigmas)} entries for {len(scheduler.timesteps)} steps",
+    )
+    with upstream(internal, "the step bookkeeping changed"):
+        expect(scheduler.step_index is None, internal, "step_index is set before the first step")
+        scheduler._init_step_index(scheduler.timesteps[1])
+        expect(scheduler.step_index == 1, internal, "_init_step_index no longer finds the step")
+        scheduler._step_index += 1
+        expect(scheduler.step_index == 2, internal, "step_index no longer reads _step_index")
+
+
 # ============================================================================= transformers: quantizers
 
 
