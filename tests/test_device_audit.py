@@ -27,6 +27,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+#: Modules of those packages that run in no step: float64 reference mathematics on the host
+#: (Gaussian-mixture MMSE, schedule tables, as diffusers keeps its own on the host), the ONNX
+#: export (host by nature), the quantization recipe's model builders and evaluation.
+NOT_STEP_PATHS = {
+    ROOT / "hf_extensions" / "schedulers" / "information.py",
+    ROOT / "hf_extensions" / "schedulers" / "snr.py",
+    ROOT / "hf_extensions" / "quantization" / "onnx_export.py",
+    ROOT / "hf_extensions" / "quantization" / "models.py",
+}
 #: Modules whose code runs in the training or sampling step of some method.
 HOT_PATH_MODULES = sorted(
     {
@@ -37,8 +46,12 @@ HOT_PATH_MODULES = sorted(
         *ROOT.glob("hf_extensions/pga/*.py"),
         *ROOT.glob("hf_extensions/hierarchical_cl/*.py"),
         *ROOT.glob("hf_extensions/prompt_dsi/*.py"),
+        *ROOT.glob("hf_extensions/pipelines/*.py"),
+        *ROOT.glob("hf_extensions/quantization/*.py"),
+        *ROOT.glob("hf_extensions/schedulers/*.py"),
         *ROOT.glob("peft_configs/**/*.py"),
     }
+    - NOT_STEP_PATHS
 )
 
 FACTORIES = {

@@ -89,6 +89,7 @@ def select_candidates(
     if k_closest is None:
         k_closest = max(num_centers, round(len(keep) / 3))
     flat = word_embeddings[keep].flatten(1).double()
+    # host: scikit-learn's boundary (k-means over the vocabulary), once
     distances = (flat - target_embedding.flatten().double()).norm(dim=1).cpu().numpy()
     order = np.argsort(distances, kind="stable")[: min(k_closest, len(keep))]
     pool = distances[order]
@@ -109,6 +110,7 @@ def select_candidates(
 
 def gumbel_noise(shape: torch.Size, generator: torch.Generator | None = None) -> torch.Tensor:
     """Standard Gumbel noise ``g = −log(−log u)``, ``u ~ U(0, 1)`` (float64, CPU)."""
+    # host: float64 Gumbel noise from the cycle's host generator (the same on every rank); the caller moves it
     uniform = torch.rand(shape, generator=generator, dtype=torch.float64).clamp_(1e-12, 1 - 1e-12)
     return -torch.log(-torch.log(uniform))
 
@@ -160,6 +162,7 @@ class GumbelAdversary(torch.nn.Module):
         self.candidates = candidates
         self.temperature = temperature
         self.hard = hard
+        # host: initialised on the host; the eraser moves the adversaries to its device
         self.logits = torch.nn.Parameter(torch.zeros(len(candidates.words)))
         self.register_buffer("embeddings", embeddings.detach().clone(), persistent=False)
 
@@ -182,5 +185,6 @@ class GumbelAdversary(torch.nn.Module):
 
     def probabilities(self) -> dict[str, float]:
         """softmax(logits) by candidate word."""
+        # host: a report, read when asked
         probs = torch.softmax(self.logits.detach().float(), dim=0).tolist()
         return dict(zip(self.candidates.words, probs))

@@ -177,7 +177,9 @@ def save_erased(
         if only_changed:
             state = pipe.unet.state_dict()
             tensors = {
-                name: state[name].detach().contiguous().cpu() for name in result.trained_parameters
+                # host: saving
+                name: state[name].detach().contiguous().cpu()
+                for name in result.trained_parameters
             }
             save_file(tensors, str(stage / WEIGHTS_NAME), metadata={"method": METHOD})
             record = {

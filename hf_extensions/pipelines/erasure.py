@@ -426,6 +426,7 @@ class ConceptEraser:
                     config.exclude_target,
                 )
                 index = {word: n for n, word in enumerate(words)}
+                # host: index rows, once at set-up; moved to the embeddings' device next
                 rows = torch.tensor([index[word] for word in chosen.words])
                 candidate_embeddings = word_embeddings[rows.to(word_embeddings.device)]
                 if extra_candidates:
@@ -502,6 +503,7 @@ class ConceptEraser:
         config, acc = self.config, self.accelerator
 
         def randint(high: int) -> int:
+            # host: every cycle draws from its own seeded host generator, so 1 or N processes agree
             return int(torch.randint(high, (1,), generator=generator))
 
         preserve = config.preservation_weight > 0
@@ -509,6 +511,7 @@ class ConceptEraser:
         i = randint(config.ddim_steps)
         t = self.sampler.timestep(i).to(self.device)
         alpha_bar = self.sampler.alpha_bar(i)
+        # host: as above: drawn on the host, copied once per cycle
         noise = torch.randn(self.latent_shape, generator=generator).to(self.device)
         c_e = self.concept_embeddings[e]
         conds = [c_e]
@@ -596,6 +599,7 @@ class ConceptEraser:
                 flat = acc.reduce(flat, reduction="sum")
             *sums, counts = flat.split([*(len(s) for s in sums), len(self.adversaries)])
             self.adversary_optimizer.zero_grad(set_to_none=True)
+            # host: once per step: adversaries no cycle drew keep their Adam state untouched
             for adversary, total, count in zip(self.adversaries, sums, counts.tolist()):
                 if count > 0:  # an adversary no cycle drew keeps its Adam state untouched
                     adversary.logits.grad = total / count
@@ -688,6 +692,7 @@ def _with_extra_candidates(
         refuse("extra_candidates", "names that are not among the selected words", names)
     rows = []
     for name in names:
+        # host: user-given embeddings, once at set-up
         value = torch.as_tensor(extra[name]).to(embeddings)
         if value.shape != embeddings.shape[1:]:
             raise ValueError(
@@ -696,6 +701,7 @@ def _with_extra_candidates(
             )
         rows.append(value)
     extra_rows = torch.stack(rows)
+    # host: candidate report, once at set-up
     distances = (extra_rows - target.to(extra_rows)).flatten(1).double().norm(dim=1).tolist()
     candidates = CandidateSet(
         target=chosen.target,
@@ -874,8 +880,10 @@ def evaluate_erasure(
         shape = (num_samples, edited.config.in_channels, *edited.config.sample_size)
 
     def points(prompt_index: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        # host: evaluation draws, the same on every device
         generator = torch.Generator().manual_seed(seed * 100_003 + prompt_index)
-        noise = torch.randn(shape, generator=generator).to(device)
+        noise = torch.randn(shape, generator=generator).to(device)  # host: see above
+        # host: evaluation draws, once per prompt
         steps = torch.randint(ddim_steps, (num_samples,), generator=generator).tolist()
         return [(noise[n : n + 1], steps[n]) for n in range(num_samples)]
 

@@ -82,11 +82,13 @@ def _write_checkpoint(eraser: Eraser, folder: Path) -> None:
     trained = set(eraser.trained_parameters)
     unet = acc.unwrap_model(eraser.unet)
     tensors = {
+        # host: saving
         f"unet.{name}": p.detach().cpu().contiguous()
         for name, p in unet.named_parameters()
         if name in trained
     }
     for index, adversary in enumerate(eraser.adversaries):
+        # host: saving
         tensors[f"adversary.{index}.logits"] = adversary.logits.detach().cpu().contiguous()
     save_file(tensors, str(folder / TENSORS_NAME))
     optimizers = {

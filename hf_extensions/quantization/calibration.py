@@ -96,6 +96,7 @@ def reconstruct_model(
     check_finite_tensor("images", images)  # NaN inputs give NaN scales everywhere
     start = time.perf_counter()
     device = images.device
+    # host: the calibration generator, seeded from the config, the same on every device
     generator = torch.Generator().manual_seed(config.seed)
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():

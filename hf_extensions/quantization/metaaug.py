@@ -236,6 +236,7 @@ def mixup_lambda(generator: torch.Generator) -> float:
     Drawn from ``generator`` as the 4th smallest of 7 uniforms (the k-th order statistic of n
     uniforms is Beta(k, n + 1 - k)), so runs are reproducible from ``config.seed``.
     """
+    # host: mixup's coefficient, a Python float per meta step
     sample = torch.rand(7, generator=generator, dtype=torch.float64).sort().values[3].item()
     return max(sample, 1.0 - sample)
 
@@ -245,6 +246,7 @@ TERMS = {"kl": "kl_weight", "margin": "margin_weight", "pkt": "pkt_weight"}
 
 
 def _norm(tensors: list[torch.Tensor]) -> float:
+    # host: per-term gradient norms for the balancing and the logs, once per meta step (a double backward dwarfs it)
     return torch.sqrt(sum((t.pow(2).sum() for t in tensors), torch.zeros(()))).item()
 
 
@@ -283,6 +285,7 @@ def combine_term_gradients(
     for key, norm in norms.items():
         log[f"share_{key}"] = norm / sum(norms.values()) if sum(norms.values()) > 0 else 0.0
     if norms.get("kl", 0) > 0 and norms.get("pkt", 0) > 0:
+        # host: as above, once per meta step
         dot = sum((a * b).sum() for a, b in zip(parts["kl"], parts["pkt"], strict=True)).item()
         log["cos_kl_pkt"] = dot / (norms["kl"] * norms["pkt"])
     zeros = [torch.zeros_like(p) for p in params]
@@ -330,10 +333,11 @@ def train_transform(
     history: dict[str, list[float]] = {}
     try:
         for it in range(config.meta_iterations):
+            # host: the calibration generator drives every rank alike (small index copies)
             idx = torch.randint(n, (bs,), generator=generator).to(images.device)
-            idx_v = torch.randint(n, (bs,), generator=generator).to(images.device)
+            idx_v = torch.randint(n, (bs,), generator=generator).to(images.device)  # host: ditto
             lam = mixup_lambda(generator)
-            perm = torch.randperm(bs, generator=generator).to(images.device)
+            perm = torch.randperm(bs, generator=generator).to(images.device)  # host: ditto
             beta = rounding_beta(
                 it, config.meta_iterations, config.warmup, config.beta_start, config.beta_end
             )
@@ -360,6 +364,7 @@ def train_transform(
             if config.meta_grad_clip > 0:
                 nn.utils.clip_grad_norm_(params, config.meta_grad_clip)
             opt.step()
+            # host: the meta step's logged losses, once per meta step
             step_log = {k: getattr(losses, k).item() for k in ("kl", "margin", "pkt", "total")}
             for key, value in {**step_log, **grad_log}.items():
                 history.setdefault(key, []).append(value)

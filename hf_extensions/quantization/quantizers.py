@@ -336,9 +336,10 @@ class ActivationQuantizer(nn.Module):
         self.grid_size = grid_size
         self.qmin = 0
         self.qmax = 2**bits - 1
+        # host: buffers at construction; they move with the module
         self.step = nn.Parameter(torch.tensor(1.0))
-        self.register_buffer("zero_point", torch.tensor(0.0))
-        self.register_buffer("calibrated", torch.tensor(False))
+        self.register_buffer("zero_point", torch.tensor(0.0))  # host: as above
+        self.register_buffer("calibrated", torch.tensor(False))  # host: as above
 
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor) -> ActivationQuantizer:

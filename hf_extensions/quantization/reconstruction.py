@@ -337,7 +337,7 @@ def mask_generator(generator: torch.Generator, device: torch.device) -> torch.Ge
     every iteration); every process of a distributed run seeds it identically, so all draw the
     same full-batch mask and take their slice of it.
     """
-    seed = int(torch.randint(2**62, (1,), generator=generator))
+    seed = int(torch.randint(2**62, (1,), generator=generator))  # host: a seed, once per block
     return torch.Generator(device=device).manual_seed(seed)
 
 
@@ -381,11 +381,12 @@ def reconstruct_block(
     n = len(q_data.inputs)
     world = getattr(accelerator, "num_processes", 1)
     rank = getattr(accelerator, "process_index", 0)
-    first_loss = last_loss = float("nan")
-    idx = torch.empty(0)
+    first_rec = last_rec = torch.full((), float("nan"), device=q_data.inputs.device)
+    idx = torch.empty(0, dtype=torch.long, device=q_data.inputs.device)
     device = q_data.inputs.device
     masks = mask_generator(generator, device) if drop_prob > 0 else None
     for it in range(config.iterations):
+        # host: the calibration generator drives every rank alike; a small index copy per step
         idx = torch.randint(n, (min(config.batch_size, n),), generator=generator)
         mask = None
         if masks is not None:
@@ -416,12 +417,12 @@ def reconstruct_block(
             act_opt.step()
             sched.step()
         if it == 0:
-            first_loss = rec.item()
-        last_loss = rec.item()
+            first_rec = rec.detach()
+        last_rec = rec.detach()  # read once after the loop: no host sync per iteration
     finalize_learners(block)
     return {
-        "first_rec_loss": first_loss,
-        "last_rec_loss": last_loss,
+        "first_rec_loss": float(first_rec),
+        "last_rec_loss": float(last_rec),
         "local_batch_size": float(len(idx)),
     }
 
@@ -433,4 +434,4 @@ def block_output_error(
     """``reconstruction_loss`` of ``block_name``: quantized block on quantized inputs vs float."""
     q = capture_block(model, block_name, images, need_output=True)
     fp = capture_block(fp_model, block_name, images, need_output=True)
-    return reconstruction_loss(q.outputs, fp.outputs).item()
+    return reconstruction_loss(q.outputs, fp.outputs).item()  # host: a metric, once per block

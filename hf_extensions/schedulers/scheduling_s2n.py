@@ -181,6 +181,7 @@ def _checked_trained_betas(trained_betas: Any, num_train_timesteps: int) -> list
         )
     if betas.min() < 0 or betas.max() > 1:
         refuse("trained_betas", "betas in [0, 1]", f"betas in [{betas.min()}, {betas.max()}]")
+    # host: config values (the betas list diffusers serialises)
     return betas.tolist()
 
 
@@ -338,12 +339,14 @@ class S2NGeneralizedScheduler(SchedulerMixin, ConfigMixin):
         _check_betas(self.betas, settings)
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        # host: schedule tables on the host, as diffusers keeps them
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
         #: the S2N view (α, σ, λ, SNR) of this schedule.
         self.schedule = VPSchedule(self.alphas_cumprod)
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self.custom_timesteps = False
+        # host: as above
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.int64)
         self._plans: dict[int, _StepPlan] = {}
         self._previous: tuple[int, torch.Tensor, float] | None = None
@@ -409,6 +412,7 @@ class S2NGeneralizedScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("pass exactly one of `num_inference_steps` or `timesteps`.")
         if timesteps is not None:
             values = np.asarray(
+                # host: user-given timesteps, validated on the host at set_timesteps
                 timesteps.cpu() if isinstance(timesteps, torch.Tensor) else timesteps
             )
             if values.ndim != 1 or len(values) < 1:

@@ -503,7 +503,11 @@ def sample_s2n(
             if step_noises is not None:
                 xi = step_noises[i]
             else:
-                xi = torch.randn(z.shape, generator=generator, dtype=z.dtype)
+                # drawn on the generator's device (a CPU generator gives the same draws on
+                # every device), then moved to the sample's
+                home = generator.device if generator is not None else z.device
+                xi = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=home)
+                xi = xi.to(z.device)
             z = z + c_noise * xi
         path.append(z)
     return S2NTrajectory(sample=z, trajectory=path)
