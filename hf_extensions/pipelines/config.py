@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hf_extensions.documentation import document_fields
+from hf_extensions.pipelines.vocabulary import common_words
 from hf_extensions.validation import (
     MAX_SEED,
     check_bool,
@@ -251,6 +252,11 @@ class ErasureConfig:
         if "{}" not in self.candidate_template:
             refuse("candidate_template", "a template containing '{}'", self.candidate_template)
         self.candidates = check_names("candidates", self.candidates)
+        vocabulary = len(self.candidates) if self.candidates else len(common_words())
+        if self.num_centers > vocabulary:
+            where = "`candidates`" if self.candidates else "the shipped vocabulary"
+            refuse("num_centers", f"<= the number of candidate words ({vocabulary}, {where})",
+                   self.num_centers)  # fmt: skip
         self.preserve_concepts = check_names(
             "preserve_concepts", self.preserve_concepts, optional=False
         )

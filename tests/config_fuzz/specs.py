@@ -25,7 +25,7 @@ from hf_extensions.pipelines import config as erasure_config
 from hf_extensions.pipelines.config import ErasureConfig
 from hf_extensions.quantization.config import METHODS as QUANT_METHODS
 from hf_extensions.quantization.config import QUANT_METHOD, MetaAugConfig
-from hf_extensions.schedulers import S2NGeneralizedScheduler
+from hf_extensions.schedulers import S2NFlowMatchScheduler, S2NGeneralizedScheduler
 from hf_extensions.schedulers.snr import BETA_SCHEDULES
 from peft_configs.prompt_pool.config import KEY_SOURCES, QUERY_SOURCES
 from peft_configs.registration import RegisteredPeftConfig
@@ -375,6 +375,21 @@ SPECS: tuple[ConfigSpec, ...] = (
         _s2n_fields(),
         lambda s: s.to_json_string(),
         runner="s2n",
+    ),
+    ConfigSpec(
+        # our arguments only: the rest are FlowMatchEulerDiscreteScheduler's, validated there
+        S2NFlowMatchScheduler,
+        lambda **o: S2NFlowMatchScheduler(**o),
+        (
+            Field("rho", "float"),
+            Field("s_noise", "float"),
+            Field("stochastic_sampling", "bool"),
+            Field("invert_sigmas", "bool"),
+        ),
+        lambda s: s.to_json_string(),
+        runner=None,
+        no_run="its step is S2NGeneralizedScheduler's update on flow-matching sigmas: runs are "
+        "fuzzed through that scheduler; tests/test_s2n_flow.py checks the flow step itself",
     ),
     _plain(
         MetaAugConfig,
