@@ -39,15 +39,11 @@ def _measure_in_fresh_process(name: str) -> dict[str, float]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-#: Fixtures whose evaluation takes 15-25 s on 2 cores: measured in the slow suite only (the fast
-#: suite keeps the stated numbers' lower bounds below, and the other fixtures' full reload).
-SLOW_TO_EVALUATE = {"text_to_image", "clip"}
-
-
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW_TO_EVALUATE else []) for n in FIXTURES],
-)
+# Each evaluation takes 10-25 s on 2 cores (a fresh process, hundreds of samples): the slow
+# suite measures them; the fast suite keeps the stated numbers' bounds below, and the fixtures
+# are loaded by the tests of the recipes and benchmarks that use them.
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(FIXTURES))
 def test_fixture_reloads_and_meets_its_stated_quality(name):
     folder = fixture_path(name)
     stated = read_quality(folder)["quality"]
