@@ -32,8 +32,12 @@ step; no fp16 check, sampling takes no optimizer step), and the PEFT prompt meth
 prefix tuning, ``per_layer_mlp``, 16 tokens; a prompt pool of 10, top 5, 5 tokens on the first two
 layers) on BERT-base, timed against a linear probe of the same BERT (the stock step under a
 prompt; no setting of these methods is the stock step: their exactness against PEFT and real
-tokens is the CPU suite's). Not yet covered (named in the closing note of issue 27):
-hierarchical CL, PromptDSI, erasure and MetaAug.
+tokens is the CPU suite's), and concept erasure (``benchmarks/_device_erasure.py``: one EAP step
+of ``ConceptEraser``, model and adversary, on an SD-width UNet of two levels, 320 / 640 channels,
+cross-attention 768, 32x32 latents; bf16 judged by the cosine of its update with fp32's, ≥ 0.9,
+because Adam's first step moves every weight by about lr; fp16 overflow at a scale of 2^40;
+timed against an ESD step). Not yet covered (named in the closing note of issue 27):
+hierarchical CL, PromptDSI and MetaAug.
 
 What it found on the CPU: PGA ran its passes outside autocast (the learner's methods are called
 on the unwrapped module, so ``bf16=True`` computed in fp32), and its fp16 backward was not loss
@@ -51,6 +55,7 @@ from collections.abc import Sequence
 
 import torch
 
+from benchmarks._device_erasure import check_erasure
 from benchmarks._device_sampling import check_s2n
 from benchmarks._device_steps import METHODS, Size, build_step, max_diff, moved, snapshot
 from benchmarks.harness import BenchmarkReport, compare, make_parser
@@ -70,8 +75,9 @@ def _peak_memory_mib(step, batch) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20
 
 
-#: Methods that sample rather than train: ``check(real, batch, repeats)`` gives their figures.
-SAMPLERS = {"s2n": check_s2n}
+#: Methods outside ``Trainer`` (a sampler, the concept eraser's own loop):
+#: ``check(real, batch, repeats)`` gives their figures.
+SAMPLERS = {"s2n": check_s2n, "erasure": check_erasure}
 CHECKS = (*METHODS, *SAMPLERS)
 
 
