@@ -25,8 +25,9 @@ def test_figures_are_measured_not_defaults(report):
     for name, figures in report.metrics.items():
         assert math.isfinite(figures["step_ratio"]) and figures["step_ratio"] > 0, name
         assert figures["stock_step_ms"] > 0, name
-        assert figures["fp32_step_size"] > 0, name
-        assert figures["bf16_vs_fp32_max_diff"] > 0, name
+        if figures["bf16_ok"] is not None:  # None: calibration runs in fp32 (MetaAug)
+            assert figures["fp32_step_size"] > 0, name
+            assert figures["bf16_vs_fp32_max_diff"] > 0, name
         assert report.ratios[f"{name}_step"] == figures["step_ratio"]
 
 
