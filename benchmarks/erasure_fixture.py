@@ -21,9 +21,9 @@ the lr below was set between them, not piloted):
   concept, the project's default straight-through Gumbel adversary).
 - Seeds 0, 1, 2 (paired: the erasure's draws and the evaluation noise follow the seed; every arm
   and checkpoint of a seed is sampled from the same initial latents). Brief: ≥ 3 seeds.
-- Checkpoints: steps ``CHECKPOINTS`` = 10, 20, 30, 40, 50, 60, 80 (and step 0, the fixture itself). At each, samples with the
-  pipeline's own ``__call__``: DDIM, 10 steps, guidance 7.5 (the fixture's), classified by the
-  scorer:
+- Checkpoints: steps ``CHECKPOINTS`` = 10, 20, 30, 40, 50, 60, 80 (and step 0, the fixture
+  itself). At each, samples with the pipeline's own ``__call__``: DDIM, 10 steps, guidance 7.5
+  (the fixture's), classified by the scorer:
   ``erasure_success`` = share of ``TARGET_SAMPLES`` samples of the concept prompt NOT classified as
   seven; ``preservation`` = mean over the nine other digits of the share of ``PROMPT_SAMPLES``
   samples of ``"a handwritten {digit}"`` classified as that digit; ``heldout_recognition`` (the
