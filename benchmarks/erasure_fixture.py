@@ -50,6 +50,15 @@ the lr below was set between them, not piloted):
   seven samples classified as the digit plus the share of the digit's samples classified as
   seven).
 
+AMENDMENT (2026-12-08 03:54 UTC, before any result beyond the first seed's first two ESD
+checkpoints): the first full run (lr 5e-4, 80 steps, checkpoints 10…80, samples 100 / 32 / 20)
+was stopped after its first seed's ESD showed erasure success 0.08 at step 20 and its evaluations
+took ~35 s each on the shared CPU (the whole run would have exceeded the time allotted). The run
+reported uses the recipe's own lr 1e-3 (no departure from the recipe left there), 30 steps,
+checkpoints 5, 10, 15, 20, 25, 30, and per checkpoint 80 samples of the target, 20 of each other
+digit (180) and 12 of each held-out prompt (60). Everything else (level 0.9, seeds, arms,
+metrics, test, claimed direction) is unchanged.
+
 Run: ``python -m benchmarks.erasure_fixture`` (~25 min on one CPU thread); ``--quick`` for a
 smoke run that keeps the real results.
 """
@@ -85,12 +94,12 @@ DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight"
 OTHERS = tuple(d for d in DIGITS if d != TARGET)
 ARMS = ("esd", "fixed", "eap")
 FIXED_PROMPT = "a handwritten digit"
-LR = 5e-4
-STEPS = 80
-CHECKPOINTS = (10, 20, 30, 40, 50, 60, 80)
+LR = 1e-3
+STEPS = 30
+CHECKPOINTS = (5, 10, 15, 20, 25, 30)
 LEVEL = 0.9
 SEEDS = (0, 1, 2)
-TARGET_SAMPLES, PROMPT_SAMPLES, HELDOUT_SAMPLES = 100, 32, 20
+TARGET_SAMPLES, PROMPT_SAMPLES, HELDOUT_SAMPLES = 80, 20, 12
 SAMPLING_STEPS, GUIDANCE = 10, 7.5
 _RECIPE_ONLY = ("model_name_or_path", "concepts", "method", "heldout_prompts", "output_dir",
                 "save_mode")  # fmt: skip
