@@ -40,8 +40,52 @@ the words outside the test spans (no test query occurs in any training row of it
 760 test queries kept). Results committed before this date were measured on the leaking rows and
 are not comparable; the benchmark has not been re-run since.
 
-Run: ``python -m benchmarks.prompt_dsi`` (writes ``benchmarks/results/prompt_dsi.json`` and
-``.png``; several minutes on a loaded CPU); ``--quick`` is a smoke run.
+Protocol 2026-12-08 (issue 26; written and committed before any run of it; supersedes the
+arms, grids and seeds above; the sections above describe the earlier runs). Question: do
+PromptDSI's prompts do anything that fitting the new docid rows on frozen features does not?
+
+* **Data.** The leak-free corpus (amendment above): D0 = 100 documents, 3 increments of 20
+  (which document lands where: drawn with the seed), per document the document row and 2
+  training pseudo-queries, and **2 test spans** (``num_test_queries`` = 2: up to 40 test
+  queries per increment and 200 on D0; a span repeated in a training row is dropped). Sizes
+  are the earlier runs' (far below the paper's NQ320k: a 1-thread CPU budget of ~25 min).
+* **Arms** (all start from the same D0 model of their seed: encoder + D0 rows fine-tuned 10
+  epochs, then frozen; same batches, epochs and row learning rate per increment):
+  ``prompt_dsi`` (topic-keyed pool, prompts + new rows trained), ``rows_only`` (the same pool,
+  keys, selection and training, the prompts frozen at their initialisation: only the new docid
+  rows learn; the control for any claim about prompts), ``prompts_only`` (the same pool, the
+  new rows left at their random initialisation (row learning rate 1e-12: the config refuses 0),
+  only the prompts learn), ``l2p`` (learned keys, frozen-[CLS] query), ``incdsi`` (IncDSI's
+  constrained rows on frozen features), ``sequential`` (encoder + all rows fine-tuned on each
+  increment), ``joint`` (everything, once at the end: a bound, not tuned, not in the claims).
+* **Tuning** (validation split of the first increment only, seed 0's corpus): each D0 and D1
+  document's second training pseudo-query is held out of training as its validation query; the
+  D0 model is fine-tuned without them, D1 is indexed, and the score is
+  ``(Hits@10 on D1's validation queries + Hits@10 on D0's) / 2``. Every tuned arm gets the
+  same budget of 4 grid points (``protocol.tune_on_grid`` over the point index, ties to the
+  first): pool arms (prompt_dsi, rows_only, prompts_only, l2p) prompt depth x length =
+  {layer 1 only, all 6 layers} x {5, 20} tokens; incdsi (lam, m1) = {0.5, 0.9} x {0.1, 1.0};
+  sequential encoder learning rate {1e-5, 3e-5, 1e-4, 3e-4}. The chosen points are then fixed
+  for the test seeds (the test spans are never read while tuning).
+* **Seeds** 0-4 (5, paired: each seed is one corpus split, one D0 model, one training order
+  shared by every arm).
+* **Metrics.** Primary: ``new_hits10`` = mean over increments of Hits@10 on D_t's test queries
+  right after indexing D_t (ranked over every document indexed so far). Secondary: old-document
+  forgetting ``d0_forgetting_hits10`` = D0 test Hits@10 before the increments minus after the
+  last one, and ``d0_hits10_final``; MRR@10 over everything at the end.
+* **Test.** Paired per-seed difference with its 95% t-interval
+  (``benchmarks.protocol.paired_interval``) for ``prompt_dsi − rows_only`` (the claim about
+  prompts; claimed direction: > 0 on new_hits10), ``prompt_dsi − incdsi`` (paper: > 0),
+  ``prompt_dsi − sequential`` (forgetting: < 0) and the others listed in ``intervals``; beside
+  it, a paired per-query bootstrap (queries resampled within each seed, 2000 draws) of the
+  seed-averaged difference. A claim holds when the interval excludes 0 in its direction;
+  otherwise it is reported as not reproduced, with the rows-only control.
+* **Sanity logs** (per seed, pool arms, on the test queries): cosine between the prompted and
+  the unprompted pooled feature before the first increment and after the last, and the share of
+  attention the real tokens put on the prefix in each prompted layer after the last increment.
+
+Run: ``python -m benchmarks.prompt_dsi`` (tunes, then runs seeds 0-4; writes
+``benchmarks/results/prompt_dsi.json`` and ``.png``); ``--quick`` is a smoke run.
 """
 
 from __future__ import annotations
@@ -58,6 +102,7 @@ from peft import get_peft_model
 from transformers import AutoTokenizer, DataCollatorWithPadding, set_seed
 
 import peft_configs  # noqa: F401  (registers the prompt pool with PEFT)
+from benchmarks import _prompt_dsi_checks as checks
 from benchmarks.harness import (
     BenchmarkReport,
     compare,
@@ -65,11 +110,13 @@ from benchmarks.harness import (
     make_parser,
     quiet_training_arguments,
     save_plot,
+    torch_threads,
 )
+from benchmarks.protocol import paired_interval, tune_on_grid
 from hf_extensions.metrics import hits_at_k, mrr_at_k, rank_from_scores
 from hf_extensions.models import tiny_bert_classifier
 from hf_extensions.models.encoders import load_minilm, minilm_path
-from hf_extensions.prompt_dsi.dsi import DSIModel, fit_docid_head, incdsi_add_documents
+from hf_extensions.prompt_dsi.dsi import DSIModel, incdsi_add_documents
 from hf_extensions.prompt_dsi.retrieval import select_splits, stdlib_retrieval_corpus
 from peft_configs.prompt_pool import (
     PromptPoolConfig,
@@ -82,27 +129,49 @@ from trainers.prompt_dsi_config import PromptDSIConfig
 from trainers.prompt_dsi_trainer import PromptDSITrainer, prompt_pool_of, tokenize_for_dsi
 
 NAME = "prompt_dsi"
-METHODS = ("prompt_dsi", "l2p", "incdsi", "sequential", "joint")
+POOL_ARMS = ("prompt_dsi", "rows_only", "prompts_only", "l2p")
+METHODS = (*POOL_ARMS, "incdsi", "sequential", "joint")
+#: The protocol's grids: 4 points per tuned arm (the same budget); joint is not tuned.
+POOL_GRID = [
+    {"layers": "1", "prompt_length": 5},
+    {"layers": "1", "prompt_length": 20},
+    {"layers": "all", "prompt_length": 5},
+    {"layers": "all", "prompt_length": 20},
+]
+GRIDS: dict[str, list[dict[str, Any]]] = {
+    **{arm: POOL_GRID for arm in POOL_ARMS},
+    "incdsi": [{"lam": lam, "m1": m1} for lam in (0.5, 0.9) for m1 in (0.1, 1.0)],
+    "sequential": [{"encoder_lr": lr} for lr in (1e-5, 3e-5, 1e-4, 3e-4)],
+}
+#: Intervals reported (method, baseline, claimed direction on new_hits10: +1 higher, -1 lower).
+COMPARISONS = [
+    ("prompt_dsi", "rows_only"),
+    ("prompt_dsi", "incdsi"),
+    ("prompt_dsi", "sequential"),
+    ("prompt_dsi", "prompts_only"),
+    ("prompt_dsi", "l2p"),
+    ("rows_only", "incdsi"),
+]
 FULL = {
     "encoder": "minilm",
     "num_initial": 100,
     "num_increments": 3,
     "docs_per_increment": 20,
     "num_train_queries": 2,
-    "num_test_queries": 1,
+    "num_test_queries": 2,
     "max_length": 16,
     "epochs": 2,
     "joint_epochs": 1,
-    "d0_epochs": 10,  # the paper's epochs per task; 0 = frozen pretrained encoder at D0
+    "d0_epochs": 10,
     "batch_size": 8,
     "lr_scheduler_type": "constant",
     "pool_size": 8,
-    "prompt_length": 10,
-    "prompt_layer": 1,
     "prompt_lr": 1e-3,
     "encoder_lr": 5e-5,
     "rows_lr": 1e-2,
+    "prompts_only_rows_lr": 1e-12,
     "pull_loss_weight": 0.1,
+    "tune_seed": 0,
     "timing_repeats": 8,
     "timing_batch": 32,
 }
@@ -112,11 +181,8 @@ QUICK = {
     "encoder": "tiny",
     "num_initial": 16,
     "docs_per_increment": 4,
-    "epochs": 2,
-    "joint_epochs": 1,
     "d0_epochs": 1,
     "pool_size": 4,
-    "prompt_length": 4,
     "timing_repeats": 3,
     "timing_batch": 16,
 }
@@ -171,6 +237,12 @@ def _query_features(encoder, dataset, collator, batch_size: int = 256) -> torch.
     return torch.cat(out)
 
 
+def hits10_per_query(scores: torch.Tensor, labels) -> np.ndarray:
+    """1.0 where the query's document is in the top 10, else 0.0."""
+    ranked = rank_from_scores(scores.numpy(), 10)
+    return np.asarray([float(label in row[:10]) for row, label in zip(ranked, labels)])
+
+
 def retrieval_metrics(scores: torch.Tensor, labels) -> dict[str, float]:
     ranked = rank_from_scores(scores.numpy(), 10)
     labels = list(labels)
@@ -182,17 +254,16 @@ def retrieval_metrics(scores: torch.Tensor, labels) -> dict[str, float]:
 
 
 class Tracker:
-    """Per-method curves: D0 and newest-split metrics after each increment, final metrics."""
+    """Per-method curves: D0 and newest-split metrics after each increment, final metrics, and
+    the per-query Hits@10 of every newest split (for the paired per-query bootstrap)."""
 
-    def __init__(self, test, num_increments: int):
+    def __init__(self, test):
         self.test = test
         self.splits = np.asarray(test["split"])
         self.labels = np.asarray(test["labels"])
-        self.num_increments = num_increments
-        self.curves: dict[str, dict[str, list[float]]] = {}
+        self.curves: dict[str, dict[str, list]] = {}
 
     def rows(self, step: int) -> np.ndarray:
-        """Test rows of D0 and of the newest split ``step`` (what :meth:`record` reads)."""
         return np.flatnonzero((self.splits == 0) | (self.splits == step))
 
     def scores_for(self, model: DSIModel, step: int, collator) -> torch.Tensor:
@@ -203,9 +274,9 @@ class Tracker:
         return scores
 
     def record(self, method: str, scores: torch.Tensor, step: int) -> None:
-        """Scores of the test queries (rows in ``test`` order; only D0's and D_step's are read)."""
         curve = self.curves.setdefault(
-            method, {"d0_hits10": [], "d0_hits1": [], "new_hits10": [], "new_hits1": []}
+            method,
+            {"d0_hits10": [], "d0_hits1": [], "new_hits10": [], "new_hits1": [], "new_q": []},
         )
         d0 = self.splits == 0
         m0 = retrieval_metrics(scores[d0], self.labels[d0])
@@ -216,24 +287,21 @@ class Tracker:
             mt = retrieval_metrics(scores[new], self.labels[new])
             curve["new_hits10"].append(mt["hits10"])
             curve["new_hits1"].append(mt["hits1"])
+            curve["new_q"].append(hits10_per_query(scores[new], self.labels[new]))
 
-    def final(self, method: str, scores: torch.Tensor) -> dict[str, float]:
-        d0 = self.splits == 0
-        new = self.splits > 0
+    def final(self, method: str, scores: torch.Tensor, d0_start: float) -> dict[str, Any]:
+        d0, new = self.splits == 0, self.splits > 0
         m0 = retrieval_metrics(scores[d0], self.labels[d0])
         mn = retrieval_metrics(scores[new], self.labels[new])
         mall = retrieval_metrics(scores, self.labels)
         curve = self.curves.get(method, {})
-        values = {
+        values: dict[str, Any] = {
             "d0_hits10_final": m0["hits10"],
             "d0_hits1_final": m0["hits1"],
             "d0_mrr10_final": m0["mrr10"],
-            "new_hits10": float(np.mean(curve["new_hits10"]))
-            if curve.get("new_hits10")
-            else mn["hits10"],
-            "new_hits1": float(np.mean(curve["new_hits1"]))
-            if curve.get("new_hits1")
-            else mn["hits1"],
+            "d0_forgetting_hits10": d0_start - m0["hits10"],
+            "new_hits10": float(np.mean(curve["new_hits10"])) if curve else mn["hits10"],
+            "new_hits1": float(np.mean(curve["new_hits1"])) if curve else mn["hits1"],
             "new_hits10_final": mn["hits10"],
             "new_mrr10_final": mn["mrr10"],
             "mrr10": mall["mrr10"],
@@ -244,10 +312,39 @@ class Tracker:
             values["new_hits10_curve"] = curve["new_hits10"]
         return values
 
+    def per_query(self, method: str, scores: torch.Tensor) -> dict[str, np.ndarray]:
+        """Per-query Hits@10: new documents right after indexing (all increments, in order)
+        and D0 after the last increment."""
+        d0 = self.splits == 0
+        curve = self.curves.get(method)
+        new = (
+            np.concatenate(curve["new_q"])
+            if curve
+            else hits10_per_query(scores[self.splits > 0], self.labels[self.splits > 0])
+        )
+        return {"new_hits10": new, "d0_hits10_final": hits10_per_query(scores[d0], self.labels[d0])}
 
-def run(cfg: dict, seed: int = 0) -> tuple[dict, dict, dict]:
+
+def _validation_split(data, num_train_queries: int):
+    """Hold out every D0/D1 document's last training pseudo-query as its validation query."""
+    train = data["train"]
+    rows = train.to_pandas()
+    queries = rows[(rows["kind"] == "query") & (rows["split"] <= 1)]
+    last = queries.groupby("labels")["span_start"].transform("max")
+    held = queries.index[queries["span_start"] == last]
+    if num_train_queries < 2:
+        raise ValueError("tuning needs num_train_queries >= 2 (one is held out as validation)")
+    keep = sorted(set(range(len(train))) - set(held.tolist()))
+    validation = train.select(sorted(held.tolist())).remove_columns("kind")
+    return train.select(keep), validation
+
+
+def build_context(cfg: dict, seed: int, validation: bool = False) -> dict[str, Any]:
+    """The seed's corpus, tokenizer and D0 model (fine-tuned, then frozen), shared by every arm.
+
+    ``validation``: the tuning context (first increment only, validation queries as the test set).
+    """
     set_seed(seed)
-    start_time = time.perf_counter()
     if cfg["encoder"] == "tiny":
         tokenizer = AutoTokenizer.from_pretrained(minilm_path())
         encoder = tiny_bert_classifier(vocab_size=tokenizer.vocab_size, seed=seed).bert
@@ -262,161 +359,193 @@ def run(cfg: dict, seed: int = 0) -> tuple[dict, dict, dict]:
         num_test_queries=cfg["num_test_queries"],
         seed=seed,
     )
-    train = tokenize_for_dsi(data["train"], tokenizer, cfg["max_length"])
-    test = tokenize_for_dsi(data["test"], tokenizer, cfg["max_length"])
-    train_splits = np.asarray(train["split"])
-    test_splits = np.asarray(test["split"])
-    increments = range(1, cfg["num_increments"] + 1)
-    num_docs_after = [cfg["num_initial"] + t * cfg["docs_per_increment"] for t in range(0, 4)]
-    tracker = Tracker(test, cfg["num_increments"])
-    timings: dict[str, float] = {}
-
-    def trainer_for(model, strategy, lr, epochs, train_dataset=None):
-        args = PromptDSIConfig(
-            **quiet_training_arguments(
-                tempfile.mkdtemp(prefix="prompt_dsi_"),
-                strategy=strategy,
-                learning_rate=lr,
-                rows_learning_rate=cfg["rows_lr"],
-                num_train_epochs=epochs,
-                per_device_train_batch_size=cfg["batch_size"],
-                lr_scheduler_type=cfg["lr_scheduler_type"],
-                weight_decay=0.0,
-                seed=seed,
-            )
-        )
-        return PromptDSITrainer(model, args, train_dataset=train_dataset, data_collator=collator)
-
-    # ------------------------------------------------------------------ D0
-    # The paper fine-tunes the whole DSI on D0 (`d0_epochs` > 0: encoder + rows, end to end);
-    # `d0_epochs` = 0 fits D0's rows on the frozen pretrained encoder's features instead.
+    if validation:
+        train_rows, test_rows = _validation_split(data, cfg["num_train_queries"])
+        increments = [1]
+    else:
+        train_rows, test_rows = data["train"], data["test"]
+        increments = list(range(1, cfg["num_increments"] + 1))
+    train = tokenize_for_dsi(train_rows, tokenizer, cfg["max_length"])
+    test = tokenize_for_dsi(test_rows, tokenizer, cfg["max_length"])
+    test = test.select(np.flatnonzero(np.asarray(test["split"]) <= max(increments)).tolist())
+    ctx: dict[str, Any] = {
+        "cfg": cfg,
+        "seed": seed,
+        "collator": collator,
+        "train": train,
+        "test": test,
+        "increments": increments,
+    }
     base = DSIModel(encoder, cfg["num_initial"])
-    d0 = train_splits == 0
-    if cfg["d0_epochs"] > 0:
-        d0_trainer = trainer_for(base, "joint", cfg["encoder_lr"], cfg["d0_epochs"])
-        d0_trainer.add_documents(select_splits(train, 0), 0)
+    trainer_for(ctx, base, "joint", cfg["encoder_lr"], cfg["d0_epochs"]).add_documents(
+        select_splits(train, 0), 0
+    )
     base.set_trainable(encoder=False, old_rows=False)
-    train_features = encoder_features(base, train, collator)
-    test_features = encoder_features(base, test, collator)
-    if cfg["d0_epochs"] == 0:
-        fit_docid_head(
-            base, train_features[d0], torch.as_tensor(np.asarray(train["labels"])[d0]), steps=300
-        )
-    d0_scores = base.scores(test_features).detach()
-    d0_start = retrieval_metrics(
-        d0_scores[test_splits == 0], np.asarray(test["labels"])[test_splits == 0]
+    ctx["base"] = base
+    ctx["train_features"] = encoder_features(base, train, collator)
+    ctx["test_features"] = encoder_features(base, test, collator)
+    splits = np.asarray(test["split"])
+    d0_scores = base.scores(ctx["test_features"]).detach()
+    ctx["d0_start"] = retrieval_metrics(
+        d0_scores[splits == 0], np.asarray(test["labels"])[splits == 0]
     )
-    timings["d0"] = time.perf_counter() - start_time
-
-    def increment_data(t):
-        return select_splits(train, t)
-
-    results: dict[str, dict] = {}
-    final_scores: dict[str, torch.Tensor] = {}
-
-    # ------------------------------------------------------------------ topic keys
-    # The pool matches input-embedding means (no encoder pass), so topics are k-means clusters
-    # of that feature over D0's training pseudo-queries (the query distribution the keys must
-    # split). The two other constructions we tried are reported beside it (selection only).
-    kinds = np.asarray(train["kind"])
-    train_query = _query_features(encoder, train, collator)
+    train_splits, kinds = np.asarray(train["split"]), np.asarray(train["kind"])
+    query = _query_features(encoder, train, collator)
+    ctx["key_features"] = query[(train_splits == 0) & (kinds == "query")]
     test_query = _query_features(encoder, test, collator)
-    candidates = {
-        "d0_pseudo_queries": (train_splits == 0) & (kinds == "query"),
-        "d0_documents": (train_splits == 0) & (kinds == "document"),
-        "d0_all_training_rows": train_splits == 0,
-    }
-    key_entropy = {}
-    for name, rows in candidates.items():
-        keys = topic_keys(train_query[rows], cfg["pool_size"], seed=seed)[0]
-        chosen = cosine_top_k(test_query, keys, 1)[0].flatten()
-        key_entropy[name] = usage_entropy(torch.bincount(chosen, minlength=cfg["pool_size"]))
-    key_features = train_query[candidates["d0_pseudo_queries"]]
+    keys = topic_keys(ctx["key_features"], cfg["pool_size"], seed=seed)[0]
+    chosen = cosine_top_k(test_query, keys, 1)[0].flatten()
+    ctx["topic_key_entropy"] = usage_entropy(torch.bincount(chosen, minlength=cfg["pool_size"]))
+    return ctx
 
-    # ------------------------------------------------------------------ IncDSI
-    t0 = time.perf_counter()
-    model = copy.deepcopy(base)
-    labels_train = np.asarray(train["labels"])
-    bank = torch.stack(
-        [train_features[labels_train == d].mean(dim=0) for d in range(cfg["num_initial"])]
-    )
-    tracker.record("incdsi", model.scores(test_features).detach(), 0)
-    for t in increments:
-        docs = sorted(set(labels_train[train_splits == t].tolist()))
-        new_queries = [train_features[labels_train == d] for d in docs]
-        _, bank = incdsi_add_documents(model, bank, new_queries)
-        tracker.record("incdsi", model.scores(test_features).detach(), t)
-    final_scores["incdsi"] = model.scores(test_features).detach()
-    timings["incdsi"] = time.perf_counter() - t0
 
-    # ------------------------------------------------------------------ trained strategies
-    def pooled(model, key_source, query_source, pull):
-        config = PromptPoolConfig(
-            pool_size=cfg["pool_size"],
-            prompt_length=cfg["prompt_length"],
-            top_k=1,
-            layers=[cfg["prompt_layer"]],
-            key_source=key_source,
-            query_source=query_source,
-            pull_loss_weight=pull,
+def trainer_for(ctx, model, strategy, lr, epochs, train_dataset=None, rows_lr=None):
+    cfg = ctx["cfg"]
+    args = PromptDSIConfig(
+        **quiet_training_arguments(
+            tempfile.mkdtemp(prefix="prompt_dsi_"),
+            strategy=strategy,
+            learning_rate=lr,
+            rows_learning_rate=rows_lr if rows_lr is not None else cfg["rows_lr"],
+            num_train_epochs=epochs,
+            per_device_train_batch_size=cfg["batch_size"],
+            lr_scheduler_type=cfg["lr_scheduler_type"],
+            weight_decay=0.0,
+            seed=ctx["seed"],
         )
-        set_seed(seed)
-        pool = get_peft_model(model.encoder, config)
-        if key_source == "fixed":
-            pool.base_model.set_keys(topic_keys(key_features, cfg["pool_size"], seed=seed)[0])
-        model.encoder = pool
-        return model
+    )
+    return PromptDSITrainer(model, args, train_dataset=train_dataset, data_collator=ctx["collator"])
 
-    strategies = {
-        "sequential": ("sequential", cfg["encoder_lr"], None),
-        "prompt_dsi": ("prompt_dsi", cfg["prompt_lr"], ("fixed", "input_embed_mean", 0.0)),
-        "l2p": ("l2p", cfg["prompt_lr"], ("learned", "frozen_cls", cfg["pull_loss_weight"])),
-    }
-    for method, (strategy, lr, pool_args) in strategies.items():
-        t0 = time.perf_counter()
-        model = copy.deepcopy(base)
-        if pool_args is not None:
-            model = pooled(model, *pool_args)
-        trainer = trainer_for(model, strategy, lr, cfg["epochs"])
-        tracker.record(method, tracker.scores_for(model, 0, collator), 0)
-        for t in increments:
-            trainer.add_documents(increment_data(t), cfg["docs_per_increment"])
-            tracker.record(method, tracker.scores_for(model, t, collator), t)
+
+def _pooled(ctx, model: DSIModel, arm: str, hp: dict) -> DSIModel:
+    cfg, seed = ctx["cfg"], ctx["seed"]
+    learned = arm == "l2p"
+    config = PromptPoolConfig(
+        pool_size=cfg["pool_size"],
+        prompt_length=hp["prompt_length"],
+        top_k=1,
+        layers=[1] if hp["layers"] == "1" else None,
+        key_source="learned" if learned else "fixed",
+        query_source="frozen_cls" if learned else "input_embed_mean",
+        pull_loss_weight=cfg["pull_loss_weight"] if learned else 0.0,
+    )
+    set_seed(seed)  # the same prompt initialisation in every pool arm of this seed
+    pool = get_peft_model(model.encoder, config)
+    if not learned:
+        pool.base_model.set_keys(topic_keys(ctx["key_features"], cfg["pool_size"], seed=seed)[0])
+    if arm == "rows_only":
+        for name, parameter in pool.named_parameters():
+            if "prompt_pool_prompts" in name:
+                parameter.requires_grad_(False)
+    model.encoder = pool
+    return model
+
+
+def run_arm(ctx: dict, tracker: Tracker, arm: str, hp: dict) -> dict[str, Any]:
+    """Index the context's increments with one arm; returns final scores, per-query hits, logs."""
+    cfg, collator, train = ctx["cfg"], ctx["collator"], ctx["train"]
+    test, test_features = ctx["test"], ctx["test_features"]
+    out: dict[str, Any] = {}
+    model = copy.deepcopy(ctx["base"])
+    t0 = time.perf_counter()
+    if arm == "incdsi":
+        labels, splits = np.asarray(train["labels"]), np.asarray(train["split"])
+        features = ctx["train_features"]
+        bank = torch.stack([features[labels == d].mean(dim=0) for d in range(cfg["num_initial"])])
+        tracker.record(arm, model.scores(test_features).detach(), 0)
+        for t in ctx["increments"]:
+            docs = sorted(set(labels[splits == t].tolist()))
+            _, bank = incdsi_add_documents(
+                model, bank, [features[labels == d] for d in docs], lam=hp["lam"], m1=hp["m1"]
+            )
+            tracker.record(arm, model.scores(test_features).detach(), t)
+        out["scores"] = model.scores(test_features).detach()
+    elif arm == "joint":
+        trainer = trainer_for(
+            ctx, model, "joint", cfg["encoder_lr"], cfg["joint_epochs"],
+            train_dataset=select_splits(train, 0),
+        )  # fmt: skip
+        new_all = concatenate_datasets([select_splits(train, t) for t in ctx["increments"]])
+        trainer.add_documents(new_all, len(ctx["increments"]) * cfg["docs_per_increment"])
+        out["scores"] = dsi_scores(model, test, collator)
+    else:
+        if arm == "sequential":
+            trainer = trainer_for(ctx, model, "sequential", hp["encoder_lr"], cfg["epochs"])
+        else:
+            model = _pooled(ctx, model, arm, hp)
+            rows_lr = cfg["prompts_only_rows_lr"] if arm == "prompts_only" else None
+            strategy = "l2p" if arm == "l2p" else "prompt_dsi"
+            trainer = trainer_for(ctx, model, strategy, cfg["prompt_lr"], cfg["epochs"],
+                                  rows_lr=rows_lr)  # fmt: skip
+            out["feature_shift_before"] = checks.feature_shift(model, test, collator)
+            out["prompts_before"] = prompt_pool_of(model).prompts().detach().clone()
+        tracker.record(arm, tracker.scores_for(model, 0, collator), 0)
+        for t in ctx["increments"]:
+            trainer.add_documents(select_splits(train, t), cfg["docs_per_increment"])
+            tracker.record(arm, tracker.scores_for(model, t, collator), t)
         pool = prompt_pool_of(model)
         if pool is not None:
             pool.reset_usage()
-        final_scores[method] = dsi_scores(model, test, collator)
+        out["scores"] = dsi_scores(model, test, collator)
         if pool is not None:
-            results.setdefault(method, {})["usage_entropy"] = pool.usage_entropy()
-            results[method]["usage_counts"] = pool.usage_counts.tolist()
-            results[method]["_model"] = model
-        timings[method] = time.perf_counter() - t0
+            out["usage_entropy"] = pool.usage_entropy()
+            moved = pool.prompts().detach() - out.pop("prompts_before")
+            out["prompt_change_rms"] = float(moved.pow(2).mean().sqrt())
+            out["feature_shift_after"] = checks.feature_shift(model, test, collator)
+            out["_model"] = model
+    out["seconds"] = time.perf_counter() - t0
+    return out
 
-    # ------------------------------------------------------------------ joint (upper bound)
-    t0 = time.perf_counter()
-    model = copy.deepcopy(base)
-    trainer = trainer_for(
-        model,
-        "joint",
-        cfg["encoder_lr"],
-        cfg["joint_epochs"],
-        train_dataset=select_splits(train, 0),
+
+def _score_validation(ctx: dict, arm: str, hp: dict) -> float:
+    tracker = Tracker(ctx["test"])
+    run_arm(ctx, tracker, arm, hp)
+    curve = tracker.curves[arm]
+    return 0.5 * (curve["new_hits10"][-1] + curve["d0_hits10"][-1])
+
+
+def tune(cfg: dict) -> tuple[dict[str, dict], dict[str, Any]]:
+    """Each tuned arm's grid point with the best validation score (first increment only)."""
+    ctx = build_context(cfg, cfg["tune_seed"], validation=True)
+    chosen, record = {}, {}
+    for arm, grid in GRIDS.items():
+        print(f"tuning {arm}")
+        search = tune_on_grid(
+            list(range(len(grid))),
+            lambda i, arm=arm, grid=grid: _score_validation(ctx, arm, grid[i]),
+        )
+        chosen[arm] = grid[search.best]
+        record[arm] = {"grid": grid, "search": search.to_dict(), "chosen": grid[search.best]}
+    chosen["joint"] = {}
+    return chosen, record
+
+
+def run(cfg: dict, seed: int, hp: dict[str, dict]) -> tuple[dict, dict, dict, dict]:
+    start = time.perf_counter()
+    ctx = build_context(cfg, seed)
+    tracker = Tracker(ctx["test"])
+    metrics, per_query, sanity, models, timings = {}, {}, {}, {}, {}
+    for arm in METHODS:
+        out = run_arm(ctx, tracker, arm, hp[arm])
+        metrics[arm] = tracker.final(arm, out["scores"], ctx["d0_start"]["hits10"])
+        per_query[arm] = tracker.per_query(arm, out["scores"])
+        timings[arm] = out["seconds"]
+        if "_model" in out:
+            models[arm] = out["_model"]
+            metrics[arm]["usage_entropy"] = out["usage_entropy"]
+            length = hp[arm]["prompt_length"]
+            sanity[arm] = {
+                "feature_cosine_before": out["feature_shift_before"],
+                "feature_cosine_after": out["feature_shift_after"],
+                "prompt_change_rms": out["prompt_change_rms"],
+                "prefix_attention_mass": checks.prefix_attention_mass(
+                    out["_model"], ctx["test"], ctx["collator"], length
+                ),
+            }
+    one, two = models["prompt_dsi"].eval(), models["l2p"].eval()
+    batch = _collate(
+        ctx["collator"], ctx["test"].select(range(min(cfg["timing_batch"], len(ctx["test"]))))
     )
-    new_all = concatenate_datasets([increment_data(t) for t in increments])
-    trainer.add_documents(new_all, cfg["num_increments"] * cfg["docs_per_increment"])
-    final_scores["joint"] = dsi_scores(model, test, collator)
-    timings["joint"] = time.perf_counter() - t0
-
-    metrics = {}
-    for method in METHODS:
-        values = tracker.final(method, final_scores[method])
-        extra = {k: v for k, v in results.get(method, {}).items() if not k.startswith("_")}
-        metrics[method] = {**values, **extra}
-
-    # ------------------------------------------------------------------ latency: 1 vs 2 passes
-    one = results["prompt_dsi"]["_model"].eval()
-    two = results["l2p"]["_model"].eval()
-    batch = _collate(collator, test.select(range(min(cfg["timing_batch"], len(test)))))
 
     def forward(model):
         def call():
@@ -430,36 +559,40 @@ def run(cfg: dict, seed: int = 0) -> tuple[dict, dict, dict]:
     )
     ratios = {"one_pass_vs_two_pass": timing["ratios"]["one_pass"]}
     extra = {
-        "d0_start": d0_start,
-        "timings_s": timings,
-        "latency_ms": {
-            "one_pass_median": timing["candidates"]["one_pass"].median * 1e3,
-            "two_pass_median": timing["baseline"].median * 1e3,
+        "d0_start": ctx["d0_start"],
+        "timings_s": {**timings, "total": time.perf_counter() - start},
+        "num_test_queries": {
+            "d0": int((np.asarray(ctx["test"]["split"]) == 0).sum()),
+            "new": int((np.asarray(ctx["test"]["split"]) > 0).sum()),
         },
-        "num_docs_after": num_docs_after[: cfg["num_increments"] + 1],
-        "topic_key_entropy_by_construction": key_entropy,
+        "topic_key_entropy": ctx["topic_key_entropy"],
+        "sanity": sanity,
     }
-    return metrics, ratios, extra
+    return metrics, ratios, extra, per_query
 
 
-def plot(metrics: dict, d0_start: float, results_dir) -> None:
+def plot(metrics: dict, intervals: dict, results_dir) -> None:
     plt = get_pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for method in METHODS:
-        curve = metrics[method].get("d0_hits10_curve")
-        new_curve = metrics[method].get("new_hits10_curve")
+        curve = metrics[method].get("new_hits10_curve")
+        d0_curve = metrics[method].get("d0_hits10_curve")
         if curve:
-            axes[0].plot(range(len(curve)), curve, marker="o", label=method)
-            axes[1].plot(range(1, len(new_curve) + 1), new_curve, marker="o", label=method)
-        else:  # joint: one point after the last increment
-            steps = len(metrics["prompt_dsi"]["d0_hits10_curve"]) - 1
-            axes[0].plot([steps], [metrics[method]["d0_hits10_final"]], "k*", ms=12, label=method)
-            axes[1].plot([steps], [metrics[method]["new_hits10_final"]], "k*", ms=12, label=method)
+            axes[0].plot(range(len(d0_curve)), d0_curve, marker="o", label=method)
+            axes[1].plot(range(1, len(curve) + 1), curve, marker="o", label=method)
     axes[0].set(xlabel="increments indexed", ylabel="Hits@10 on D0 test queries", ylim=(0, 1.02))
     axes[1].set(xlabel="increment t", ylabel="Hits@10 on D_t right after t", ylim=(0, 1.02))
-    axes[0].axhline(d0_start, color="grey", lw=0.8, ls=":")
-    axes[0].legend(fontsize=8)
-    fig.suptitle("PromptDSI incremental indexing (stdlib docstrings, MiniLM)")
+    axes[0].legend(fontsize=7)
+    names = [k for k in intervals if k.startswith("new_hits10:")]
+    for i, name in enumerate(names):
+        iv = intervals[name]
+        axes[2].errorbar(iv["mean"], i, xerr=[[iv["mean"] - iv["low"]], [iv["high"] - iv["mean"]]],
+                         fmt="o", capsize=3)  # fmt: skip
+    axes[2].axvline(0, color="grey", lw=0.8)
+    axes[2].set_yticks(range(len(names)), [n.split(":", 1)[1] for n in names], fontsize=7)
+    axes[2].set(xlabel="paired difference in new-document Hits@10 (95% CI, 5 seeds)")
+    fig.suptitle("PromptDSI incremental indexing (stdlib docstrings, MiniLM): prompts vs rows only")
+    fig.tight_layout()
     save_plot(fig, NAME, results_dir)
 
 
@@ -482,21 +615,41 @@ def aggregate(per_seed: list[dict]) -> dict:
     return metrics
 
 
+def intervals_of(per_seed: list[dict], per_query: list[dict]) -> dict[str, dict]:
+    found = {}
+    for metric, higher in (("new_hits10", True), ("d0_hits10_final", True),
+                           ("d0_forgetting_hits10", False)):  # fmt: skip
+        for method, baseline in COMPARISONS:
+            a = [r[method][metric] for r in per_seed]
+            b = [r[baseline][metric] for r in per_seed]
+            entry = paired_interval(a, b).to_dict(higher_is_better=higher)
+            if metric in ("new_hits10", "d0_hits10_final"):
+                entry["query_bootstrap"] = checks.query_bootstrap(
+                    [q[method][metric] for q in per_query], [q[baseline][metric] for q in per_query]
+                )
+            found[f"{metric}:{method}-{baseline}"] = entry
+    return found
+
+
 def main(argv: list[str] | None = None) -> BenchmarkReport:
     parser = make_parser(__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
-    seeds = args.seeds[:1] if args.quick else args.seeds
+    seeds = args.seeds[:2] if args.quick else args.seeds
     start = time.perf_counter()
-    runs = [run(cfg, seed=seed) for seed in seeds]
-    metrics = aggregate([metrics for metrics, _, _ in runs])
-    ratios = {name: float(np.median([r[name] for _, r, _ in runs])) for name in runs[0][1]}
-    d0_start = {
-        key: float(np.mean([extra["d0_start"][key] for _, _, extra in runs]))
-        for key in runs[0][2]["d0_start"]
-    }
+    with torch_threads(1):
+        hp, tuning = tune(cfg)
+        print("chosen:", hp)
+        runs = []
+        for seed in seeds:
+            runs.append(run(cfg, seed, hp))
+            print(f"seed {seed} done at {time.perf_counter() - start:.0f} s")
+    per_seed = [m for m, _, _, _ in runs]
+    metrics = aggregate(per_seed)
+    intervals = intervals_of(per_seed, [q for _, _, _, q in runs])
+    ratios = {name: float(np.median([r[name] for _, r, _, _ in runs])) for name in runs[0][1]}
     report = BenchmarkReport(
         name=NAME,
         metrics=metrics,
@@ -505,29 +658,38 @@ def main(argv: list[str] | None = None) -> BenchmarkReport:
             **cfg,
             "seeds": seeds,
             "quick": args.quick,
-            "d0_start": d0_start,
-            "ratios_per_seed": [r for _, r, _ in runs],
-            "per_seed": [{"seed": seed, **extra} for seed, (_, _, extra) in zip(seeds, runs)],
+            "grids": GRIDS,
+            "chosen": hp,
+            "tuning": tuning,
+            "per_seed": [{"seed": seed, **extra} for seed, (_, _, extra, _) in zip(seeds, runs)],
         },
         notes=(
-            "Means over seeds (each seed: its own corpus split, training order and key k-means; "
-            "per-seed values beside every mean). "
-            "Hits@k / MRR@10 of held-out pseudo-queries (disjoint spans of stdlib docstrings), "
-            "ranked over all documents indexed so far. d0_hits10_final: D0 queries after the "
-            "last increment (start value in config.d0_start); new_hits10: mean over increments "
-            "of Hits@10 on D_t right after indexing D_t; mrr10: MRR@10 over all test queries at "
-            "the end; usage_entropy: normalised prompt-usage entropy on all test queries at the "
-            "end. ratios.one_pass_vs_two_pass: median over seeds of the median inference latency "
-            "of the PromptDSI pool (input_embed_mean query, one encoder pass) over the L2P pool "
-            "(frozen_cls query, two passes), timed interleaved on one batch. D0 indexed as in the "
-            f"paper: encoder + rows fine-tuned {cfg['d0_epochs']} epochs, then the encoder is "
-            f"frozen for the pools and IncDSI. Total wall time {time.perf_counter() - start:.0f} s."
+            "Protocol 2026-12-08 (module docstring). Means over 5 paired seeds, per-seed values "
+            "beside them. new_hits10: mean over increments of Hits@10 on D_t's held-out test "
+            "spans right after indexing D_t, ranked over every document indexed so far; "
+            "d0_forgetting_hits10: D0 Hits@10 before the increments minus after the last. "
+            "rows_only = PromptDSI with its prompts frozen (only the new docid rows learn); "
+            "prompts_only = PromptDSI with its new rows frozen at their random initialisation. "
+            "intervals: paired per-seed 95% t-intervals, plus a per-query bootstrap. Sanity logs "
+            "(feature cosine prompted vs unprompted, prefix attention mass) in "
+            f"config.per_seed[*].sanity. Total wall time {time.perf_counter() - start:.0f} s "
+            "on 1 thread."
         ),
+        protocol=__doc__,
+        intervals=intervals,
     )
     if not args.quick:
         report.write(args.results_dir)
-        plot(metrics, d0_start["hits10"], args.results_dir)
+        plot(metrics, intervals, args.results_dir)
     report.print_table()
+    for name, iv in intervals.items():
+        if name.startswith("new_hits10") or name.startswith("d0_forgetting"):
+            boot = iv.get("query_bootstrap", {})
+            print(f"{name}: {iv['mean']:+.4f} [{iv['low']:+.4f}, {iv['high']:+.4f}] "
+                  f"{iv['verdict']}; bootstrap [{boot.get('low', float('nan')):+.4f}, "
+                  f"{boot.get('high', float('nan')):+.4f}]")  # fmt: skip
+    for seed, (_, _, extra, _) in zip(seeds, runs):
+        print(f"seed {seed} sanity:", extra["sanity"])
     return report
 
 
