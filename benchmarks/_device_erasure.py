@@ -7,6 +7,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
+from benchmarks._device_steps import max_diff, peak_memory_mib
 from benchmarks.harness import compare
 from hf_extensions.mixed_precision import fp16_loss_scaling
 from hf_extensions.models import tiny_stable_diffusion_pipeline
@@ -47,20 +48,6 @@ def _trained(eraser: ConceptEraser) -> list[torch.Tensor]:
     return [p.detach().float().clone() for p in unet.parameters() if p.requires_grad]
 
 
-def _largest(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
-
-
-def _peak_mib(step) -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**20
-
-
 def _update(after: list[torch.Tensor], before: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([(a - b).flatten() for a, b in zip(after, before, strict=True)])
 
@@ -73,10 +60,10 @@ def check_erasure(real: bool, batch: int, repeats: int) -> dict:
     fp32 = _eraser(real, "eap", _accelerator(bf16=False))
     initial = _trained(fp32)
     fp32.step()
-    step_size = _largest(_trained(fp32), initial)
+    step_size = max_diff(_trained(fp32), initial)
     bf16 = _eraser(real, "eap", _accelerator(bf16=True))
     bf16.step()
-    bf16_diff = _largest(_trained(bf16), _trained(fp32))
+    bf16_diff = max_diff(_trained(bf16), _trained(fp32))
     cosine = float(
         torch.nn.functional.cosine_similarity(
             _update(_trained(bf16), initial), _update(_trained(fp32), initial), dim=0
@@ -91,7 +78,7 @@ def check_erasure(real: bool, batch: int, repeats: int) -> dict:
         overflow.step()
         skipped = bool(accelerator.optimizer_step_was_skipped)
         halved = scaler.get_scale() == OVERFLOW_SCALE / 2
-    unmoved = _largest(_trained(overflow), before) == 0.0
+    unmoved = max_diff(_trained(overflow), before) == 0.0
 
     accelerator = _accelerator(bf16=True)
     eap, esd = _eraser(real, "eap", accelerator), _eraser(real, "esd", accelerator)
@@ -106,6 +93,6 @@ def check_erasure(real: bool, batch: int, repeats: int) -> dict:
         "fp16_overflow_skipped": skipped and halved and unmoved,
         "step_ratio": timing["ratios"]["eap"],
         "stock_step_ms": timing["baseline"].median * 1e3,
-        "peak_memory_mib": _peak_mib(eap.step),
-        "stock_peak_memory_mib": _peak_mib(esd.step),
+        "peak_memory_mib": peak_memory_mib(eap.step)[1],
+        "stock_peak_memory_mib": peak_memory_mib(esd.step)[1],
     }

@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from benchmarks._device_steps import peak_memory_mib
 from hf_extensions.quantization import MetaAugConfig, MetaAugQuantizer
 from hf_extensions.quantization.models import DigitsResNet
 
@@ -60,12 +61,10 @@ def check_metaaug(real: bool, batch: int, repeats: int) -> dict:
     finite = True
     for _ in range(runs):
         for method in seconds:
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-            quantized, elapsed = _calibrate(copy.deepcopy(model), images, method)
+            (quantized, elapsed), peak[method] = peak_memory_mib(
+                lambda method=method: _calibrate(copy.deepcopy(model), images, method)
+            )
             seconds[method].append(elapsed)
-            if torch.cuda.is_available():
-                peak[method] = torch.cuda.max_memory_allocated() / 2**20
             with torch.no_grad():
                 output = quantized(images[:4])
             logits = output.logits if hasattr(output, "logits") else output

@@ -7,6 +7,7 @@ import contextlib
 
 import torch
 
+from benchmarks._device_steps import peak_memory_mib
 from benchmarks.harness import compare
 from hf_extensions.schedulers import S2NGeneralizedScheduler, run_denoising_loop
 
@@ -99,13 +100,7 @@ def check_s2n(real: bool, batch: int, repeats: int) -> dict:
         return lambda: _loop(scheduler, model, batch, "bf16", steps=1)
 
     timing = compare(one_step(ddim), {"s2n": one_step(s2n)}, warmup=2, repeats=repeats)
-    peak = None
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        one_step(s2n)()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**20
+    _, peak = peak_memory_mib(one_step(s2n))
     return {
         "baseline_max_diff": baseline_diff,
         "baseline_ok": baseline_diff <= 1e-6,

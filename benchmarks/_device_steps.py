@@ -389,9 +389,17 @@ def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b))
 
 
-def moved(after: list[torch.Tensor], before: list[torch.Tensor]) -> float:
-    """The step's size: the largest change of a weight."""
-    return max_diff(after, before)
+def peak_memory_mib(call: Callable[[], Any]) -> tuple[Any, float | None]:
+    """``call()``'s result and the peak CUDA memory it allocated, in MiB (``None`` on the CPU)."""
+    if not torch.cuda.is_available():
+        return call(), None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    result = call()
+    torch.cuda.synchronize()
+    return result, torch.cuda.max_memory_allocated() / 2**20
 
 
-__all__ = ["METHODS", "Method", "Size", "Step", "build_step", "max_diff", "moved", "snapshot"]
+__all__ = [
+    "METHODS", "Method", "Size", "Step", "build_step", "max_diff", "peak_memory_mib", "snapshot",
+]  # fmt: skip

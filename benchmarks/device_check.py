@@ -61,22 +61,19 @@ import torch
 from benchmarks._device_erasure import check_erasure
 from benchmarks._device_quantization import check_metaaug
 from benchmarks._device_sampling import check_s2n
-from benchmarks._device_steps import METHODS, Size, build_step, max_diff, moved, snapshot
+from benchmarks._device_steps import (
+    METHODS,
+    Size,
+    build_step,
+    max_diff,
+    peak_memory_mib,
+    snapshot,
+)
 from benchmarks.harness import BenchmarkReport, compare, make_parser
 
 BASELINE_TOLERANCE = 1e-6
 BF16_FRACTION = 0.25
 OVERFLOW_SCALE = 2.0**24
-
-
-def _peak_memory_mib(step, batch) -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    step(batch)
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**20
 
 
 #: Methods outside ``Trainer`` (a sampler, the concept eraser's own loop, a PTQ calibration):
@@ -104,7 +101,7 @@ def check_method(name: str, size: Size, output_dir: str, repeats: int) -> dict:
     initial = snapshot(fp32)
     fp32.step(batch)
     bf16.step(batch)
-    step_size = moved(snapshot(fp32), initial)
+    step_size = max_diff(snapshot(fp32), initial)
     bf16_diff = max_diff(snapshot(bf16), snapshot(fp32))
     finite = all(torch.isfinite(t).all() for t in snapshot(bf16))
 
@@ -133,8 +130,8 @@ def check_method(name: str, size: Size, output_dir: str, repeats: int) -> dict:
         "fp16_overflow_skipped": skipped and halved and unmoved,
         "step_ratio": result["ratios"][name],
         "stock_step_ms": result["baseline"].median * 1e3,
-        "peak_memory_mib": _peak_memory_mib(timing_method.step, batch),
-        "stock_peak_memory_mib": _peak_memory_mib(timing_stock.step, batch),
+        "peak_memory_mib": peak_memory_mib(lambda: timing_method.step(batch))[1],
+        "stock_peak_memory_mib": peak_memory_mib(lambda: timing_stock.step(batch))[1],
     }
 
 

@@ -154,9 +154,6 @@ _ENTRIES = (
         "ERM matches zero-shot (0.524 vs 0.525), and even the true labels of the same images "
         "add only +0.9 [+0.4, +1.5] points.",
     ),
-)
-
-_ENTRIES += (
     Evidence(
         benchmark="quantization",
         methods=("ptq-metaaug",),
@@ -170,11 +167,19 @@ _ENTRIES += (
             "w2a2/untrained_t-base/heldout_acc": 1,
             "w2a2/pkt_only-base/heldout_acc": 1,
         },
-        summary="the zoo ResNet-20 quantized to W2A2 from 32 calibration images (QDrop base, 5 paired seeds, 1000 held-out images; 100 iterations per block, 10 meta steps): MetaAug - base held-out top-1 -4.080 [-7.223, -0.937] points, and a larger calibration-vs-held-out KL gap +0.213 [+0.056, +0.369]. The ablations locate it: the meta KL term alone costs -13.600 [-21.816, -5.384] points, while augmentation without it is within noise of the base (untrained T -1.580 [-4.443, +1.283], PKT only -1.660 [-3.677, +0.357]). The meta objective validates on the calibration images themselves (as the official code does), so once its gradient reaches T (meta_balance=\"unit\"; with the paper's weighted sum it had 1.8e-4 of T's gradient) it rewards a T that fits those images.",
+        summary=(
+            "the zoo ResNet-20 quantized to W2A2 from 32 calibration images (QDrop base, 5 paired"
+            " seeds, 1000 held-out images; 100 iterations per block, 10 meta steps): MetaAug - "
+            "base held-out top-1 -4.080 [-7.223, -0.937] points, and a larger "
+            "calibration-vs-held-out KL gap +0.213 [+0.056, +0.369]. The ablations locate it: the"
+            " meta KL term alone costs -13.600 [-21.816, -5.384] points, while augmentation "
+            "without it is within noise of the base (untrained T -1.580 [-4.443, +1.283], PKT "
+            "only -1.660 [-3.677, +0.357]). The meta objective validates on the calibration "
+            "images themselves (as the official code does), so once its gradient reaches T "
+            "(meta_balance=\"unit\"; with the paper's weighted sum it had 1.8e-4 of T's gradient) "
+            "it rewards a T that fits those images."
+        ),
     ),
-)
-
-_ENTRIES += (
     Evidence(
         benchmark="erasure_fixture",
         # the card's method id, and the demo row's name (the demo runs the erasure recipe)
@@ -187,11 +192,20 @@ _ENTRIES += (
             "fixed_minus_esd_preservation_at_matched_erasure": 1,
             "eap_minus_esd_heldout_drift_at_matched_erasure": 1,
         },
-        summary='erasing "a handwritten seven" from the zoo text-to-image model (cross-attention, the zoo recipe\'s settings, 90 steps, 3 paired seeds, samples classified by the zoo digit scorer; 80 / 180 / 60 samples per checkpoint instead of 500 per prompt) to at least 90% erasure success, EAP keeps the other digits\' recognition at 0.787 against ESD\'s 0.763 and fixed preservation\'s 0.761 (the fixture: 0.809): EAP - ESD +0.024 [-0.068, +0.116], fixed - ESD -0.002 [-0.037, +0.033], held-out drift EAP - ESD +0.017 [-0.190, +0.224]. The gap is about the per-seed sampling error, and the adversary barely learns in 90 steps: its softmax stays near uniform (at most 0.21 over 6 candidates) and its choice (two, five, eight by seed) is never "three", the digit the erasure damages most in every seed; "one", the next most damaged, is not among the k-means candidates.',
+        summary=(
+            'erasing "a handwritten seven" from the zoo text-to-image model (cross-attention, the'
+            " zoo recipe's settings, 90 steps, 3 paired seeds, samples classified by the zoo "
+            "digit scorer; 80 / 180 / 60 samples per checkpoint instead of 500 per prompt) to at "
+            "least 90% erasure success, EAP keeps the other digits' recognition at 0.787 against "
+            "ESD's 0.763 and fixed preservation's 0.761 (the fixture: 0.809): EAP - ESD +0.024 "
+            "[-0.068, +0.116], fixed - ESD -0.002 [-0.037, +0.033], held-out drift EAP - ESD "
+            "+0.017 [-0.190, +0.224]. The gap is about the per-seed sampling error, and the "
+            "adversary barely learns in 90 steps: its softmax stays near uniform (at most 0.21 "
+            'over 6 candidates) and its choice (two, five, eight by seed) is never "three", the '
+            'digit the erasure damages most in every seed; "one", the next most damaged, is not '
+            "among the k-means candidates."
+        ),
     ),
-)
-
-_ENTRIES += (
     Evidence(
         benchmark="prompt_dsi",
         methods=("prompt-dsi",),
@@ -206,7 +220,20 @@ _ENTRIES += (
             "d0_hits10_final:prompt_dsi-incdsi": 100,
             "d0_hits10_final:prompt_dsi-rows_only": 100,
         },
-        summary="on the leak-free standard-library corpus (MiniLM, 100 D0 documents + 3 increments of 20, 2 held-out test spans per document, 5 paired seeds, every arm tuned on the first increment's validation split): PromptDSI - IncDSI new-document Hits@10 -18.5 [-22.6, -14.4] points, and the rows-only control (the same training with the prompts frozen) trails IncDSI by as much (-19.7 [-23.8, -15.6]), so the gap is in how the new docid rows are fitted. The prompts do act, a little: PromptDSI - rows-only +1.2 [+0.6, +1.7] points (1-2 of 120 queries per seed); trained prompts move 2% from their initialisation and the pooled feature keeps cosine 0.986 to the unprompted one. PromptDSI keeps old documents far better than sequential fine-tuning (D0 Hits@10 +66.1 [+61.8, +70.4]) and better than IncDSI (+10.4 [+8.9, +11.9]), but rows-only keeps them as well (-0.4 [-1.2, +0.4]): that comes from freezing the encoder, not from the prompts.",
+        summary=(
+            "on the leak-free standard-library corpus (MiniLM, 100 D0 documents + 3 increments of"
+            " 20, 2 held-out test spans per document, 5 paired seeds, every arm tuned on the "
+            "first increment's validation split): PromptDSI - IncDSI new-document Hits@10 -18.5 "
+            "[-22.6, -14.4] points, and the rows-only control (the same training with the prompts"
+            " frozen) trails IncDSI by as much (-19.7 [-23.8, -15.6]), so the gap is in how the "
+            "new docid rows are fitted. The prompts do act, a little: PromptDSI - rows-only +1.2 "
+            "[+0.6, +1.7] points (1-2 of 120 queries per seed); trained prompts move 2% from "
+            "their initialisation and the pooled feature keeps cosine 0.986 to the unprompted "
+            "one. PromptDSI keeps old documents far better than sequential fine-tuning (D0 "
+            "Hits@10 +66.1 [+61.8, +70.4]) and better than IncDSI (+10.4 [+8.9, +11.9]), but "
+            "rows-only keeps them as well (-0.4 [-1.2, +0.4]): that comes from freezing the "
+            "encoder, not from the prompts."
+        ),
     ),
 )
 
