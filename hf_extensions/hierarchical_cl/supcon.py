@@ -166,10 +166,8 @@ class SupConTerms:
         same_group = membership @ membership.T
         # pair weight of an anchor of class c: member_c / (pool @ class_pairs)_c, i.e.
         # 1 / #positive pairs of all classes (global) or of c's group · #groups (groups)
-        self.pool = np.stack(
-            [everyone if k == "global" else same_group * len(groups) for k in kinds]
-        )
-        self.member = np.stack(
+        pool = np.stack([everyone if k == "global" else same_group * len(groups) for k in kinds])
+        member = np.stack(
             [np.ones(num_classes) if k == "global" else same_group.diagonal() for k in kinds]
         )
         # host: once per task, the class tables are built in numpy from Γ
@@ -180,8 +178,7 @@ class SupConTerms:
         self.tables = torch.from_numpy(np.concatenate([scales, allowed]))
         # member [K, C], pool [K, C, C], diagonal scale [K, C], moved once per device
         self.class_tables = tuple(
-            torch.from_numpy(np.ascontiguousarray(t))
-            for t in (self.member, self.pool, diagonal_scale)
+            torch.from_numpy(np.ascontiguousarray(t)) for t in (member, pool, diagonal_scale)
         )
         bound = float(np.abs(scales).max())
         self.shift = bound if 2 * bound <= _SAFE_RANGE else None
@@ -228,7 +225,7 @@ class SupConTerms:
             class_tables = tuple(t.to(like.device, exact) for t in self.class_tables)
             self._cast[key] = (self.tables.to(like), class_tables)
         tables, class_tables = self._cast[key]
-        n, c, k = len(index), self.num_classes, len(self.member)
+        n, c, k = len(index), self.num_classes, len(self.class_tables[0])
         packed = self._batch_weights(index, class_tables).to(like)
         weights = packed.split([n, n, c, 1], dim=1)
         pairs = tables.index_select(2, index).index_select(1, index)
